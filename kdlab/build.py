@@ -1,0 +1,136 @@
+"""Turn config nodes into objects: datamodules, models, strategies, trainers."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from kdlab.data.memory import InMemoryDataModule
+from kdlab.errors import KdlabError
+from kdlab.strategies.base import Strategy
+
+
+def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose failures name the config key; our own errors pass."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, KdlabError):
+            raise cause from None
+        detail = str(cause or e).splitlines()[0]
+        if isinstance(cause, TypeError) and "unexpected keyword" in detail:
+            raise KdlabError(f"{key}: {detail} (check the keys under {key})") from None
+        raise KdlabError(f"{key} could not be built: {detail}") from None
+
+
+def build_datamodule(cfg: DictConfig, **overrides: Any) -> InMemoryDataModule:
+    """The datamodule of ``cfg.data`` with some constructor arguments replaced."""
+    return _instantiate(cfg.data, "data", **overrides)
+
+
+def build_model(model_cfg: DictConfig, data: InMemoryDataModule, key: str) -> nn.Module:
+    """Build a model; ``input_shape`` and ``num_classes`` come from ``data`` unless set.
+
+    The model is probed with one dry forward pass, and a wrong number of outputs is reported
+    against ``key`` (``teacher.model`` or ``student.model``).
+    """
+    kwargs = {}
+    if "input_shape" not in model_cfg:
+        kwargs["input_shape"] = list(data.input_shape)
+    if "num_classes" not in model_cfg:
+        kwargs["num_classes"] = data.num_classes
+    model = _instantiate(model_cfg, key, **kwargs)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        try:
+            out = model(torch.zeros(2, *data.input_shape))
+        except RuntimeError as e:
+            raise KdlabError(
+                f"{key} does not accept {data.name} inputs of shape {list(data.input_shape)}: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
+    model.train(was_training)
+    check_num_classes(out.shape[-1], data, key)
+    return model
+
+
+def check_num_classes(outputs: int, data: InMemoryDataModule, key: str) -> None:
+    """Fail with one line if a model's number of outputs disagrees with the data's classes."""
+    if outputs != data.num_classes:
+        raise KdlabError(
+            f"{key} outputs {outputs} classes but data={data.name} has {data.num_classes}: "
+            f"drop {key}.num_classes (it defaults to the data's) or choose matching data"
+        )
+
+
+def build_strategy(cfg: DictConfig) -> Strategy | None:
+    """The strategy of ``cfg.distill``, or ``None`` for ``distill=none``."""
+    if cfg.distill is None or cfg.distill.get("_target_") is None:
+        return None
+    node = cfg.distill.copy()
+    with open_dict(node):
+        node.pop("name", None)
+    strategy = _instantiate(node, "distill")
+    if not isinstance(strategy, Strategy):
+        raise KdlabError(f"distill._target_={cfg.distill._target_} is not a kdlab Strategy")
+    return strategy
+
+
+def build_trainer(
+    cfg: DictConfig, stage_dir: Path, stage: str, max_epochs: int | None = None
+) -> L.Trainer:
+    """A Trainer for one stage (``teacher``, ``student``, ``baseline``) writing to ``stage_dir``:
+    its checkpoints in ``stage_dir/checkpoints``, its logs in ``stage_dir``."""
+    callbacks: list[Callback] = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        kwargs = {"dirpath": str(stage_dir / "checkpoints")} if _is(node, ModelCheckpoint) else {}
+        callbacks.append(_instantiate(node, f"callbacks.{name}", **kwargs))
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        kwargs: dict[str, Any] = {"save_dir": str(stage_dir)}
+        if "name" in node and node.name is None:
+            kwargs["name"] = f"{cfg.task_name}-{stage}"
+        loggers.append(_instantiate(node, f"logger.{name}", **kwargs))
+    trainer_cfg = cfg.trainer
+    if max_epochs is not None:
+        trainer_cfg = trainer_cfg.copy()
+        with open_dict(trainer_cfg):
+            trainer_cfg.max_epochs = max_epochs
+    return _instantiate(
+        trainer_cfg,
+        "trainer",
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(stage_dir),
+    )
+
+
+def _is(node: DictConfig, cls: type) -> bool:
+    target = str(node.get("_target_", ""))
+    return target.rsplit(".", 1)[-1] == cls.__name__
+
+
+def close_matches(word: str, options: list[str]) -> str:
+    """``" (did you mean x, y?)"`` or ``""``."""
+    matches = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(matches)}?)" if matches else ""
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain dicts and lists (safe for ``weights_only`` checkpoints)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

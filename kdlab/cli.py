@@ -1,0 +1,82 @@
+"""What the command-line entry points share: the config folder and one-line errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kdlab.build import close_matches
+from kdlab.errors import KdlabError
+
+#: the Hydra config folder: ``conf/`` at the top of the repository (install with ``pip -e``)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp",
+                     "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def group_options(group: str) -> list[str]:
+    """The option names of a config group (``conf/<group>/*.yaml``, nested ones as ``a/b``)."""
+    folder = CONF_DIR / group
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+
+
+def check_group_overrides(argv: Sequence[str]) -> None:
+    """Fail early, in one line, on ``group=option`` overrides naming an option that does not
+    exist (Hydra's own message is several lines plus a search path)."""
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"}
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _FLAGS_WITH_VALUE:
+            skip = True
+            continue
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in groups or "(" in value or value.startswith("["):
+            continue
+        options = group_options(key)
+        for choice in value.split(","):
+            choice = choice.strip()
+            if choice not in options and choice not in ("null", ""):
+                raise KdlabError(f"{key}={choice} is not an option of the '{key}' group"
+                                 f"{close_matches(choice, options)}; choose one of: "
+                                 f"{', '.join(options)}")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``kdlab: error: <message>`` on stderr and exit with ``code``."""
+    logging.shutdown()
+    print(f"kdlab: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def friendly_errors(task: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a :class:`KdlabError` raised by ``task`` into one line on stderr and exit code 2."""
+
+    @functools.wraps(task)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except KdlabError as e:
+            fail(str(e))
+
+    return wrapper
+
+
+def guard_argv() -> None:
+    """Check the command line's group overrides before Hydra sees them; quiet Lightning's ads."""
+    logging.getLogger("lightning.pytorch.trainer.connectors.logger_connector").setLevel(
+        logging.WARNING
+    )
+    try:
+        check_group_overrides(sys.argv[1:])
+    except KdlabError as e:
+        fail(str(e))

@@ -1,0 +1,158 @@
+"""DistillationModule: a trainable student, an optional frozen teacher and a strategy."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from kdlab.data.memory import UNLABELLED
+from kdlab.strategies.base import Outputs, Strategy
+
+TEACHER_PREFIX = "teacher."
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No gradients and eval mode for ``model`` (returned for chaining)."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class DistillationModule(L.LightningModule):
+    """Trains ``student`` with cross-entropy plus the terms of ``strategy`` against ``teacher``.
+
+    The teacher is frozen three ways: its parameters have ``requires_grad=False``; it stays in
+    eval mode whenever :meth:`train` is called (by Lightning or by the user); and it is left out
+    of the optimizer and of checkpoints (``on_save_checkpoint`` drops its keys, and
+    :meth:`load_state_dict` fills them back from the live teacher, so loading stays strict).
+
+    Without a teacher (``teacher=None, strategy=None``) this is plain supervised training: the
+    same machinery trains teachers and no-teacher baselines.
+
+    Every loss term is logged by name as ``train/<name>`` (already weighted; ``train/loss`` is
+    their sum). Validation and test log ``val/acc``, ``val/loss``, ``test/acc``, ``test/loss``.
+
+    Args:
+        student: the network to train.
+        teacher: the frozen network to distill from, or ``None``.
+        strategy: the distillation strategy (needs ``teacher``), or ``None``.
+        optimizer: ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``).
+        scheduler: ``optimizer -> LRScheduler`` or ``None``. A ``total_steps`` or ``T_max``
+            argument left unset is filled with the number of optimizer steps of the run, and
+            the scheduler then steps every batch.
+        num_classes: classes of the task, for the accuracy metrics.
+        channels_last: feed convolutional nets NHWC tensors (faster on CPU and tensor cores).
+        hparams: plain-container hyper-parameters stored in checkpoints (the resolved config).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        num_classes: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        teacher: nn.Module | None = None,
+        strategy: Strategy | None = None,
+        channels_last: bool = False,
+        hparams: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if (strategy is None) != (teacher is None):
+            raise ValueError("a strategy needs a teacher, and a teacher needs a strategy")
+        self.student = student
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.strategy = strategy
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.channels_last = channels_last
+        self.ce_weight = strategy.ce_weight if strategy is not None else 1.0
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.save_hyperparameters(dict(hparams or {}))
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    # -- the teacher stays frozen ----------------------------------------------------------------
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Student and strategy (connector) parameters: everything but the teacher."""
+        for name, p in self.named_parameters():
+            if not name.startswith(TEACHER_PREFIX) and p.requires_grad:
+                yield p
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign=False):
+        state = dict(state_dict)
+        if self.teacher is not None:
+            for key, value in self.teacher.state_dict(prefix=TEACHER_PREFIX).items():
+                state.setdefault(key, value)
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(self._input(x))
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y, _ = batch
+        x = self._input(x)
+        student = Outputs(self.student(x))
+        terms: dict[str, torch.Tensor] = {}
+        if self.ce_weight > 0:
+            labelled = (y != UNLABELLED).sum().clamp_min(1)
+            ce = F.cross_entropy(student.logits, y, ignore_index=UNLABELLED, reduction="sum")
+            terms["ce"] = self.ce_weight * ce / labelled
+        if self.strategy is not None:
+            with torch.no_grad():
+                teacher = Outputs(self.teacher(x))
+            terms.update(self.strategy(student, teacher, y))
+        loss = torch.stack(list(terms.values())).sum()
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, ...], split: str, metric) -> None:
+        x, y, _ = batch
+        logits = self(x)
+        metric.update(logits, y)
+        self.log(f"{split}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        self.log(f"{split}/acc", metric, on_epoch=True, prog_bar=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=list(self.trainable_parameters()))
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs, interval = {}, "epoch"
+        accepted = inspect.signature(self.scheduler_factory).parameters
+        keywords = getattr(self.scheduler_factory, "keywords", {})
+        for name in ("total_steps", "T_max"):
+            if name in accepted and keywords.get(name) is None:
+                kwargs[name] = int(self.trainer.estimated_stepping_batches)
+                interval = "step"
+        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

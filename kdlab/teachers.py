@@ -1,0 +1,172 @@
+"""Find or train the teacher of a run.
+
+``teacher.ckpt=PATH`` loads given weights. Without it, the teacher is looked up in the teacher
+store (``paths.teacher_store``) under a hash of everything that defines it — architecture, data
+split, training recipe, seed — and trained by the same machinery as students
+(``distill=none``) if it is not there yet, then stored. A sweep of many students therefore
+trains its teacher once; concurrent jobs serialise on a file lock and reuse the first result.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kdlab.build import build_datamodule, build_model
+from kdlab.errors import KdlabError
+from kdlab.fit import fit_stage
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+#: data options that change what a teacher is trained on (loader-only options are left out)
+_DATA_KEYS = ("_target_", "val_size", "split_seed", "batch_size", "shift", "flip")
+
+
+def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that defines a trained teacher, as plain containers."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {
+        "format": STORE_FORMAT,
+        "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
+        "data": {k: data.get(k) for k in _DATA_KEYS},
+        "recipe": OmegaConf.to_container(cfg.teacher.train, resolve=True),
+        "seed": cfg.teacher.seed,
+        "trainer": {k: trainer.get(k) for k in ("precision", "limit_train_batches")},
+    }
+
+
+def teacher_key(cfg: DictConfig) -> str:
+    """``<model>-<hash12>``: the teacher's folder name in the store."""
+    identity = json.dumps(teacher_identity(cfg), sort_keys=True, default=str)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    model = str(cfg.teacher.model._target_).rsplit(".", 1)[-1].lower()
+    return f"{model}-{digest}"
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from a store file, a kdlab Lightning checkpoint (the student's weights)
+    or a plain state dict — always with ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdlabError(f"teacher.ckpt={path} does not exist: give an existing file, or "
+                         "teacher.ckpt=null to train (or reuse) a teacher from the store")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise KdlabError(f"teacher.ckpt={path} could not be loaded with weights_only=True "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise KdlabError(f"teacher.ckpt={path} holds no state dict")
+    if any(k.startswith("student.") for k in state):  # a kdlab run's checkpoint
+        state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    return dict(state)
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """Strictly load ``state`` into ``model``; mismatches are listed in one line."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("wrong shape", shapes)):
+            if keys:
+                more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+                parts.append(f"{label}: {', '.join(keys[:4])}{more}")
+        raise KdlabError(f"{source} does not fit teacher.model — {'; '.join(parts)}: "
+                         "use the teacher.model it was trained with")
+    model.load_state_dict(state)
+    return model
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def get_teacher(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher model (frozen later by the module) and a dict describing where it came from."""
+    data = build_datamodule(cfg, transfer=False, num_labels=None)
+    model = build_model(cfg.teacher.model, data, "teacher.model")
+    if cfg.teacher.ckpt:
+        load_into(model, load_weights(cfg.teacher.ckpt), f"teacher.ckpt={cfg.teacher.ckpt}")
+        log.info("Teacher: loaded %s", cfg.teacher.ckpt)
+        return model, {"source": "ckpt", "path": str(cfg.teacher.ckpt)}
+
+    key = teacher_key(cfg)
+    folder = Path(cfg.paths.teacher_store) / key
+    weights = folder / "teacher.pt"
+    with _locked(Path(cfg.paths.teacher_store) / f".{key}.lock"):
+        if weights.is_file():
+            stored = torch.load(weights, map_location="cpu", weights_only=True)
+            load_into(model, stored["state_dict"], f"teacher store entry {weights}")
+            log.info("Teacher: reusing %s from the store (trained once, %s)",
+                     key, _accuracy(stored.get("metrics", {})))
+            return model, {"source": "store", "key": key, "path": str(weights)}
+        if not cfg.teacher.train_if_missing:
+            raise KdlabError(f"no stored teacher {key} in paths.teacher_store="
+                             f"{cfg.paths.teacher_store} and teacher.train_if_missing=false: "
+                             "set teacher.ckpt=PATH or allow training")
+        log.info("Teacher: %s not in the store, training it (%d epochs)", key,
+                 cfg.teacher.train.max_epochs)
+        result = train_teacher(cfg, model, run_dir / "teacher")
+        if cfg.trainer.get("fast_dev_run"):
+            log.warning("Teacher: trained with trainer.fast_dev_run, so not stored")
+            return model, {"source": "trained", "key": key, "stored": False}
+        folder.mkdir(parents=True, exist_ok=True)
+        identity = teacher_identity(cfg)
+        _save_atomic({"state_dict": model.state_dict(), "identity": identity,
+                      "metrics": result}, weights)
+        (folder / "teacher.json").write_text(json.dumps(
+            {"key": key, "identity": identity, "metrics": result}, indent=2, default=str))
+        log.info("Teacher: stored as %s (%s)", weights, _accuracy(result))
+        return model, {"source": "trained", "key": key, "path": str(weights), "stored": True}
+
+
+def train_teacher(cfg: DictConfig, model: nn.Module, stage_dir: Path) -> dict[str, float]:
+    """Train ``model`` in place with the teacher's recipe; it ends with its best-val weights."""
+    recipe = cfg.teacher.train
+    data = build_datamodule(cfg, transfer=False, num_labels=None, augment=bool(recipe.augment))
+    import lightning as L
+
+    L.seed_everything(int(cfg.teacher.seed), workers=True, verbose=False)
+    result = fit_stage(cfg, "teacher", stage_dir, model, data, recipe.optimizer,
+                       recipe.get("scheduler"), max_epochs=int(recipe.max_epochs))
+    # fit_stage tested the best checkpoint, which left its weights in the module's student
+    best = result.module.student
+    if best is not model:
+        model.load_state_dict(best.state_dict())
+    return result.metrics
+
+
+def _accuracy(metrics: Mapping[str, Any]) -> str:
+    acc = metrics.get("test/acc")
+    return f"test/acc {acc:.4f}" if isinstance(acc, (int, float)) else "no test metric"
