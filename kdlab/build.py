@@ -96,6 +96,8 @@ def build_trainer(
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None or "_target_" not in node:
             continue
+        if not cfg.trainer.get("enable_progress_bar", True) and "ProgressBar" in node._target_:
+            continue
         kwargs = {"dirpath": str(stage_dir / "checkpoints")} if _is(node, ModelCheckpoint) else {}
         callbacks.append(_instantiate(node, f"callbacks.{name}", **kwargs))
     loggers = []

@@ -73,8 +73,8 @@ def friendly_errors(task: Callable[..., Any]) -> Callable[..., Any]:
 
 def guard_argv() -> None:
     """Check the command line's group overrides before Hydra sees them; quiet Lightning's ads."""
-    logging.getLogger("lightning.pytorch.trainer.connectors.logger_connector").setLevel(
-        logging.WARNING
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in str(record.msg)
     )
     try:
         check_group_overrides(sys.argv[1:])

@@ -59,15 +59,22 @@ def fit_stage(
     data.setup()
     log.info("[%s] %s", stage, data.describe())
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    checkpoint = trainer.checkpoint_callback
-    best = None
-    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
-        best = checkpoint.best_model_path
+    # read the checkpoint callback before testing: restoring the best checkpoint for the test
+    # also restores the callback's state as it was when that checkpoint was written
+    best = last = None
+    metrics: dict[str, Any] = {}
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or not callback.best_model_path:
+            continue
+        if callback.monitor is None:  # saves every epoch: its latest file is the last
+            last = callback.best_model_path
+        elif best is None:
+            best = callback.best_model_path
+            if callback.best_model_score is not None:
+                metrics[callback.monitor] = float(callback.best_model_score)
+    epochs = trainer.current_epoch
     test = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
-    metrics: dict[str, Any] = dict(test[0]) if test else {}
-    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
-        metrics["val/acc"] = float(checkpoint.best_model_score)
+    metrics.update(test[0] if test else {})
     metrics = {k: float(v) for k, v in metrics.items()}
-    metrics["epochs"] = trainer.current_epoch
-    last = checkpoint.last_model_path if isinstance(checkpoint, ModelCheckpoint) else None
-    return StageResult(module=module, metrics=metrics, best_ckpt=best, last_ckpt=last or None)
+    metrics["epochs"] = epochs
+    return StageResult(module=module, metrics=metrics, best_ckpt=best, last_ckpt=last)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -16,6 +17,8 @@ from kdlab.data.memory import UNLABELLED
 from kdlab.strategies.base import Outputs, Strategy
 
 TEACHER_PREFIX = "teacher."
+# the frozen teacher is in eval mode on purpose when training starts
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -155,4 +158,5 @@ class DistillationModule(L.LightningModule):
                 kwargs[name] = int(self.trainer.estimated_stepping_batches)
                 interval = "step"
         scheduler = self.scheduler_factory(optimizer, **kwargs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        schedule = {"scheduler": scheduler, "interval": interval}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

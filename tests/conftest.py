@@ -1,0 +1,47 @@
+"""Shared fixtures: configs composed with Hydra's compose API, sized to run in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from kdlab.cli import CONF_DIR
+
+#: overrides that make a whole run take seconds: a small MLP teacher, few batches per epoch
+FAST = [
+    "teacher=mlp",
+    "teacher.model.hidden=[64]",
+    "teacher.train.max_epochs=1",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=32",
+    "data.eval_batch_size=200",
+    "data.num_labels=100",
+    "latency.repeats=2",
+    "latency.batch_size=8",
+    "logger=csv",
+]
+
+
+def make_cfg(tmp: Path, overrides: list[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with outputs and the teacher store under ``tmp``."""
+    paths = [f"paths.output_dir={tmp}/run", f"paths.teacher_store={tmp}/teachers",
+             f"paths.log_dir={tmp}/logs"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=[*paths, *overrides])
+
+
+@pytest.fixture
+def fast_cfg(tmp_path):
+    """``make_cfg`` with the FAST overrides first, then the test's own."""
+
+    def _make(*overrides: str, tmp: Path | None = None) -> DictConfig:
+        return make_cfg(tmp or tmp_path, [*FAST, *overrides])
+
+    return _make

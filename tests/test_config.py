@@ -1,0 +1,105 @@
+"""Every option of every config group composes; bad overrides fail in one clear line."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+
+from kdlab.build import build_datamodule, build_model, build_strategy
+from kdlab.cli import CONF_DIR, check_group_overrides, group_options
+from kdlab.errors import KdlabError
+from tests.conftest import make_cfg
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+CASES = [(group, option) for group in GROUPS for option in group_options(group)]
+
+
+def test_the_required_groups_and_options_exist():
+    assert {"data", "teacher", "student", "distill", "trainer", "logger", "callbacks", "paths",
+            "experiment"} <= set(GROUPS)
+    assert {"none", "kd"} <= set(group_options("distill"))
+    assert {"cpu", "gpu", "ddp"} <= set(group_options("trainer"))
+    assert {"csv", "tensorboard", "wandb"} <= set(group_options("logger"))
+    assert {"mlp", "cnn"} <= set(group_options("teacher")) & set(group_options("student"))
+
+
+@pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_every_group_option_composes_and_builds(group, option, tmp_path):
+    cfg = make_cfg(tmp_path, [f"{group}={option}"])
+    assert cfg.seed == 0
+    if group in ("teacher", "student"):
+        data = build_datamodule(cfg)
+        model = build_model(cfg[group].model, data, f"{group}.model")
+        assert model(data_batch()).shape == (2, 10)
+    elif group == "distill":
+        strategy = build_strategy(cfg)
+        assert (strategy is None) == (option == "none")
+    elif group == "logger":
+        for node in (cfg.logger or {}).values():
+            if option == "wandb":  # constructing it would start a run; check the target
+                assert node._target_.endswith("WandbLogger")
+            else:
+                instantiate(node, save_dir=str(tmp_path))
+    elif group == "trainer":
+        assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+        if option == "cpu":
+            instantiate(cfg.trainer, logger=False)
+
+
+def data_batch():
+    import torch
+
+    return torch.zeros(2, 1, 28, 28)
+
+
+def test_cli_leaves_are_overridable(tmp_path):
+    cfg = make_cfg(tmp_path, ["seed=7", "distill.temperature=2.5", "trainer.max_epochs=3",
+                              "trainer.fast_dev_run=true", "data.num_labels=null",
+                              "student.model.hidden=64", "optimizer.lr=0.01"])
+    assert (cfg.seed, cfg.distill.temperature, cfg.trainer.max_epochs) == (7, 2.5, 3)
+    assert cfg.trainer.fast_dev_run is True and cfg.data.num_labels is None
+    assert cfg.data.label_seed == 7 and cfg.scheduler.max_lr == 0.01
+
+
+def test_unknown_group_option_lists_the_valid_ones():
+    with pytest.raises(KdlabError, match=r"distill=kdd is not an option .*did you mean kd.*"
+                                         r"choose one of: kd, none"):
+        check_group_overrides(["distill=kdd"])
+    with pytest.raises(KdlabError, match="trainer=tpu"):
+        check_group_overrides(["-m", "trainer=cpu,tpu"])
+    check_group_overrides(["-m", "distill=none,kd", "seed=1,2", "--cfg", "job"])  # all fine
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "kdlab.train", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
+    bad_option = _cli("distill=fitnet", cwd=tmp_path)
+    assert bad_option.returncode == 2
+    assert bad_option.stderr.strip().splitlines() == [
+        "kdlab: error: distill=fitnet is not an option of the 'distill' group; "
+        "choose one of: kd, none"]
+    missing = _cli(f"teacher.ckpt={tmp_path}/missing.pt", f"paths.log_dir={tmp_path}",
+                   cwd=tmp_path)
+    assert missing.returncode == 2
+    last = missing.stderr.strip().splitlines()[-1]
+    assert last.startswith("kdlab: error: teacher.ckpt=") and "does not exist" in last
+    assert "Traceback" not in missing.stderr
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_class_count_mismatch_between_student_and_data_is_reported(tmp_path):
+    cfg = make_cfg(tmp_path, ["+student.model.num_classes=5"])
+    data = build_datamodule(cfg)
+    with pytest.raises(KdlabError, match=r"student.model outputs 5 classes but "
+                                         r"data=fashion_mnist has 10"):
+        build_model(cfg.student.model, data, "student.model")
+
+
+def test_unknown_model_argument_names_the_key(tmp_path):
+    cfg = make_cfg(tmp_path, ["+student.model.width=3"])
+    with pytest.raises(KdlabError, match=r"student.model: .*width.*check the keys"):
+        build_model(cfg.student.model, build_datamodule(cfg), "student.model")

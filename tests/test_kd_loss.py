@@ -1,0 +1,53 @@
+"""The KD loss equals Hinton's formula computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from kdlab.errors import KdlabError
+from kdlab.strategies import KD, Outputs, kd_loss
+
+
+def _softmax(values, temperature):
+    exps = [math.exp(v / temperature) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def test_kd_loss_matches_hand_computation():
+    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+    teacher = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
+    temperature = 2.0
+    expected = 0.0
+    for s, t in zip(student, teacher):
+        p_t, p_s = _softmax(t, temperature), _softmax(s, temperature)
+        expected += sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+    expected = expected / len(student) * temperature**2
+    got = kd_loss(torch.tensor(student), torch.tensor(teacher), temperature)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_strategy_weights_soft_term_by_alpha_and_ce_by_one_minus_alpha():
+    student = torch.tensor([[1.0, 2.0, 0.5]])
+    teacher = torch.tensor([[2.0, 0.0, 1.0]])
+    strategy = KD(temperature=3.0, alpha=0.7)
+    terms = strategy(Outputs(student), Outputs(teacher), torch.tensor([0]))
+    assert set(terms) == {"kd"}
+    assert terms["kd"].item() == pytest.approx(0.7 * kd_loss(student, teacher, 3.0).item())
+    assert strategy.ce_weight == pytest.approx(0.3)
+
+
+def test_kd_loss_is_zero_when_student_matches_teacher_and_scales_with_t_squared():
+    logits = torch.tensor([[0.3, -1.2, 2.0]])
+    assert kd_loss(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-7)
+    # at a high temperature, T² · KL approaches ½ · mean squared logit difference / K
+    # (Hinton §2.1): the T² factor keeps the magnitude from vanishing
+    s, t = torch.tensor([[0.0, 1.0, -1.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    assert kd_loss(s, t, 100.0).item() > 0.1
+
+
+@pytest.mark.parametrize("kwargs, key", [({"temperature": 0}, "distill.temperature"),
+                                         ({"alpha": 1.5}, "distill.alpha")])
+def test_kd_rejects_bad_hyperparameters(kwargs, key):
+    with pytest.raises(KdlabError, match=key):
+        KD(**kwargs)

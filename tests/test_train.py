@@ -1,0 +1,70 @@
+"""Whole runs: fast_dev_run for each strategy, results.json, multirun, kdlab-eval."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kdlab.evaluate import evaluate
+from kdlab.train import run
+from tests.conftest import FAST, make_cfg
+
+
+@pytest.mark.parametrize("distill", ["none", "kd"])
+def test_fast_dev_run(distill, tmp_path):
+    cfg = make_cfg(tmp_path, [f"distill={distill}", "trainer.fast_dev_run=true",
+                              "teacher=mlp", "teacher.model.hidden=[32]", "latency.repeats=1",
+                              "trainer.enable_progress_bar=false"])
+    results = run(cfg)
+    assert results["student"]["metrics"]["test/acc"] >= 0
+    assert ("teacher" in results) == (distill == "kd")
+    assert ("baseline" in results) == (distill == "kd")
+    if distill == "kd":  # a fast_dev_run teacher is never stored
+        assert results["teacher"]["source"]["stored"] is False
+        assert not list((tmp_path / "teachers").rglob("teacher.pt"))
+
+
+def test_run_writes_results_json_with_all_three_roles(tmp_path):
+    cfg = make_cfg(tmp_path, FAST)
+    run(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["distill"]["_target_"] == "kdlab.strategies.KD"
+    assert results["config"]["seed"] == 0
+    for role in ("teacher", "student", "baseline"):
+        entry = results[role]
+        assert entry["params"] > 0 and entry["latency_ms"] > 0
+        assert 0 <= entry["metrics"]["test/acc"] <= 1
+        assert "val/acc" in entry["metrics"]
+    assert results["teacher"]["params"] > results["student"]["params"]
+    assert results["student"]["params"] == results["baseline"]["params"]
+    assert results["wall_time_s"] > 0
+    ckpt = torch.load(results["student"]["last_ckpt"], weights_only=True)
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    metrics_csv = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert {"train/ce_step", "train/kd_step", "train/loss_step", "val/acc"} <= set(
+        metrics_csv.split(","))
+
+    # kdlab-eval on the student checkpoint reproduces the run's test accuracy
+    eval_cfg = make_cfg(tmp_path, [f"ckpt_path={results['student']['best_ckpt']}",
+                                   "+trainer.limit_test_batches=1", "latency.repeats=1",
+                                   "+data.eval_batch_size=200"], config_name="eval")
+    evaluated = evaluate(eval_cfg)
+    assert evaluated["student"]["metrics"]["test/acc"] == pytest.approx(
+        results["student"]["metrics"]["test/acc"])
+
+
+def test_multirun_shares_one_teacher(tmp_path):
+    args = [sys.executable, "-m", "kdlab.train", "-m", "distill=none,kd", "seed=1,2",
+            f"paths.log_dir={tmp_path}", *FAST]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = sorted(tmp_path.glob("multiruns/*/*/results.json"))
+    assert len(results) == 4
+    loaded = [json.loads(p.read_text()) for p in results]
+    assert sorted((r["config"]["distill"].get("name"), r["config"]["seed"]) for r in loaded) == [
+        ("kd", 1), ("kd", 2), ("none", 1), ("none", 2)]
+    sources = [r["teacher"]["source"]["source"] for r in loaded if "teacher" in r]
+    assert sorted(sources) == ["store", "trained"]
+    assert len(list((tmp_path / "teachers").glob("*/teacher.pt"))) == 1
