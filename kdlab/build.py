@@ -91,7 +91,7 @@ def build_trainer(
     cfg: DictConfig, stage_dir: Path, stage: str, max_epochs: int | None = None
 ) -> L.Trainer:
     """A Trainer for one stage (``teacher``, ``student``, ``baseline``) writing to ``stage_dir``:
-    its checkpoints in ``stage_dir/checkpoints``, its logs in ``stage_dir``."""
+    its checkpoints in ``stage_dir/checkpoints``, its logs in ``stage_dir/logs``."""
     callbacks: list[Callback] = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None or "_target_" not in node:
@@ -104,7 +104,7 @@ def build_trainer(
     for name, node in (cfg.get("logger") or {}).items():
         if node is None or "_target_" not in node:
             continue
-        kwargs: dict[str, Any] = {"save_dir": str(stage_dir)}
+        kwargs: dict[str, Any] = {"save_dir": str(stage_dir / "logs")}
         if "name" in node and node.name is None:
             kwargs["name"] = f"{cfg.task_name}-{stage}"
         loggers.append(_instantiate(node, f"logger.{name}", **kwargs))

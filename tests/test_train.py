@@ -27,7 +27,7 @@ def test_fast_dev_run(distill, tmp_path):
 
 
 def test_run_writes_results_json_with_all_three_roles(tmp_path):
-    cfg = make_cfg(tmp_path, FAST)
+    cfg = make_cfg(tmp_path, [*FAST, "trainer.limit_test_batches=null"])
     run(cfg)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["config"]["distill"]["_target_"] == "kdlab.strategies.KD"
@@ -42,14 +42,14 @@ def test_run_writes_results_json_with_all_three_roles(tmp_path):
     assert results["wall_time_s"] > 0
     ckpt = torch.load(results["student"]["last_ckpt"], weights_only=True)
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
-    metrics_csv = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
-    assert {"train/ce_step", "train/kd_step", "train/loss_step", "val/acc"} <= set(
-        metrics_csv.split(","))
+    header = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert {"train/ce_epoch", "train/kd_epoch", "train/loss_epoch", "val/acc"} <= set(
+        header.split(","))
+    assert (tmp_path / "run" / "baseline" / "logs" / "metrics.csv").is_file()
 
     # kdlab-eval on the student checkpoint reproduces the run's test accuracy
     eval_cfg = make_cfg(tmp_path, [f"ckpt_path={results['student']['best_ckpt']}",
-                                   "+trainer.limit_test_batches=1", "latency.repeats=1",
-                                   "+data.eval_batch_size=200"], config_name="eval")
+                                   "latency.repeats=1"], config_name="eval")
     evaluated = evaluate(eval_cfg)
     assert evaluated["student"]["metrics"]["test/acc"] == pytest.approx(
         results["student"]["metrics"]["test/acc"])
