@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import logging
+import netrc
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ from torch import nn
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.errors import KdlabError
 from kdlab.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
 
 
 def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -107,6 +112,8 @@ def build_trainer(
         kwargs: dict[str, Any] = {"save_dir": str(stage_dir / "logs")}
         if "name" in node and node.name is None:
             kwargs["name"] = f"{cfg.task_name}-{stage}"
+        if str(node._target_).endswith("WandbLogger"):
+            kwargs.update(wandb_mode(node))
         loggers.append(_instantiate(node, f"logger.{name}", **kwargs))
     trainer_cfg = cfg.trainer
     if max_epochs is not None:
@@ -120,6 +127,25 @@ def build_trainer(
         logger=loggers or False,
         default_root_dir=str(stage_dir),
     )
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(node: DictConfig) -> dict[str, str]:
+    """``{"mode": "offline"}`` (with a warning) when W&B would go online without an API key,
+    so a run never stops at a login prompt; ``{}`` otherwise."""
+    if node.get("mode", "online") != "online" or _wandb_has_key():
+        return {}
+    log.warning("logger=wandb: no W&B API key (WANDB_API_KEY or `wandb login`), so logging "
+                "offline; upload later with `wandb sync <run folder>/logs/wandb/offline-run-*`")
+    return {"mode": "offline"}
 
 
 def _is(node: DictConfig, cls: type) -> bool:

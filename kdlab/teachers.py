@@ -26,6 +26,7 @@ from torch import nn
 from kdlab.build import build_datamodule, build_model
 from kdlab.errors import KdlabError
 from kdlab.fit import fit_stage
+from kdlab.module import freeze
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,13 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def get_teacher(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The teacher model (frozen later by the module) and a dict describing where it came from."""
+    """The teacher model, frozen (eval mode, no gradients), and a dict saying where it came
+    from: ``{"source": "ckpt" | "store" | "trained", "path": …, "key": …}``."""
+    model, info = _find_or_train(cfg, run_dir)
+    return freeze(model), info
+
+
+def _find_or_train(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     data = build_datamodule(cfg, transfer=False, num_labels=None)
     model = build_model(cfg.teacher.model, data, "teacher.model")
     if cfg.teacher.ckpt:

@@ -17,7 +17,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from kdlab.build import build_datamodule, build_model, build_strategy, check_num_classes
+from kdlab.build import build_datamodule, build_model, build_strategy, to_container
 from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
 from kdlab.errors import KdlabError
 from kdlab.evaluate import evaluate_model
@@ -49,8 +49,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     teacher = None
     if strategy is not None:
         teacher, source = get_teacher(cfg, run_dir)
-        with_outputs = teacher(data.x_val[:2]).shape[-1]
-        check_num_classes(with_outputs, data, "teacher.model")
         results["teacher"] = {"model": _name(cfg.teacher.model), "source": source,
                               "metrics": evaluate_model(teacher, data, cfg),
                               **describe_model(teacher, *latency_args)}
@@ -75,8 +73,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                **describe_model(baseline, *latency_args)}
 
     results["wall_time_s"] = time.perf_counter() - start
-    from kdlab.build import to_container
-
     results["config"] = to_container(cfg)
     write_json(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(markdown_table(results) + "\n")

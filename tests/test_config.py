@@ -103,3 +103,20 @@ def test_unknown_model_argument_names_the_key(tmp_path):
     cfg = make_cfg(tmp_path, ["+student.model.width=3"])
     with pytest.raises(KdlabError, match=r"student.model: .*width.*check the keys"):
         build_model(cfg.student.model, build_datamodule(cfg), "student.model")
+
+
+def test_wandb_without_api_key_logs_offline_instead_of_prompting(tmp_path, monkeypatch):
+    from kdlab.build import build_trainer
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = make_cfg(tmp_path, ["logger=wandb"])
+    assert cfg.logger.wandb.mode == "online"
+    trainer = build_trainer(cfg, tmp_path / "stage", "student")
+    logger = trainer.loggers[0]
+    assert logger.experiment.settings.mode == "offline"
+    assert logger.experiment.name == "kdlab-student"
+    logger.experiment.finish()
+    assert list((tmp_path / "stage" / "logs" / "wandb").glob("offline-run-*"))

@@ -18,6 +18,7 @@ def test_store_trains_once_then_reuses(fast_cfg, tmp_path, monkeypatch, caplog):
                         lambda *a, **k: calls.append(1) or real_train(*a, **k))
     first, info = get_teacher(cfg, tmp_path / "run1")
     assert info["source"] == "trained" and info["stored"] and len(calls) == 1
+    assert not first.training and not any(p.requires_grad for p in first.parameters())
     with caplog.at_level(logging.INFO, logger="kdlab.teachers"):
         second, info2 = get_teacher(fast_cfg("seed=5", "distill.temperature=2"), tmp_path / "r2")
     assert info2["source"] == "store" and len(calls) == 1
