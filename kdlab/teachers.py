@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -122,6 +123,7 @@ def get_teacher(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str, An
 
 def _find_or_train(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     data = build_datamodule(cfg, transfer=False, num_labels=None)
+    L.seed_everything(int(cfg.teacher.seed), workers=True, verbose=False)  # the initial weights
     model = build_model(cfg.teacher.model, data, "teacher.model")
     if cfg.teacher.ckpt:
         load_into(model, load_weights(cfg.teacher.ckpt), f"teacher.ckpt={cfg.teacher.ckpt}")
@@ -162,9 +164,6 @@ def train_teacher(cfg: DictConfig, model: nn.Module, stage_dir: Path) -> dict[st
     """Train ``model`` in place with the teacher's recipe; it ends with its best-val weights."""
     recipe = cfg.teacher.train
     data = build_datamodule(cfg, transfer=False, num_labels=None, augment=bool(recipe.augment))
-    import lightning as L
-
-    L.seed_everything(int(cfg.teacher.seed), workers=True, verbose=False)
     result = fit_stage(cfg, "teacher", stage_dir, model, data, recipe.optimizer,
                        recipe.get("scheduler"), max_epochs=int(recipe.max_epochs))
     # fit_stage tested the best checkpoint, which left its weights in the module's student

@@ -16,12 +16,13 @@ from typing import Any
 import hydra
 import lightning as L
 from omegaconf import DictConfig
+from torch import nn
 
 from kdlab.build import build_datamodule, build_model, build_strategy, to_container
 from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
 from kdlab.errors import KdlabError
 from kdlab.evaluate import evaluate_model
-from kdlab.fit import fit_stage
+from kdlab.fit import StageResult, fit_stage
 from kdlab.report import describe_model, markdown_table, print_table, write_json
 from kdlab.teachers import get_teacher
 
@@ -30,6 +31,13 @@ log = logging.getLogger(__name__)
 
 def _name(model_cfg: DictConfig) -> str:
     return str(model_cfg._target_).rsplit(".", 1)[-1]
+
+
+def _entry(cfg: DictConfig, model: nn.Module, stage: StageResult, latency_args: tuple) -> dict:
+    """A student's (or baseline's) line of results.json."""
+    return {"model": _name(cfg.student.model), "metrics": stage.metrics,
+            "best_ckpt": stage.best_ckpt, "last_ckpt": stage.last_ckpt,
+            **describe_model(model, *latency_args)}
 
 
 @friendly_errors
@@ -57,20 +65,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     student = build_model(cfg.student.model, data, "student.model")
     stage = fit_stage(cfg, "student", run_dir, student, data, cfg.optimizer, cfg.get("scheduler"),
                       teacher=teacher, strategy=strategy, ckpt_path=cfg.ckpt_path)
-    results["student"] = {"model": _name(cfg.student.model), "metrics": stage.metrics,
-                          "best_ckpt": stage.best_ckpt, "last_ckpt": stage.last_ckpt,
-                          **describe_model(student, *latency_args)}
+    results["student"] = _entry(cfg, student, stage, latency_args)
 
     if strategy is not None and cfg.baseline:
         log.info("Baseline: the same student without the teacher, same budget")
         base_data = build_datamodule(cfg, transfer=False)
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the student's init
         baseline = build_model(cfg.student.model, base_data, "student.model")
         stage = fit_stage(cfg, "baseline", run_dir / "baseline", baseline, base_data,
                           cfg.optimizer, cfg.get("scheduler"))
-        results["baseline"] = {"model": _name(cfg.student.model), "metrics": stage.metrics,
-                               "best_ckpt": stage.best_ckpt,
-                               **describe_model(baseline, *latency_args)}
+        results["baseline"] = _entry(cfg, baseline, stage, latency_args)
 
     results["wall_time_s"] = time.perf_counter() - start
     results["config"] = to_container(cfg)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -120,3 +121,25 @@ def test_resuming_from_last_ckpt_continues_at_the_next_epoch(fast_cfg, tmp_path)
     assert resumed["epoch"] == 3
     # the LR schedule went on from where it stopped rather than restarting
     assert resumed["lr_schedulers"][0]["last_epoch"] == trainer.global_step
+
+
+def test_training_step_ce_covers_labelled_samples_only_and_kd_covers_all():
+    from kdlab.strategies import KD, kd_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    strategy = KD(temperature=2.0, alpha=0.25)
+    module = DistillationModule(student, 3, torch.optim.SGD, teacher=teacher, strategy=strategy)
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    x = torch.randn(5, 4)
+    y = torch.tensor([2, -1, 0, -1, -1])  # two labelled, three transfer-set samples
+    loss = module.training_step((x, y, torch.arange(5)), 0)
+    s, t = student(x), teacher(x)
+    ce = torch.nn.functional.cross_entropy(s[[0, 2]], y[[0, 2]])
+    expected = 0.75 * ce + 0.25 * kd_loss(s, t, 2.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+    # a batch with no label at all contributes no cross-entropy (and no NaN)
+    unlabelled = torch.full((5,), -1)
+    loss = module.training_step((x, unlabelled, torch.arange(5)), 0)
+    assert loss.item() == pytest.approx(0.25 * kd_loss(s, t, 2.0).item(), rel=1e-6)

@@ -71,3 +71,10 @@ def test_teacher_checkpoint_for_other_number_of_classes_is_reported(fast_cfg, tm
 def test_train_if_missing_false_fails_clearly(fast_cfg, tmp_path):
     with pytest.raises(KdlabError, match="teacher.train_if_missing=false"):
         get_teacher(fast_cfg("teacher.train_if_missing=false"), tmp_path)
+
+
+def test_teacher_training_is_reproducible(fast_cfg, tmp_path):
+    a, _ = get_teacher(fast_cfg(tmp=tmp_path / "a"), tmp_path / "a")
+    b, _ = get_teacher(fast_cfg(tmp=tmp_path / "b"), tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values()))
