@@ -1,0 +1,89 @@
+"""Fashion-MNIST (Xiao et al. 2017): 60k training and 10k test 28×28 grey images, 10 classes."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from kdlab.data.idx import find_idx, read_idx
+from kdlab.data.memory import InMemoryDataModule
+from kdlab.errors import KdlabError
+
+#: where Debian's ``dataset-fashion-mnist`` package installs the idx files
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+_STEMS = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def locate(root: str | Path | None) -> Path | None:
+    """The first folder holding all four idx files: ``root``, ``root/FashionMNIST/raw``
+    (torchvision's layout), then Debian's package folder."""
+    candidates = []
+    if root is not None:
+        candidates += [Path(root), Path(root) / "FashionMNIST" / "raw"]
+    candidates.append(DEBIAN_DIR)
+    for folder in candidates:
+        if all(find_idx(folder, stem) for stem in _STEMS):
+            return folder
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _read(folder: Path) -> tuple[torch.Tensor, ...]:
+    images_train, labels_train, images_test, labels_test = (
+        read_idx(find_idx(folder, stem)) for stem in _STEMS
+    )
+    return images_train.unsqueeze(1), labels_train, images_test.unsqueeze(1), labels_test
+
+
+class FashionMNISTDataModule(InMemoryDataModule):
+    """Fashion-MNIST held in memory; see :class:`~kdlab.data.memory.InMemoryDataModule`.
+
+    Args:
+        root: folder with the idx files (plain or ``.gz``, flat or torchvision's
+            ``FashionMNIST/raw``); Debian's ``/usr/share/datasets/fashion-mnist`` is tried next.
+        download: if nothing is found, download into ``root`` through torchvision.
+        **kwargs: split, labels and loader options of ``InMemoryDataModule``.
+    """
+
+    name = "fashion_mnist"
+    num_classes = 10
+    input_shape = (1, 28, 28)
+    mean = 0.2860
+    std = 0.3530
+
+    def __init__(self, root: str | None = None, download: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self.download = download
+
+    def prepare_data(self) -> None:
+        if locate(self.root) is None and self.download:
+            from torchvision.datasets import FashionMNIST
+
+            try:
+                FashionMNIST(str(self.root or "data"), train=True, download=True)
+                FashionMNIST(str(self.root or "data"), train=False, download=True)
+            except Exception as e:  # no network, or the mirror is down
+                raise KdlabError(
+                    f"data.download=true could not download Fashion-MNIST into {self.root} "
+                    f"({type(e).__name__}: {e}); install it offline with "
+                    "`apt-get install dataset-fashion-mnist` or set data.root=FOLDER"
+                ) from None
+
+    def load(self) -> tuple[torch.Tensor, ...]:
+        self.prepare_data()
+        folder = locate(self.root)
+        if folder is None:
+            raise KdlabError(
+                f"Fashion-MNIST idx files not found in data.root={self.root} nor in "
+                f"{DEBIAN_DIR}: run `apt-get install dataset-fashion-mnist`, set "
+                "data.root=FOLDER, or data.download=true (needs internet)"
+            )
+        return _read(folder)

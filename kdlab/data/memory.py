@@ -1,0 +1,240 @@
+"""Datamodules for datasets that fit in memory: normalised tensors, batches fetched by index.
+
+The training split is the training set minus a seeded, held-out validation split; the test set
+is only used for the final evaluation. ``num_labels`` keeps labels for a stratified, seeded subset
+of the training split. With ``transfer=True`` the other training images stay in the training set
+as an unlabelled *transfer set* (target ``-1``), to be labelled by the teacher's soft targets
+(Hinton et al. 2015, §3); with ``transfer=False`` only the labelled images are used.
+
+An epoch is always ``len(training split)`` samples, whatever the mode, so runs that see only the
+labelled subset take as many optimizer steps as runs that see the transfer set (same budget):
+the labelled images are repeated, each pass reshuffled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdlab.errors import KdlabError
+
+UNLABELLED = -1  #: target value of a transfer-set sample whose label is hidden
+
+
+class IndexedTensorDataset(Dataset):
+    """Samples ``(x[j], y[j], j)`` for ``j = indices[i]``; fetches whole batches in one gather."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor) -> None:
+        self.x, self.y, self.indices = x, y, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        j = self.indices[i]
+        return self.x[j], self.y[j], j
+
+    def __getitems__(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        j = self.indices[torch.as_tensor(items, dtype=torch.long)]
+        return self.x[j], self.y[j], j
+
+
+def _batched(batch: Any) -> Any:
+    """``collate_fn`` for :class:`IndexedTensorDataset`: the batch is already stacked."""
+    return batch
+
+
+def stratified_subset(
+    labels: torch.Tensor, num_labels: int, num_classes: int, seed: int
+) -> torch.Tensor:
+    """Indices (sorted) of ``num_labels`` samples, as equal a number per class as possible."""
+    generator = torch.Generator().manual_seed(seed)
+    per_class = [num_labels // num_classes] * num_classes
+    for k in range(num_labels % num_classes):
+        per_class[k] += 1
+    chosen = []
+    for k in range(num_classes):
+        members = (labels == k).nonzero().flatten()
+        if len(members) < per_class[k]:
+            raise KdlabError(
+                f"data.num_labels={num_labels} asks for {per_class[k]} samples of class {k}, "
+                f"but the training split has {len(members)}: lower data.num_labels"
+            )
+        perm = torch.randperm(len(members), generator=generator)[: per_class[k]]
+        chosen.append(members[perm])
+    return torch.cat(chosen).sort().values
+
+
+def random_shift_flip(x: torch.Tensor, pad: int, fill: float, flip: bool) -> torch.Tensor:
+    """Per-sample random translation by up to ``pad`` pixels (padding with ``fill``) and, if
+    ``flip``, a random horizontal flip. Vectorised over the batch, on ``x``'s device."""
+    n, _, h, w = x.shape
+    if flip:
+        mask = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    if pad <= 0:
+        return x
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=fill)
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])[:, :, None]  # n,h,1
+    cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])[:, None, :]  # n,1,w
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # n,h,w,c
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class InMemoryDataModule(L.LightningDataModule):
+    """Base for in-memory image classification datamodules.
+
+    Subclasses set ``num_classes``, ``input_shape``, ``mean``, ``std`` and implement
+    :meth:`load` returning ``(x_train, y_train, x_test, y_test)`` with uint8 images ``(N, C, H,
+    W)`` and integer labels.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation and test.
+        val_size: images held out of the training set for validation (never trained on).
+        split_seed: seed of the validation split; fixed so teacher and student share it.
+        num_labels: labelled training images (stratified); ``None`` keeps every label.
+        label_seed: seed choosing the labelled subset.
+        transfer: keep the unlabelled training images as a transfer set (target ``-1``).
+        augment: random shift (``shift`` pixels) and horizontal flip of training batches.
+        shift: maximum translation in pixels when ``augment``.
+        flip: horizontal flips when ``augment``.
+        num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+    """
+
+    name = "in_memory"
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: float
+    std: float
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        num_labels: int | None = None,
+        label_seed: int = 0,
+        transfer: bool = False,
+        augment: bool = False,
+        shift: int = 2,
+        flip: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise KdlabError(f"data.batch_size={batch_size} must be positive")
+        if val_size < 0:
+            raise KdlabError(f"data.val_size={val_size} must be >= 0")
+        if num_labels is not None and num_labels < self.num_classes:
+            raise KdlabError(
+                f"data.num_labels={num_labels} is below the number of classes "
+                f"({self.num_classes}); use at least one label per class, or null for all"
+            )
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.num_labels = num_labels
+        self.label_seed = label_seed
+        self.transfer = transfer
+        self.augment = augment
+        self.shift = shift
+        self.flip = flip
+        self.num_workers = num_workers
+        self._ready = False
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- splits --------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        x_train, y_train, x_test, y_test = self.load()
+        n = len(x_train)
+        if self.val_size >= n:
+            raise KdlabError(f"data.val_size={self.val_size} leaves no training images (of {n})")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
+        #: positions in the original training set of the training and validation splits
+        self.split_indices = {"train": train_idx, "val": val_idx}
+        self.x_train, self.y_train = self._normalise(x_train[train_idx]), y_train[train_idx].long()
+        self.x_val, self.y_val = self._normalise(x_train[val_idx]), y_train[val_idx].long()
+        self.x_test, self.y_test = self._normalise(x_test), y_test.long()
+        n_train = len(self.x_train)
+        if self.num_labels is None:
+            self.labelled = torch.arange(n_train)
+        else:
+            if self.num_labels > n_train:
+                raise KdlabError(
+                    f"data.num_labels={self.num_labels} exceeds the {n_train} training images"
+                )
+            self.labelled = stratified_subset(
+                self.y_train, self.num_labels, self.num_classes, self.label_seed
+            )
+        self.targets = self.y_train
+        if self.transfer and len(self.labelled) < n_train:
+            self.targets = torch.full_like(self.y_train, UNLABELLED)
+            self.targets[self.labelled] = self.y_train[self.labelled]
+            self.train_indices = torch.arange(n_train)
+        else:  # labelled images only, repeated to fill an epoch of n_train samples
+            reps = -(-n_train // len(self.labelled))
+            self.train_indices = self.labelled.repeat(reps)[:n_train]
+        self._ready = True
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().div_(255.0).sub_(self.mean).div_(self.std).contiguous()
+
+    @property
+    def num_train_samples(self) -> int:
+        """Size of the training split (labelled or not): the memory-bank size for CRD."""
+        return len(self.x_train)
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=_batched,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        data = IndexedTensorDataset(self.x_train, self.targets, self.train_indices)
+        return self._loader(data, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        data = IndexedTensorDataset(self.x_val, self.y_val, torch.arange(len(self.x_val)))
+        return self._loader(data, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        data = IndexedTensorDataset(self.x_test, self.y_test, torch.arange(len(self.x_test)))
+        return self._loader(data, self.eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if self.augment and trainer is not None and trainer.training:
+            x, y, idx = batch
+            fill = (0.0 - self.mean) / self.std  # a black pixel after normalisation
+            batch = (random_shift_flip(x, self.shift, fill, self.flip), y, idx)
+        return batch
+
+    def describe(self) -> str:
+        """One line for the log: sizes of the splits and of the labelled subset."""
+        unlabelled = len(self.x_train) - len(self.labelled)
+        return (
+            f"{self.name}: train {len(self.x_train)} ({len(self.labelled)} labelled"
+            + (f", {unlabelled} as transfer set" if self.transfer and unlabelled else "")
+            + f"), val {len(self.x_val)}, test {len(self.x_test)}"
+        )
