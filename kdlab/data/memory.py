@@ -164,7 +164,8 @@ class InMemoryDataModule(L.LightningDataModule):
         if self.val_size >= n:
             raise KdlabError(f"data.val_size={self.val_size} leaves no training images (of {n})")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        val_idx, train_idx = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
+        val_idx = perm[: self.val_size].sort().values
+        train_idx = perm[self.val_size :].sort().values
         #: positions in the original training set of the training and validation splits
         self.split_indices = {"train": train_idx, "val": val_idx}
         self.x_train, self.y_train = self._normalise(x_train[train_idx]), y_train[train_idx].long()
