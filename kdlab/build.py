@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import netrc
 import os
@@ -84,8 +83,11 @@ def build_strategy(cfg: DictConfig) -> Strategy | None:
     if cfg.distill is None or cfg.distill.get("_target_") is None:
         return None
     node = cfg.distill.copy()
-    with open_dict(node):
+    with open_dict(node):  # `name` labels a strategy config; it is no constructor argument
         node.pop("name", None)
+        for member in node.values():
+            if isinstance(member, DictConfig) and "_target_" in member:
+                member.pop("name", None)
     strategy = _instantiate(node, "distill")
     if not isinstance(strategy, Strategy):
         raise KdlabError(f"distill._target_={cfg.distill._target_} is not a kdlab Strategy")
@@ -151,12 +153,6 @@ def wandb_mode(node: DictConfig) -> dict[str, str]:
 def _is(node: DictConfig, cls: type) -> bool:
     target = str(node.get("_target_", ""))
     return target.rsplit(".", 1)[-1] == cls.__name__
-
-
-def close_matches(word: str, options: list[str]) -> str:
-    """``" (did you mean x, y?)"`` or ``""``."""
-    matches = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
-    return f" (did you mean {', '.join(matches)}?)" if matches else ""
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

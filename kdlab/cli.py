@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdlab.build import close_matches
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, close_matches
 
 #: the Hydra config folder: ``conf/`` at the top of the repository (install with ``pip -e``)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -51,6 +51,34 @@ def check_group_overrides(argv: Sequence[str]) -> None:
                                  f"{', '.join(options)}")
 
 
+_NOT_MEMBERS = ("none", "combo")
+
+
+def expand_strategy_lists(argv: Sequence[str]) -> list[str]:
+    """Rewrite ``distill=[kd,at]`` into Hydra overrides composing :class:`Composite`:
+    ``distill=combo +distill@distill.kd=kd +distill@distill.at=at``, so that each member's
+    options are ``distill.<member>.<key>``."""
+    out = []
+    for arg in argv:
+        match = re.fullmatch(r"distill=\[([\w\s,]+)\]", arg)
+        if not match:
+            out.append(arg)
+            continue
+        members = [m.strip() for m in match.group(1).split(",") if m.strip()]
+        valid = [o for o in group_options("distill") if o not in _NOT_MEMBERS]
+        for member in members:
+            if member not in valid:
+                raise KdlabError(f"distill=[...]: '{member}' is not a strategy"
+                                 f"{close_matches(member, valid)}; choose from: "
+                                 f"{', '.join(valid)}")
+        if len(set(members)) != len(members):
+            raise KdlabError(f"distill=[{','.join(members)}] names a strategy twice")
+        out.append("distill=combo")
+        out += [f"+distill@distill.{m}={m}" for m in members]
+        out.append(f"distill.name={'+'.join(members)}")
+    return out
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print ``kdlab: error: <message>`` on stderr and exit with ``code``."""
     logging.shutdown()
@@ -72,11 +100,13 @@ def friendly_errors(task: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def guard_argv() -> None:
-    """Check the command line's group overrides before Hydra sees them; quiet Lightning's ads."""
+    """Expand ``distill=[a,b]`` and check the command line's group overrides before Hydra
+    sees them; quiet Lightning's ads."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in str(record.msg)
     )
     try:
+        sys.argv[1:] = expand_strategy_lists(sys.argv[1:])
         check_group_overrides(sys.argv[1:])
     except KdlabError as e:
         fail(str(e))

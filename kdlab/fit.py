@@ -45,6 +45,7 @@ def fit_stage(
 ) -> StageResult:
     """Fit ``student`` (distilling from ``teacher`` with ``strategy`` if given), then test the
     checkpoint with the best validation accuracy (the last weights if there is none)."""
+    data.setup()
     module = DistillationModule(
         student=student,
         num_classes=data.num_classes,
@@ -54,9 +55,10 @@ def fit_stage(
         strategy=strategy,
         channels_last=bool(cfg.channels_last),
         hparams={"stage": stage, "config": to_container(cfg)},
+        example_input=data.x_train[:2],
+        num_train_samples=data.num_train_samples,
     )
     trainer = build_trainer(cfg, stage_dir, stage, max_epochs=max_epochs)
-    data.setup()
     log.info("[%s] %s", stage, data.describe())
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     # read the checkpoint callback before testing: restoring the best checkpoint for the test

@@ -14,7 +14,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.data.memory import UNLABELLED
-from kdlab.strategies.base import Outputs, Strategy
+from kdlab.strategies.base import Batch, Outputs, Strategy
+from kdlab.taps import Taps
 
 TEACHER_PREFIX = "teacher."
 # the frozen teacher is in eval mode on purpose when training starts
@@ -52,6 +53,9 @@ class DistillationModule(L.LightningModule):
         num_classes: classes of the task, for the accuracy metrics.
         channels_last: feed convolutional nets NHWC tensors (faster on CPU and tensor cores).
         hparams: plain-container hyper-parameters stored in checkpoints (the resolved config).
+        example_input: a batch shaped like the data, for the dry forward pass that probes the
+            shapes of the layers a strategy reads (needed by feature-based strategies).
+        num_train_samples: size of the training split (memory banks of contrastive methods).
     """
 
     def __init__(
@@ -64,13 +68,20 @@ class DistillationModule(L.LightningModule):
         strategy: Strategy | None = None,
         channels_last: bool = False,
         hparams: Mapping[str, Any] | None = None,
+        example_input: torch.Tensor | None = None,
+        num_train_samples: int = 0,
     ) -> None:
         super().__init__()
-        if (strategy is None) != (teacher is None):
-            raise ValueError("a strategy needs a teacher, and a teacher needs a strategy")
+        if strategy is not None and strategy.needs_teacher and teacher is None:
+            raise ValueError(f"{type(strategy).__name__} needs a teacher")
+        if teacher is not None and strategy is None:
+            raise ValueError("a teacher needs a strategy")
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
         self.strategy = strategy
+        self.student_taps = self.teacher_taps = None
+        if strategy is not None:
+            self._connect(strategy, example_input, num_train_samples)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
@@ -80,6 +91,31 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters(dict(hparams or {}))
         if channels_last:
             self.to(memory_format=torch.channels_last)
+
+    def _connect(self, strategy: Strategy, example: torch.Tensor | None, samples: int) -> None:
+        """Hook the layers the strategy reads, probe their shapes with one dry forward pass of
+        ``example`` (eval mode, no gradients) and let the strategy build its connectors."""
+        student_paths, teacher_paths = strategy.resolve(self.student, self.teacher)
+        self.student_taps = Taps(self.student, student_paths)
+        self.teacher_taps = Taps(self.teacher, teacher_paths) if self.teacher is not None else None
+        if example is None:
+            if student_paths or teacher_paths:
+                raise ValueError("a strategy that reads features needs an example_input")
+            strategy.setup(Outputs(torch.empty(0)), Outputs(torch.empty(0)), samples)
+            return
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            student = self._outputs(self.student, self.student_taps, example)
+            teacher = (self._outputs(self.teacher, self.teacher_taps, example)
+                       if self.teacher is not None else Outputs(torch.empty(0)))
+        self.student.train(was_training)
+        strategy.setup(student, teacher, samples)
+
+    @staticmethod
+    def _outputs(model: nn.Module, taps: Taps | None, x: torch.Tensor) -> Outputs:
+        logits = model(x)
+        return Outputs(logits, taps.pop() if taps is not None else {})
 
     # -- the teacher stays frozen ----------------------------------------------------------------
     def train(self, mode: bool = True) -> DistillationModule:
@@ -113,24 +149,40 @@ class DistillationModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(self._input(x))
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        x, y, _ = batch
-        x = self._input(x)
-        student = Outputs(self.student(x))
-        terms: dict[str, torch.Tensor] = {}
-        if self.ce_weight > 0:
-            labelled = (y != UNLABELLED).sum().clamp_min(1)
-            ce = F.cross_entropy(student.logits, y, ignore_index=UNLABELLED, reduction="sum")
-            terms["ce"] = self.ce_weight * ce / labelled
+    def on_train_epoch_start(self) -> None:
         if self.strategy is not None:
-            with torch.no_grad():
-                teacher = Outputs(self.teacher(x))
-            terms.update(self.strategy(student, teacher, y))
+            self.strategy.on_epoch_start(self.current_epoch)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y, index = batch
+        x = self._input(x)
+        student = self._outputs(self.student, self.student_taps, x)
+        if self.strategy is None:
+            terms = {"ce": self._cross_entropy(student.logits, y)}
+        else:
+            teacher = Outputs(torch.empty(0))
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher = self._outputs(self.teacher, self.teacher_taps, x)
+            batch_ = Batch(x, y, index)
+            if self.current_epoch < self.strategy.init_epochs:  # the method's pre-stage
+                terms = dict(self.strategy.init_loss(student, teacher, batch_))
+            else:
+                terms = {}
+                if self.ce_weight > 0:
+                    terms["ce"] = self._cross_entropy(student.logits, y)
+                terms.update(self.strategy(student, teacher, batch_))
         loss = torch.stack(list(terms.values())).sum()
         for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
+
+    def _cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``ce_weight ×`` cross-entropy averaged over the labelled samples (0 if none)."""
+        labelled = (y != UNLABELLED).sum().clamp_min(1)
+        ce = F.cross_entropy(logits, y, ignore_index=UNLABELLED, reduction="sum")
+        return self.ce_weight * ce / labelled
 
     def _evaluate(self, batch: tuple[torch.Tensor, ...], split: str, metric) -> None:
         x, y, _ = batch

@@ -31,7 +31,7 @@ from kdlab.module import freeze
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # bumped when model code changes what a stored state dict means
 #: data options that change what a teacher is trained on (loader-only options are left out)
 _DATA_KEYS = ("_target_", "val_size", "split_seed", "batch_size", "shift", "flip")
 

@@ -49,13 +49,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise KdlabError(f"ckpt_path={cfg.ckpt_path} does not exist: give a last.ckpt to resume")
     strategy = build_strategy(cfg)
-    data = build_datamodule(cfg, transfer=strategy is not None)
+    needs_teacher = strategy is not None and strategy.needs_teacher
+    data = build_datamodule(cfg, transfer=needs_teacher)
     data.setup()
     latency_args = (data.input_shape, cfg.latency, bool(cfg.channels_last))
     results: dict[str, Any] = {"run_dir": str(run_dir), "strategy": cfg.distill.get("name")}
 
     teacher = None
-    if strategy is not None:
+    if needs_teacher:
         teacher, source = get_teacher(cfg, run_dir)
         results["teacher"] = {"model": _name(cfg.teacher.model), "source": source,
                               "metrics": evaluate_model(teacher, data, cfg),

@@ -32,6 +32,9 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path):
         data = build_datamodule(cfg)
         model = build_model(cfg[group].model, data, f"{group}.model")
         assert model(data_batch()).shape == (2, 10)
+    elif group == "distill" and option == "combo":
+        with pytest.raises(KdlabError, match=r"no member strategies.*distill=\[kd,at\]"):
+            build_strategy(cfg)
     elif group == "distill":
         strategy = build_strategy(cfg)
         assert (strategy is None) == (option == "none")
@@ -64,7 +67,7 @@ def test_cli_leaves_are_overridable(tmp_path):
 
 def test_unknown_group_option_lists_the_valid_ones():
     with pytest.raises(KdlabError, match=r"distill=kdd is not an option .*did you mean kd.*"
-                                         r"choose one of: kd, none"):
+                                         r"choose one of: .*\bkd, .*\bnone\b"):
         check_group_overrides(["distill=kdd"])
     with pytest.raises(KdlabError, match="trainer=tpu"):
         check_group_overrides(["-m", "trainer=cpu,tpu"])
@@ -79,9 +82,9 @@ def _cli(*args, cwd):
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
     bad_option = _cli("distill=fitnet", cwd=tmp_path)
     assert bad_option.returncode == 2
-    assert bad_option.stderr.strip().splitlines() == [
-        "kdlab: error: distill=fitnet is not an option of the 'distill' group; "
-        "choose one of: kd, none"]
+    (line,) = bad_option.stderr.strip().splitlines()
+    assert line.startswith("kdlab: error: distill=fitnet is not an option of the 'distill' "
+                           "group") and "choose one of: " in line and ", kd, " in line
     missing = _cli(f"teacher.ckpt={tmp_path}/missing.pt", f"paths.log_dir={tmp_path}",
                    cwd=tmp_path)
     assert missing.returncode == 2

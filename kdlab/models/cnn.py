@@ -10,10 +10,11 @@ from torch import nn
 
 class CNN(nn.Module):
     """Stages ``conv3×3 → BatchNorm → ReLU → MaxPool2d(2)``, one per entry of ``channels``,
-    then ``Flatten → Dropout → Linear(hidden) → ReLU → Dropout → Linear(num_classes)``.
+    then ``embed = Flatten → Dropout → Linear(hidden) → ReLU`` and
+    ``classifier = Dropout → Linear(num_classes)``.
 
-    The stages are ``self.stages[i]`` (named module paths ``stages.0``, ``stages.1`` …), the
-    head is ``self.head``, so feature-based strategies can tap each stage's output.
+    Module paths for feature strategies: ``stages.<i>`` (each stage's output), ``stages.<i>.1``
+    (its pre-ReLU BatchNorm output), ``embed`` (the penultimate features); see :meth:`taps`.
 
     With the defaults of ``conf/teacher/cnn.yaml`` (channels 32, 64; hidden 128) this is a
     422k-parameter network reaching ≈ 92–93% on Fashion-MNIST; ``conf/student/cnn.yaml``
@@ -43,19 +44,30 @@ class CNN(nn.Module):
                 nn.Sequential(
                     nn.Conv2d(in_ch, int(out_ch), 3, padding=1, bias=False),
                     nn.BatchNorm2d(int(out_ch)),
-                    nn.ReLU(inplace=True),
+                    nn.ReLU(),  # not in place: the pre-ReLU output stays readable
                     nn.MaxPool2d(2),
                 )
             )
             in_ch, height, width = int(out_ch), height // 2, width // 2
         self.stages = nn.Sequential(*stages)
         features = in_ch * height * width
-        head: list[nn.Module] = [nn.Flatten(), nn.Dropout(dropout)]
+        embed: list[nn.Module] = [nn.Flatten()]
         if hidden:
-            head += [nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            embed += [nn.Dropout(dropout), nn.Linear(features, hidden), nn.ReLU()]
             features = hidden
-        head.append(nn.Linear(features, num_classes))
-        self.head = nn.Sequential(*head)
+        self.embed = nn.Sequential(*embed)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
+
+    def taps(self) -> dict[str, list[str]]:
+        """Aliases of the module paths feature strategies read: each stage's output
+        (``stages``), each stage's pre-ReLU BatchNorm output (``preact``), the penultimate
+        feature vector (``embedding``)."""
+        n = len(self.stages)
+        return {
+            "stages": [f"stages.{i}" for i in range(n)],
+            "preact": [f"stages.{i}.1" for i in range(n)],
+            "embedding": ["embed"],
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(x))
+        return self.classifier(self.embed(self.stages(x)))

@@ -31,12 +31,23 @@ class MLP(nn.Module):
             in_features *= int(d)
         layers: list[nn.Module] = [nn.Flatten()]
         for width in hidden:
-            layers += [nn.Linear(in_features, int(width)), nn.ReLU(inplace=True)]
+            layers += [nn.Linear(in_features, int(width)), nn.ReLU()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             in_features = int(width)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_features, num_classes)
+
+    def taps(self) -> dict[str, list[str]]:
+        """Aliases of module paths: each hidden layer's output after ReLU (``stages``), before
+        it (``preact``), and the penultimate features (``embedding``: the input itself for
+        logistic regression)."""
+        linear = [i for i, m in enumerate(self.features) if isinstance(m, nn.Linear)]
+        return {
+            "stages": [f"features.{i + 1}" for i in linear],
+            "preact": [f"features.{i}" for i in linear],
+            "embedding": ["features"],
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -2,36 +2,106 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from kdlab.data.memory import UNLABELLED
+from kdlab.taps import resolve_paths
+
+#: named, weighted loss terms returned by a strategy
+Terms = dict[str, torch.Tensor]
+
 
 @dataclass
 class Outputs:
-    """What a network produced for a batch: its logits and any tapped intermediate features."""
+    """What a network produced for a batch: its logits and the outputs of its tapped modules,
+    keyed by module path."""
 
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class Batch:
+    """A training batch: inputs, targets (``-1`` for unlabelled transfer-set samples) and each
+    sample's index in the training split (for memory banks)."""
+
+    x: torch.Tensor
+    targets: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def labelled(self) -> torch.Tensor:
+        """Boolean mask of the samples that carry a label."""
+        return self.targets != UNLABELLED
+
+
 class Strategy(nn.Module):
     """Base class of distillation strategies.
 
-    A strategy receives the student's and the teacher's :class:`Outputs` and the batch targets
-    (``-1`` marks unlabelled transfer-set samples) and returns a dict of *weighted* loss terms,
-    e.g. ``{"kd": alpha * T² * KL}``. The training step adds the cross-entropy on labelled
-    samples, weighted by :attr:`ce_weight`, and logs every term by name; the loss is their sum.
+    A strategy receives the student's and the teacher's :class:`Outputs` and the :class:`Batch`
+    and returns a dict of *weighted* loss terms, e.g. ``{"kd": alpha * T² * KL}``. The training
+    step adds the cross-entropy on labelled samples, weighted by :attr:`ce_weight`, and logs
+    every term by name as ``train/<name>``; the loss is their sum.
 
-    Parameters of a strategy (connectors, projection heads) train with the student and are
-    saved in the student checkpoint.
+    Feature-based strategies set :attr:`student_layers` / :attr:`teacher_layers` to module
+    paths (``"stages.1"``) or to an alias the model defines in ``taps()`` (``"stages"``,
+    ``"preact"``, ``"embedding"``). The module hooks those layers (no model is edited), runs
+    one dry forward pass and calls :meth:`setup` with the probed outputs, where connectors
+    (regressors, projection heads) are built from the shapes. Connectors are submodules of the
+    strategy: they train with the student and are saved in the student checkpoint.
+
+    Multi-stage methods set :attr:`init_epochs`: for that many epochs the step minimises
+    :meth:`init_loss` alone (e.g. training FT's paraphraser), then :meth:`forward`.
     """
 
     #: weight of the cross-entropy on the hard labels (Hinton's ``1 - alpha`` for KD)
     ce_weight: float = 1.0
+    #: False for teacher-free regularisers (label smoothing): no teacher is loaded or run
+    needs_teacher: bool = True
+    #: epochs of the method's pre-stage (see :meth:`init_loss`)
+    init_epochs: int = 0
+    #: layers read from the student and the teacher (paths or model aliases); empty: logits only
+    student_layers: Sequence[str] | str = ()
+    teacher_layers: Sequence[str] | str = ()
 
-    def forward(
-        self, student: Outputs, teacher: Outputs, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+        self.student_paths: list[str] = []
+        self.teacher_paths: list[str] = []
+
+    def resolve(self, student: nn.Module, teacher: nn.Module) -> tuple[list[str], list[str]]:
+        """Module paths to tap in the student and the teacher (aliases expanded, checked)."""
+        if self.student_layers:
+            self.student_paths = resolve_paths(student, self.student_layers,
+                                               "distill.student_layers")
+        if self.teacher_layers:
+            self.teacher_paths = resolve_paths(teacher, self.teacher_layers,
+                                               "distill.teacher_layers")
+        return self.student_paths, self.teacher_paths
+
+    def student_features(self, outputs: Outputs) -> list[torch.Tensor]:
+        """This strategy's student features, in the order of :attr:`student_layers`."""
+        return [outputs.features[p] for p in self.student_paths]
+
+    def teacher_features(self, outputs: Outputs) -> list[torch.Tensor]:
+        """This strategy's teacher features, in the order of :attr:`teacher_layers`."""
+        return [outputs.features[p] for p in self.teacher_paths]
+
+    def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
+        """Build connectors from the outputs of a dry forward pass (default: nothing)."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called at the start of every training epoch (warm-ups, stage switches)."""
+        self.epoch = epoch
+
+    def init_loss(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        """The loss of the pre-stage, minimised during the first :attr:`init_epochs` epochs."""
+        raise NotImplementedError(f"{type(self).__name__} has no pre-stage")
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         raise NotImplementedError

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.errors import KdlabError
-from kdlab.strategies.base import Outputs, Strategy
+from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 
 
 def kd_loss(
@@ -55,8 +55,6 @@ class KD(Strategy):
         self.alpha = float(alpha)
         self.ce_weight = 1.0 - self.alpha
 
-    def forward(
-        self, student: Outputs, teacher: Outputs, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         soft = kd_loss(student.logits, teacher.logits, self.temperature)
         return {"kd": self.alpha * soft}

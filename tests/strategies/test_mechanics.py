@@ -1,0 +1,149 @@
+"""Taps, connectors built from probed shapes, composition, and the pre-stage switch."""
+
+import pytest
+import torch
+from torch import nn
+
+from kdlab.cli import expand_strategy_lists
+from kdlab.errors import KdlabError
+from kdlab.models import CNN, MLP
+from kdlab.module import DistillationModule
+from kdlab.strategies import KD, Batch, Composite, Outputs, Strategy
+from kdlab.taps import Taps, resolve_paths
+from tests.conftest import make_cfg
+
+
+class Hint(Strategy):
+    """A minimal feature strategy for the tests: MSE between a 1×1-conv-projected student
+    stage and the teacher stage (last pair), counting calls of its pre-stage."""
+
+    def __init__(self, weight: float = 1.0, init_epochs: int = 0) -> None:
+        super().__init__()
+        self.student_layers, self.teacher_layers = "stages", "stages"
+        self.weight, self.init_epochs = weight, init_epochs
+        self.init_calls = 0
+
+    def setup(self, student, teacher, num_train_samples):
+        s, t = self.student_features(student)[-1], self.teacher_features(teacher)[-1]
+        self.shapes = (tuple(s.shape), tuple(t.shape))
+        self.connector = nn.Conv2d(s.shape[1], t.shape[1], 1)
+        self.num_train_samples = num_train_samples
+
+    def _mse(self, student, teacher):
+        s = self.connector(self.student_features(student)[-1])
+        t = self.teacher_features(teacher)[-1]
+        return nn.functional.mse_loss(nn.functional.adaptive_avg_pool2d(s, t.shape[-2:]), t)
+
+    def init_loss(self, student, teacher, batch):
+        self.init_calls += 1
+        return {"hint_init": self._mse(student, teacher)}
+
+    def forward(self, student, teacher, batch):
+        return {"hint": self.weight * self._mse(student, teacher)}
+
+
+def _pair():
+    torch.manual_seed(0)
+    return CNN([1, 28, 28], 10, channels=[8, 16, 16], hidden=16), CNN([1, 28, 28], 10)
+
+
+def test_resolve_paths_expands_aliases_and_lists_close_matches_for_bad_paths():
+    model = CNN([1, 28, 28], 10)
+    assert resolve_paths(model, "stages", "k") == ["stages.0", "stages.1"]
+    assert resolve_paths(model, ["stages.1", "embedding"], "k") == ["stages.1", "embed"]
+    with pytest.raises(KdlabError, match=r"distill.student_layers: 'stage.1' is not a module "
+                                         r"of CNN \(did you mean stages.1.*aliases: stages"):
+        resolve_paths(model, ["stage.1"], "distill.student_layers")
+    with pytest.raises(KdlabError, match="'embedding' is not a module of Linear"):
+        resolve_paths(nn.Linear(2, 2), "embedding", "k")
+
+
+def test_taps_record_outputs_without_editing_the_model():
+    model = MLP([1, 28, 28], 10, hidden=[32])
+    taps = Taps(model, model.taps()["preact"] + model.taps()["stages"])
+    x = torch.randn(3, 1, 28, 28)
+    logits = model(x)
+    features = taps.pop()
+    pre, post = features["features.1"], features["features.2"]
+    assert torch.equal(post, pre.clamp_min(0)) and (pre < 0).any()  # pre-ReLU kept intact
+    assert torch.allclose(model.classifier(post), logits)
+    taps.remove()
+    model(x)
+    assert taps.pop() == {}
+
+
+def test_connectors_are_built_from_probed_shapes_train_and_are_checkpointed():
+    student, teacher = _pair()
+    hint = Hint()
+    module = DistillationModule(student, 10, torch.optim.SGD, teacher=teacher, strategy=hint,
+                                example_input=torch.zeros(2, 1, 28, 28), num_train_samples=77)
+    assert hint.shapes == ((2, 16, 3, 3), (2, 64, 7, 7)) and hint.num_train_samples == 77
+    params = {id(p) for p in module.trainable_parameters()}
+    assert {id(p) for p in hint.connector.parameters()} <= params
+    assert not params & {id(p) for p in teacher.parameters()}
+    state = module.state_dict()
+    assert "strategy.connector.weight" in state
+    module.log = lambda *a, **k: None
+    batch = (torch.randn(4, 1, 28, 28), torch.tensor([1, -1, 2, -1]), torch.arange(4))
+    module.training_step(batch, 0).backward()
+    assert hint.connector.weight.grad is not None and hint.connector.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_pre_stage_runs_init_loss_alone_for_init_epochs():
+    student, teacher = _pair()
+    hint = Hint(init_epochs=1)
+    module = DistillationModule(student, 10, torch.optim.SGD, teacher=teacher, strategy=hint,
+                                example_input=torch.zeros(2, 1, 28, 28))
+    logged = {}
+    module.log = lambda name, value, **k: logged.__setitem__(name, value)
+    batch = (torch.randn(4, 1, 28, 28), torch.tensor([1, 0, 2, 3]), torch.arange(4))
+    module.training_step(batch, 0)  # epoch 0: the pre-stage
+    assert hint.init_calls == 1 and "train/hint_init" in logged and "train/ce" not in logged
+    type(module).current_epoch = property(lambda self: 1)
+    try:
+        logged.clear()
+        module.training_step(batch, 0)
+    finally:
+        del type(module).current_epoch
+    assert hint.init_calls == 1 and {"train/ce", "train/hint"} <= set(logged)
+
+
+def test_composite_sums_and_names_member_terms():
+    student, teacher = _pair()
+    combo = Composite(kd=KD(temperature=2.0, alpha=0.5), hint=Hint(weight=3.0))
+    assert combo.ce_weight == 0.5
+    module = DistillationModule(student, 10, torch.optim.SGD, teacher=teacher, strategy=combo,
+                                example_input=torch.zeros(2, 1, 28, 28))
+    logged = {}
+    module.log = lambda name, value, **k: logged.__setitem__(name, float(value.detach()))
+    x = torch.randn(4, 1, 28, 28)
+    loss = module.training_step((x, torch.tensor([1, 0, 2, 3]), torch.arange(4)), 0)
+    assert {"train/ce", "train/kd", "train/hint", "train/loss"} <= set(logged)
+    total = logged["train/ce"] + logged["train/kd"] + logged["train/hint"]
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+    terms = Composite(a=KD(), b=KD())(Outputs(torch.zeros(2, 3)), Outputs(torch.ones(2, 3)),
+                                      Batch(x, torch.zeros(2), torch.arange(2)))
+    assert set(terms) == {"a_kd", "b_kd"}
+
+
+def test_distill_list_on_the_command_line_composes_members(tmp_path):
+    overrides = expand_strategy_lists(["distill=[kd]", "seed=2"])
+    assert overrides[0] == "distill=combo" and overrides[-1] == "seed=2"
+    cfg = make_cfg(tmp_path, [*overrides, "distill.kd.temperature=2"])
+    assert cfg.distill._target_ == "kdlab.strategies.Composite"
+    assert cfg.distill.kd.temperature == 2 and cfg.distill.name == "kd"
+    with pytest.raises(KdlabError, match=r"'kdd' is not a strategy \(did you mean kd\?\)"):
+        expand_strategy_lists(["distill=[kdd]"])
+
+
+@pytest.mark.parametrize("distill", ["kd", "combo_kd"])
+def test_fast_dev_run_harness(distill, tmp_path):
+    from tests.strategies.harness import run_fast_dev
+
+    if distill == "combo_kd":
+        results = run_fast_dev("combo", tmp_path, "+distill@distill.kd=kd", "distill.name=kd")
+    else:
+        results = run_fast_dev(distill, tmp_path)
+    assert results["student"]["metrics"]["test/acc"] >= 0
+    assert results["teacher"]["params"] == 421738
