@@ -58,3 +58,191 @@ class KD(Strategy):
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         soft = kd_loss(student.logits, teacher.logits, self.temperature)
         return {"kd": self.alpha * soft}
+
+
+def _check(key: str, value: float, condition: str) -> float:
+    """``value`` as a float, or a :class:`KdlabError` naming ``distill.<key>``; ``condition``
+    is ``"> 0"`` or ``">= 0"``."""
+    ok = value > 0 if condition == "> 0" else value >= 0
+    if not ok:
+        raise KdlabError(f"distill.{key}={value} must be {condition}")
+    return float(value)
+
+
+class DKD(Strategy):
+    """Decoupled knowledge distillation — Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge
+    Distillation", CVPR 2022 (arXiv:2203.08679).
+
+    KD's KL splits into a target-class term (TCKD: KL between the binary distributions
+    ``[p_target, 1 - p_target]``) and a non-target term (NCKD: KL between the distributions
+    renormalised over the non-target classes); DKD weights them independently:
+
+    ``loss = w(e) · T² · (alpha · KL(b^T ‖ b^S) + beta · KL(p̂^T ‖ p̂^S))``,
+    ``w(e) = min((e + 1) / warmup, 1)``
+
+    Reads logits only. The warm-up factor ``w`` ramps linearly over the first ``warmup``
+    epochs; ``e`` is the 0-based :attr:`epoch`, so the first epoch has ``1 / warmup`` (the
+    official code's ``min(epoch / warmup, 1)`` with 1-based epochs); ``warmup: 0`` disables it.
+    The target class is the label; for unlabelled transfer-set samples (target ``-1``) it is
+    the teacher's argmax. Returns the terms ``tckd`` and ``nckd``.
+
+    Config (``conf/distill/dkd.yaml``; the paper's CIFAR-100 setting)::
+
+        _target_: kdlab.strategies.logits.DKD
+        alpha: 1.0
+        beta: 8.0
+        temperature: 4.0
+        warmup: 20
+        ce_weight: 1.0
+
+    Args:
+        alpha: weight of TCKD, ``>= 0``.
+        beta: weight of NCKD, ``>= 0`` (the paper uses 8 on CIFAR-100, 0.5 on ImageNet).
+        temperature: softmax temperature ``T > 0``.
+        warmup: epochs of the linear warm-up of both terms, ``>= 0``.
+        ce_weight: weight of the cross-entropy on the labels, ``>= 0``.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+                 warmup: int = 20, ce_weight: float = 1.0) -> None:
+        super().__init__()
+        self.alpha = _check("alpha", alpha, ">= 0")
+        self.beta = _check("beta", beta, ">= 0")
+        self.temperature = _check("temperature", temperature, "> 0")
+        if isinstance(warmup, bool) or int(warmup) != warmup or warmup < 0:
+            raise KdlabError(f"distill.warmup={warmup} must be an integer >= 0 (epochs)")
+        self.warmup = int(warmup)
+        self.ce_weight = _check("ce_weight", ce_weight, ">= 0")
+
+    def warmup_factor(self) -> float:
+        """``min((epoch + 1) / warmup, 1)``, or 1 without warm-up."""
+        return 1.0 if self.warmup == 0 else min((self.epoch + 1) / self.warmup, 1.0)
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        s, t = student.logits, teacher.logits.detach()
+        num, classes = s.shape
+        if classes < 2:
+            raise KdlabError(f"distill=dkd needs at least 2 classes, got {classes}")
+        target = torch.where(batch.labelled, batch.targets, t.argmax(dim=1))
+        is_target = F.one_hot(target, classes).bool()
+        log_s = F.log_softmax(s / self.temperature, dim=1)
+        log_t = F.log_softmax(t / self.temperature, dim=1)
+
+        def binary(log_p: torch.Tensor) -> torch.Tensor:
+            """``log [p_target, 1 - p_target]``, with ``1 - p_target`` summed in log space."""
+            rest = log_p.masked_fill(is_target, float("-inf")).logsumexp(dim=1)
+            return torch.stack([log_p[is_target], rest], dim=1)
+
+        def non_target(logits: torch.Tensor) -> torch.Tensor:
+            """log-softmax over the non-target classes only, ``[N, C - 1]``."""
+            kept = logits[~is_target].view(num, classes - 1)
+            return F.log_softmax(kept / self.temperature, dim=1)
+
+        tckd = F.kl_div(binary(log_s), binary(log_t), reduction="batchmean", log_target=True)
+        nckd = F.kl_div(non_target(s), non_target(t), reduction="batchmean", log_target=True)
+        scale = self.warmup_factor() * self.temperature**2
+        return {"tckd": scale * self.alpha * tckd, "nckd": scale * self.beta * nckd}
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation between the rows of ``a`` and ``b``, one value per row."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+class DIST(Strategy):
+    """Distillation from a stronger teacher — Huang, You, Wang, Qian & Xu, "Knowledge
+    Distillation from A Stronger Teacher", NeurIPS 2022 (arXiv:2205.10536).
+
+    Matches relations instead of exact probabilities: with ``Y = softmax(z / tau)`` for a batch
+    (rows samples, columns classes) and ``ρ`` the Pearson correlation,
+
+    ``loss = tau² · (beta · (1 − mean_i ρ(Y^S_i,:, Y^T_i,:))``
+    ``             + gamma · (1 − mean_j ρ(Y^S_:,j, Y^T_:,j)))``
+
+    — the inter-class relation (per sample, across classes) and the intra-class relation (per
+    class, across the batch). Reads logits only; the soft terms cover every sample, labelled
+    or not. Returns the terms ``inter`` and ``intra``.
+
+    Config (``conf/distill/dist.yaml``; the paper's ImageNet setting — on CIFAR-100 it uses
+    ``beta = gamma = 2, tau = 4``)::
+
+        _target_: kdlab.strategies.logits.DIST
+        beta: 1.0
+        gamma: 1.0
+        tau: 1.0
+        ce_weight: 1.0
+
+    Args:
+        beta: weight of the inter-class relation, ``>= 0``.
+        gamma: weight of the intra-class relation, ``>= 0``.
+        tau: softmax temperature ``> 0``.
+        ce_weight: weight of the cross-entropy on the labels, ``>= 0``.
+    """
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0,
+                 ce_weight: float = 1.0) -> None:
+        super().__init__()
+        self.beta = _check("beta", beta, ">= 0")
+        self.gamma = _check("gamma", gamma, ">= 0")
+        self.tau = _check("tau", tau, "> 0")
+        self.ce_weight = _check("ce_weight", ce_weight, ">= 0")
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        y_s = F.softmax(student.logits / self.tau, dim=1)
+        y_t = F.softmax(teacher.logits.detach() / self.tau, dim=1)
+        inter = 1 - _pearson(y_s, y_t).mean()
+        intra = 1 - _pearson(y_s.t(), y_t.t()).mean()
+        scale = self.tau**2
+        return {"inter": scale * self.beta * inter, "intra": scale * self.gamma * intra}
+
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-sample z-score ``(z − mean(z)) / (σ(z) + eps)``, σ the population standard deviation
+    (LSKD's Algorithm 1, without its base temperature)."""
+    mean = logits.mean(dim=1, keepdim=True)
+    std = logits.std(dim=1, keepdim=True, correction=0)
+    return (logits - mean) / (std + eps)
+
+
+class LSKD(Strategy):
+    """KD with logit standardisation — Sun, Ren, Li, Wang & Cao, "Logit Standardization in
+    Knowledge Distillation", CVPR 2024 (arXiv:2403.01427).
+
+    Both logit vectors are z-scored per sample before Hinton's KD, so the student matches the
+    teacher's logit *relations* rather than their range and variance:
+
+    ``loss = alpha · τ² · KL(softmax(Z(v)/τ) ‖ softmax(Z(z)/τ)) + ce_weight · CE``,
+    ``Z(x) = (x − mean(x)) / σ(x)``
+
+    with ``τ`` the base temperature (the paper's ``Z(x; τ)`` folds the ``1/τ`` into the
+    z-score). Reads logits only; the soft term covers every sample, labelled or not. Unlike
+    KD, the cross-entropy weight is its own option and not ``1 - alpha``: the paper's weights
+    (``λ_KD = 9``, ``λ_CE = 0.1``, Table 4) do not sum to 1. ``alpha = 0.9, ce_weight = 0.1``
+    gives KD's weighting. Returns the term ``lskd``.
+
+    Config (``conf/distill/lskd.yaml``; the paper's CIFAR-100 KD+LS setting)::
+
+        _target_: kdlab.strategies.logits.LSKD
+        temperature: 2.0
+        alpha: 9.0
+        ce_weight: 0.1
+
+    Args:
+        temperature: base temperature ``τ > 0``.
+        alpha: weight ``λ_KD >= 0`` of the soft term.
+        ce_weight: weight ``λ_CE >= 0`` of the cross-entropy on the labels.
+    """
+
+    def __init__(self, temperature: float = 2.0, alpha: float = 9.0,
+                 ce_weight: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = _check("temperature", temperature, "> 0")
+        self.alpha = _check("alpha", alpha, ">= 0")
+        self.ce_weight = _check("ce_weight", ce_weight, ">= 0")
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        soft = kd_loss(standardize(student.logits), standardize(teacher.logits.detach()),
+                       self.temperature)
+        return {"lskd": self.alpha * soft}

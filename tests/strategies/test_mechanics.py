@@ -133,7 +133,7 @@ def test_distill_list_on_the_command_line_composes_members(tmp_path):
     cfg = make_cfg(tmp_path, [*overrides, "distill.kd.temperature=2"])
     assert cfg.distill._target_ == "kdlab.strategies.Composite"
     assert cfg.distill.kd.temperature == 2 and cfg.distill.name == "kd"
-    with pytest.raises(KdlabError, match=r"'kdd' is not a strategy \(did you mean kd\?\)"):
+    with pytest.raises(KdlabError, match=r"'kdd' is not a strategy \(did you mean kd\b"):
         expand_strategy_lists(["distill=[kdd]"])
 
 

@@ -1,0 +1,434 @@
+"""Hint methods: the student's intermediate features, passed through a trained connector, are
+regressed onto the teacher's (FitNets, OFD, AB, VID).
+
+All four read a list of layers from each network and pair them from the end: with ``n_s``
+student and ``n_t`` teacher layers, the last ``min(n_s, n_t)`` of each are paired in order
+(the deepest with the deepest). Where the paired maps differ in spatial size, the student map
+is resized to the teacher's *before* its connector: adaptive average pooling when it is at
+least as large in both dimensions, bilinear interpolation otherwise. Vector features
+``(N, C)`` (MLP layers, ``"embedding"``) are treated as ``(N, C, 1, 1)`` maps. Teacher features
+are always detached.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdlab.errors import KdlabError
+from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
+
+Layers = Sequence[str] | str
+
+
+# -- shared helpers --------------------------------------------------------------------------------
+def _layers(value: Layers, key: str) -> list[str] | str:
+    """A layer argument as a plain ``str`` (path or alias) or ``list[str]`` (Hydra passes
+    ``ListConfig``); an empty one fails naming ``distill.<key>``."""
+    if isinstance(value, str):
+        if not value:
+            raise KdlabError(f"distill.{key}='' must name a layer path or an alias")
+        return value
+    layers = [str(v) for v in value]
+    if not layers:
+        raise KdlabError(f"distill.{key}=[] must name at least one layer path or alias")
+    return layers
+
+
+def _non_negative(value: float, key: str) -> float:
+    if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
+        raise KdlabError(f"distill.{key}={value} must be a finite number >= 0")
+    return float(value)
+
+
+def _epochs(value: int, key: str = "init_epochs") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise KdlabError(f"distill.{key}={value} must be an integer >= 0")
+    return value
+
+
+def as_map(x: torch.Tensor, what: str = "feature") -> torch.Tensor:
+    """``(N, C, H, W)`` maps pass; ``(N, C)`` vectors become ``(N, C, 1, 1)``."""
+    if x.dim() == 4:
+        return x
+    if x.dim() == 2:
+        return x[:, :, None, None]
+    raise KdlabError(f"{what} has shape {list(x.shape)}: hint methods read (N, C, H, W) maps "
+                     f"or (N, C) vectors; choose other layers")
+
+
+def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``x`` (N, C, H, W) at spatial ``size``: adaptive average pooling when ``x`` is at least
+    as large in both dimensions, bilinear interpolation otherwise; unchanged if equal."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    """The usual hint connector: 1×1 convolution (no bias) followed by BatchNorm."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                         nn.BatchNorm2d(out_channels))
+
+
+class _PairedFeatures(Strategy):
+    """Plumbing shared by the hint methods: layer arguments, pairing from the end (at most
+    ``max_pairs`` pairs), 2-D → 4-D features, resizing the student to the teacher."""
+
+    def __init__(self, student_layers: Layers, teacher_layers: Layers,
+                 max_pairs: int | None = None) -> None:
+        super().__init__()
+        self.student_layers = _layers(student_layers, "student_layers")
+        self.teacher_layers = _layers(teacher_layers, "teacher_layers")
+        self.max_pairs = max_pairs
+
+    def _count(self, n_student: int, n_teacher: int) -> int:
+        k = min(n_student, n_teacher)
+        return k if self.max_pairs is None else min(k, self.max_pairs)
+
+    def resolve(self, student: nn.Module, teacher: nn.Module) -> tuple[list[str], list[str]]:
+        """The resolved paths, cut to the paired ones (the last ``k`` of each), so that layers
+        left unpaired are not tapped."""
+        s, t = super().resolve(student, teacher)
+        k = self._count(len(s), len(t))
+        if k == 0:
+            raise KdlabError(f"distill.student_layers={self.student_layers} and "
+                             f"distill.teacher_layers={self.teacher_layers} select no layer "
+                             f"pair for {type(self).__name__}: name at least one layer each")
+        self.student_paths, self.teacher_paths = s[len(s) - k:], t[len(t) - k:]
+        return self.student_paths, self.teacher_paths
+
+    def paired_maps(self, student: Outputs,
+                    teacher: Outputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(student map resized to the teacher's H×W, detached teacher map)`` per pair,
+        shallowest pair first."""
+        s_list, t_list = self.student_features(student), self.teacher_features(teacher)
+        k = self._count(len(s_list), len(t_list))
+        pairs = []
+        s_paths = self.student_paths[len(s_list) - k:]
+        t_paths = self.teacher_paths[len(t_list) - k:]
+        for s, t, sp, tp in zip(s_list[len(s_list) - k:], t_list[len(t_list) - k:],
+                                s_paths, t_paths):
+            t = as_map(t.detach(), f"teacher layer {tp}")
+            s = as_map(s, f"student layer {sp}")
+            pairs.append((resize_to(s, t.shape[-2:]), t))
+        return pairs
+
+    def _probe(self, student: Outputs, teacher: Outputs) -> list[tuple[torch.Tensor, ...]]:
+        pairs = self.paired_maps(student, teacher)
+        if not pairs:
+            raise KdlabError(f"{type(self).__name__}: distill.student_layers and "
+                             f"distill.teacher_layers select no layer pair")
+        return pairs
+
+
+# -- FitNets ---------------------------------------------------------------------------------------
+class FitNets(_PairedFeatures):
+    """FitNets hints — Romero, Ballas, Kahou, Chassang, Gatta & Bengio, "FitNets: Hints for Thin
+    Deep Nets", ICLR 2015 (arXiv:1412.6550).
+
+    ``loss = beta · Σ_pairs mean((r(S) − T)²)``: a regressor ``r`` (1×1 conv + BatchNorm here;
+    the paper uses a convolutional regressor) maps the student's *guided* layer ``S`` to the
+    shape of the teacher's *hint* layer ``T``; the squared error is averaged over all elements.
+
+    Reads ``student_layers`` / ``teacher_layers`` (default the last entry of ``"stages"`` on
+    each side: ``hints=1`` pairs only the deepest pair; ``hints: null`` pairs the last
+    ``min(n_s, n_t)``). The student map is resized to the teacher's spatial size first
+    (average pooling, or bilinear interpolation when it is smaller).
+
+    The paper trains in two stages, hints first, then KD. With ``init_epochs > 0`` the first
+    epochs minimise the unweighted hint loss alone (:meth:`init_loss`, logged as
+    ``fitnets_init``), then ``beta ×`` it plus the cross-entropy (combine with ``kd`` via
+    ``distill=[kd,fitnets]`` for the paper's second stage).
+
+    Config (``conf/distill/fitnets.yaml``)::
+
+        _target_: kdlab.strategies.hints.FitNets
+        beta: 100.0           # RepDistiller's hint weight
+        student_layers: stages
+        teacher_layers: stages
+        hints: 1
+        init_epochs: 0
+
+    Args:
+        beta: weight of the hint loss in the main stage, ``>= 0``.
+        student_layers: student layer paths or alias (guided layers).
+        teacher_layers: teacher layer paths or alias (hint layers).
+        hints: number of (guided, hint) pairs taken from the end of both lists, ``>= 1``, or
+            ``None`` for all ``min(n_s, n_t)``.
+        init_epochs: epochs of hint-only pre-training, ``>= 0``.
+    """
+
+    def __init__(self, beta: float = 100.0, student_layers: Layers = "stages",
+                 teacher_layers: Layers = "stages", hints: int | None = 1,
+                 init_epochs: int = 0) -> None:
+        super().__init__(student_layers, teacher_layers, max_pairs=hints)
+        if hints is not None and (isinstance(hints, bool) or not isinstance(hints, int)
+                                  or hints < 1):
+            raise KdlabError(f"distill.hints={hints} must be an integer >= 1 or null (all pairs)")
+        self.beta = _non_negative(beta, "beta")
+        self.init_epochs = _epochs(init_epochs)
+        self.regressors = nn.ModuleList()
+
+    def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
+        self.regressors = nn.ModuleList(conv_bn(s.shape[1], t.shape[1])
+                                        for s, t in self._probe(student, teacher))
+
+    def hint_loss(self, student: Outputs, teacher: Outputs) -> torch.Tensor:
+        """``Σ_pairs mean((r(S) − T)²)``, unweighted."""
+        pairs = self.paired_maps(student, teacher)
+        return sum(F.mse_loss(r(s), t) for r, (s, t) in zip(self.regressors, pairs))
+
+    def init_loss(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        return {"fitnets_init": self.hint_loss(student, teacher)}
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        return {"fitnets": self.beta * self.hint_loss(student, teacher)}
+
+
+# -- OFD -------------------------------------------------------------------------------------------
+class OFD(_PairedFeatures):
+    """Overhaul of feature distillation — Heo, Kim, Yun, Park, Kwak & Choi, "A Comprehensive
+    Overhaul of Feature Distillation", ICCV 2019 (arXiv:1904.01866).
+
+    ``loss = beta · Σ_i 2^{-(k-1-i)} · Σ_{n,c,h,w} d_p(σ_m(T_i), r_i(S_i)) / N`` with the margin
+    ReLU ``σ_m(t) = max(t, m_c)`` and the partial L2 ``d_p(t, s) = (s − t)²`` except where
+    ``s ≤ t ≤ 0`` (0 there: the student need not match a negative response it already
+    undercuts). ``i = 0..k-1`` runs from the shallowest pair to the deepest; the halving per
+    level follows the authors' released code, ``N`` is the batch size.
+
+    Reads pre-ReLU features (alias ``"preact"`` on both sides by default; last ``min(n_s,
+    n_t)`` paired). The connector ``r`` is 1×1 conv + BatchNorm; the student map is resized to
+    the teacher's spatial size first.
+
+    The margin ``m_c = E[t_c | t_c < 0]`` is per teacher channel. The paper computes it in
+    closed form from the teacher BatchNorm's affine parameters, assuming Gaussian responses;
+    a strategy only sees tensors, so here it is estimated from the data: a persistent buffer
+    per pair (``margin<i>``, saved with the student) initialised in :meth:`setup` from the
+    probe batch and, in training, moved towards each batch's per-channel mean of the negative
+    teacher responses with ``momentum`` (no gradients). A channel with no negative response
+    seen so far keeps ``m = 0`` (then ``σ_m`` is a plain ReLU for it) and takes the first
+    batch estimate as is.
+
+    Config (``conf/distill/ofd.yaml``)::
+
+        _target_: kdlab.strategies.hints.OFD
+        beta: 1.0e-3           # the paper's alpha for CIFAR (1e-4 for ImageNet)
+        student_layers: preact
+        teacher_layers: preact
+        momentum: 0.1
+
+    Args:
+        beta: weight of the distillation term, ``>= 0``.
+        student_layers: student layer paths or alias (pre-ReLU).
+        teacher_layers: teacher layer paths or alias (pre-ReLU).
+        momentum: update rate of the running margins, in ``[0, 1]`` (0 keeps the probe's).
+    """
+
+    def __init__(self, beta: float = 1e-3, student_layers: Layers = "preact",
+                 teacher_layers: Layers = "preact", momentum: float = 0.1) -> None:
+        super().__init__(student_layers, teacher_layers)
+        self.beta = _non_negative(beta, "beta")
+        if not (isinstance(momentum, int | float) and 0.0 <= momentum <= 1.0):
+            raise KdlabError(f"distill.momentum={momentum} must be in [0, 1]")
+        self.momentum = float(momentum)
+        self.connectors = nn.ModuleList()
+        self.num_pairs = 0
+
+    @staticmethod
+    def negative_mean(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel of ``t`` (N, C, H, W): the mean of its negative entries (0 where there
+        is none) and whether there is one."""
+        negative = t < 0
+        count = negative.sum(dim=(0, 2, 3))
+        total = torch.where(negative, t, torch.zeros_like(t)).sum(dim=(0, 2, 3))
+        return total / count.clamp_min(1), count > 0
+
+    def margins(self) -> list[torch.Tensor]:
+        """The current per-channel margins, one tensor per pair."""
+        return [getattr(self, f"margin{i}") for i in range(self.num_pairs)]
+
+    def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
+        pairs = self._probe(student, teacher)
+        self.connectors = nn.ModuleList(conv_bn(s.shape[1], t.shape[1]) for s, t in pairs)
+        self.num_pairs = len(pairs)
+        for i, (_, t) in enumerate(pairs):
+            mean, _ = self.negative_mean(t.float())
+            self.register_buffer(f"margin{i}", mean, persistent=True)
+
+    @torch.no_grad()
+    def update_margins(self, teacher_maps: list[torch.Tensor]) -> None:
+        """Move each margin towards the batch's ``E[t | t < 0]`` (channels with a negative)."""
+        for margin, t in zip(self.margins(), teacher_maps):
+            mean, seen = self.negative_mean(t.float())
+            moved = torch.where(margin < 0, (1 - self.momentum) * margin + self.momentum * mean,
+                                mean)
+            margin.copy_(torch.where(seen, moved, margin))
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        pairs = self.paired_maps(student, teacher)
+        if self.training:
+            self.update_margins([t for _, t in pairs])
+        k = len(pairs)
+        total = 0.0
+        for i, (connector, margin, (s, t)) in enumerate(zip(self.connectors, self.margins(),
+                                                             pairs)):
+            s = connector(s)
+            target = torch.maximum(t, margin.to(t.dtype).view(1, -1, 1, 1))
+            keep = (s > target) | (target > 0)
+            distance = ((s - target).pow(2) * keep).sum() / s.shape[0]
+            total = total + distance / 2 ** (k - 1 - i)
+        return {"ofd": self.beta * total}
+
+
+# -- AB --------------------------------------------------------------------------------------------
+class AB(_PairedFeatures):
+    """Activation-boundary transfer — Heo, Lee, Yun & Choi, "Knowledge Transfer via
+    Distillation of Activation Boundaries Formed by Hidden Neurons", AAAI 2019
+    (arXiv:1811.03233).
+
+    ``loss = beta · Σ_pairs mean[(s + m)² · 1{s > −m} · 1{t ≤ 0} + (s − m)² · 1{s ≤ m} · 1{t > 0}]``
+    with ``s = r(S)`` the connected student pre-activation, ``t`` the teacher's and margin
+    ``m``: the student is pushed to be active (``≥ m``) exactly where the teacher neuron is
+    active and inactive (``≤ −m``) where it is not. Normalisation: the mean over all elements
+    of a pair (batch, channels, positions), summed over pairs (the authors and RepDistiller
+    sum elements, weight deeper pairs more and divide by ``1000 · N / 3``).
+
+    Reads pre-ReLU features (alias ``"preact"`` both sides; last ``min(n_s, n_t)`` paired),
+    connector 1×1 conv + BatchNorm, student map resized to the teacher's spatial size.
+
+    In the paper (and RepDistiller, 30 epochs) AB is an initialisation: the first
+    ``init_epochs`` minimise the unweighted AB loss alone (``ab_init``), after which the
+    original trains with cross-entropy/KD only — set ``beta: 0`` to reproduce that. With the
+    default ``beta: 1`` the AB term stays in the main stage.
+
+    Config (``conf/distill/ab.yaml``)::
+
+        _target_: kdlab.strategies.hints.AB
+        beta: 1.0
+        margin: 1.0
+        student_layers: preact
+        teacher_layers: preact
+        init_epochs: 0
+
+    Args:
+        beta: weight of the AB term in the main stage, ``>= 0``.
+        margin: the margin ``m > 0``.
+        student_layers: student layer paths or alias (pre-ReLU).
+        teacher_layers: teacher layer paths or alias (pre-ReLU).
+        init_epochs: epochs of AB-only initialisation, ``>= 0``.
+    """
+
+    def __init__(self, beta: float = 1.0, margin: float = 1.0, student_layers: Layers = "preact",
+                 teacher_layers: Layers = "preact", init_epochs: int = 0) -> None:
+        super().__init__(student_layers, teacher_layers)
+        self.beta = _non_negative(beta, "beta")
+        if not (isinstance(margin, int | float) and margin > 0 and math.isfinite(margin)):
+            raise KdlabError(f"distill.margin={margin} must be a finite number > 0")
+        self.margin = float(margin)
+        self.init_epochs = _epochs(init_epochs)
+        self.connectors = nn.ModuleList()
+
+    def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
+        self.connectors = nn.ModuleList(conv_bn(s.shape[1], t.shape[1])
+                                        for s, t in self._probe(student, teacher))
+
+    def ab_loss(self, student: Outputs, teacher: Outputs) -> torch.Tensor:
+        """The unweighted AB loss (sum over pairs of the per-element mean)."""
+        m = self.margin
+        total = 0.0
+        for connector, (s, t) in zip(self.connectors, self.paired_maps(student, teacher)):
+            s = connector(s)
+            off = (s + m).pow(2) * ((s > -m) & (t <= 0))
+            on = (s - m).pow(2) * ((s <= m) & (t > 0))
+            total = total + (off + on).mean()
+        return total
+
+    def init_loss(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        return {"ab_init": self.ab_loss(student, teacher)}
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        return {"ab": self.beta * self.ab_loss(student, teacher)}
+
+
+# -- VID -------------------------------------------------------------------------------------------
+class VID(_PairedFeatures):
+    """Variational information distillation — Ahn, Hu, Damianou, Lawrence & Dai, "Variational
+    Information Distillation for Knowledge Transfer", CVPR 2019 (arXiv:1904.05835).
+
+    ``loss = beta · Σ_pairs mean_{n,c,h,w} ½ (log σ_c² + (t − μ(s))² / σ_c²)``: the negative
+    log-likelihood (constant dropped) of the teacher feature ``t`` under a Gaussian with mean
+    ``μ(s)`` regressed from the student feature and a learned per-channel variance
+    ``σ_c² = softplus(α_c) + eps`` — a variational lower bound on their mutual information.
+
+    ``μ`` is 1×1 conv → ReLU → 1×1 conv → ReLU → 1×1 conv (hidden width = teacher channels);
+    ``α`` starts where ``σ² = init_pred_var``. Reads ``"stages"`` on both sides by default
+    (last ``min(n_s, n_t)`` paired); the student map is resized to the teacher's spatial size
+    before ``μ``. The pairs' terms are summed, as in RepDistiller.
+
+    Config (``conf/distill/vid.yaml``)::
+
+        _target_: kdlab.strategies.hints.VID
+        beta: 1.0              # RepDistiller
+        init_pred_var: 5.0     # the authors' initial variance
+        eps: 1.0e-5
+        student_layers: stages
+        teacher_layers: stages
+
+    Args:
+        beta: weight of the VID term, ``>= 0``.
+        init_pred_var: initial variance ``σ² > eps``.
+        eps: variance floor, ``> 0``.
+        student_layers: student layer paths or alias.
+        teacher_layers: teacher layer paths or alias.
+    """
+
+    def __init__(self, beta: float = 1.0, init_pred_var: float = 5.0, eps: float = 1e-5,
+                 student_layers: Layers = "stages", teacher_layers: Layers = "stages") -> None:
+        super().__init__(student_layers, teacher_layers)
+        self.beta = _non_negative(beta, "beta")
+        if not (isinstance(eps, int | float) and eps > 0 and math.isfinite(eps)):
+            raise KdlabError(f"distill.eps={eps} must be a finite number > 0")
+        if not (isinstance(init_pred_var, int | float) and init_pred_var > eps
+                and math.isfinite(init_pred_var)):
+            raise KdlabError(f"distill.init_pred_var={init_pred_var} must be a finite number "
+                             f"> eps={eps}")
+        self.eps = float(eps)
+        self.init_pred_var = float(init_pred_var)
+        self.regressors = nn.ModuleList()
+        self.alphas = nn.ParameterList()
+
+    @staticmethod
+    def regressor(in_channels: int, out_channels: int) -> nn.Sequential:
+        """``μ``: three 1×1 convolutions with ReLUs between, hidden width ``out_channels``."""
+        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(),
+                             nn.Conv2d(out_channels, out_channels, 1), nn.ReLU(),
+                             nn.Conv2d(out_channels, out_channels, 1))
+
+    def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
+        pairs = self._probe(student, teacher)
+        self.regressors = nn.ModuleList(self.regressor(s.shape[1], t.shape[1]) for s, t in pairs)
+        # softplus(alpha) = init_pred_var - eps  <=>  alpha = log(exp(init_pred_var - eps) - 1)
+        alpha = math.log(math.expm1(self.init_pred_var - self.eps))
+        self.alphas = nn.ParameterList(nn.Parameter(torch.full((t.shape[1],), alpha))
+                                       for _, t in pairs)
+
+    def variances(self) -> list[torch.Tensor]:
+        """``σ_c² = softplus(α_c) + eps`` per pair."""
+        return [F.softplus(a) + self.eps for a in self.alphas]
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        total = 0.0
+        pairs = self.paired_maps(student, teacher)
+        for mu, var, (s, t) in zip(self.regressors, self.variances(), pairs):
+            var = var.view(1, -1, 1, 1)
+            nll = 0.5 * (torch.log(var) + (t - mu(s)).pow(2) / var)
+            total = total + nll.mean()
+        return {"vid": self.beta * total}

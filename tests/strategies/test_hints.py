@@ -1,0 +1,249 @@
+"""Hint methods (FitNets, OFD, AB, VID): losses against their formulas written out by hand,
+gradient flow, hyper-parameter checks, layer pairing and end-to-end fast_dev_run."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kdlab.errors import KdlabError
+from kdlab.models import CNN
+from kdlab.strategies.base import Batch, Outputs
+from kdlab.strategies.hints import AB, OFD, VID, FitNets, as_map, resize_to
+
+BATCH = Batch(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), torch.arange(2))
+
+
+def _outputs(prefix: str, *features: torch.Tensor) -> Outputs:
+    return Outputs(torch.zeros(features[0].shape[0], 3),
+                   {f"{prefix}{i}": f for i, f in enumerate(features)})
+
+
+def _build(strategy, student: list[torch.Tensor], teacher: list[torch.Tensor]):
+    """Paths set by hand (no model), then ``setup`` on the hand-made outputs."""
+    strategy.student_paths = [f"s{i}" for i in range(len(student))]
+    strategy.teacher_paths = [f"t{i}" for i in range(len(teacher))]
+    s, t = _outputs("s", *student), _outputs("t", *teacher)
+    strategy.setup(s, t, 10)
+    return s, t
+
+
+def _flat(x: torch.Tensor) -> list[float]:
+    return [float(v) for v in x.detach().flatten()]
+
+
+def _items(x: torch.Tensor):
+    """``(channel, value)`` of every element of an (N, C, H, W) tensor."""
+    n, c, h, w = x.shape
+    for a in range(n):
+        for ch in range(c):
+            for i in range(h):
+                for j in range(w):
+                    yield ch, float(x[a, ch, i, j])
+
+
+# -- shared helpers ------------------------------------------------------------------------------
+def test_resize_pools_larger_maps_interpolates_smaller_ones_and_vectors_become_maps():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    pooled = resize_to(x, (2, 2))
+    expected = [(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4, (8 + 9 + 12 + 13) / 4,
+                (10 + 11 + 14 + 15) / 4]
+    assert _flat(pooled) == pytest.approx(expected)
+    assert resize_to(x, (4, 4)) is x
+    up = resize_to(torch.ones(2, 3, 3, 3), (7, 7))
+    assert up.shape == (2, 3, 7, 7) and torch.allclose(up, torch.ones_like(up))
+    assert as_map(torch.ones(2, 5)).shape == (2, 5, 1, 1)
+    with pytest.raises(KdlabError, match="student layer x"):
+        as_map(torch.ones(2, 3, 4), "student layer x")
+
+
+def test_layers_pair_from_the_end_and_unpaired_layers_are_not_tapped():
+    torch.manual_seed(0)
+    student, teacher = CNN([1, 28, 28], 10, channels=[8, 16, 16], hidden=16), CNN([1, 28, 28], 10)
+    assert FitNets().resolve(student, teacher) == (["stages.2"], ["stages.1"])
+    assert FitNets(hints=None).resolve(student, teacher) == (["stages.1", "stages.2"],
+                                                             ["stages.0", "stages.1"])
+    assert AB().resolve(student, teacher) == (["stages.1.1", "stages.2.1"],
+                                              ["stages.0.1", "stages.1.1"])
+    assert VID(student_layers=["stages.0"], teacher_layers="stages").resolve(
+        student, teacher) == (["stages.0"], ["stages.1"])
+    # hand-made lists of unequal length pair the same way in forward
+    vid = VID()
+    s_feats = [torch.randn(2, 8, 4, 4), torch.randn(2, 4, 2, 2), torch.randn(2, 6, 1, 1)]
+    t_feats = [torch.randn(2, 5, 2, 2), torch.randn(2, 3, 2, 2)]
+    _build(vid, s_feats, t_feats)
+    assert [tuple(r[0].weight.shape[:2]) for r in vid.regressors] == [(5, 4), (3, 6)]
+
+
+# -- FitNets ---------------------------------------------------------------------------------------
+def test_fitnets_is_beta_times_the_mean_squared_error_after_pooling():
+    s = torch.tensor([[[[1.0, 3.0], [5.0, -1.0]]], [[[0.0, 2.0], [2.0, 0.0]]]])  # (2, 1, 2, 2)
+    t = torch.tensor([[[[2.5]]], [[[0.5]]]])  # (2, 1, 1, 1): the student is pooled to 1×1
+    fit = FitNets(beta=3.0, init_epochs=2)
+    student, teacher = _build(fit, [s], [t])
+    fit.regressors[0] = nn.Identity()
+    # means: (1+3+5-1)/4 = 2 vs 2.5, (0+2+2+0)/4 = 1 vs 0.5 -> ((-0.5)² + 0.5²) / 2 = 0.25
+    assert fit(student, teacher, BATCH)["fitnets"].item() == pytest.approx(3.0 * 0.25)
+    assert fit.init_loss(student, teacher, BATCH)["fitnets_init"].item() == pytest.approx(0.25)
+    assert fit.init_epochs == 2
+
+
+def test_fitnets_gradients_reach_student_and_regressor_not_teacher():
+    torch.manual_seed(0)
+    s = torch.randn(4, 3, 6, 6, requires_grad=True)
+    t = torch.randn(4, 5, 3, 3, requires_grad=True)
+    fit = FitNets()
+    student, teacher = _build(fit, [s], [t])
+    fit(student, teacher, BATCH)["fitnets"].backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fit.regressors.parameters())
+    assert t.grad is None
+
+
+# -- OFD -------------------------------------------------------------------------------------------
+def test_ofd_margin_is_the_mean_negative_teacher_response_and_moves_with_momentum():
+    t = torch.tensor([[[[-1.0, 2.0], [-3.0, 0.5]], [[1.0, 2.0], [3.0, 4.0]]]])  # (1, 2, 2, 2)
+    ofd = OFD(momentum=0.25)
+    student, teacher = _build(ofd, [torch.randn(1, 2, 2, 2)], [t])
+    assert _flat(ofd.margin0) == pytest.approx([(-1.0 - 3.0) / 2, 0.0])  # channel 1: none seen
+    assert "margin0" in ofd.state_dict()
+    t2 = torch.tensor([[[[-2.0, -4.0], [1.0, 1.0]], [[-5.0, 2.0], [3.0, 4.0]]]])
+    ofd.update_margins([t2])
+    # channel 0: 0.75 * -2 + 0.25 * -3; channel 1: first negatives seen, taken as is
+    assert _flat(ofd.margin0) == pytest.approx([0.75 * -2.0 + 0.25 * -3.0, -5.0])
+    ofd.update_margins([torch.ones(1, 2, 2, 2)])  # no negatives: unchanged
+    assert _flat(ofd.margin0) == pytest.approx([-2.25, -5.0])
+
+
+def test_ofd_is_the_layer_weighted_partial_l2_to_the_margin_relu_target():
+    torch.manual_seed(1)
+    s_feats = [torch.randn(2, 2, 2, 2), torch.randn(2, 3, 1, 1)]
+    t_feats = [torch.randn(2, 2, 2, 2), torch.randn(2, 3, 1, 1)]
+    ofd = OFD(beta=0.5, momentum=0.0)
+    ofd.eval()  # no margin update: the margins below stay as set
+    student, teacher = _build(ofd, s_feats, t_feats)
+    ofd.connectors = nn.ModuleList([nn.Identity(), nn.Identity()])
+    margins = [[-0.3, -1.2], [-0.5, -0.1, -2.0]]
+    for i, m in enumerate(margins):
+        getattr(ofd, f"margin{i}").copy_(torch.tensor(m))
+    expected = 0.0
+    for level, (s, t) in enumerate(zip(s_feats, t_feats)):
+        distance = 0.0
+        for (ch, sv), (_, tv) in zip(_items(s), _items(t)):
+            target = max(tv, margins[level][ch])
+            if not (sv <= target and target <= 0):
+                distance += (sv - target) ** 2
+        expected += distance / 2 / 2 ** (1 - level)  # / batch size, shallower pair halved
+    assert ofd(student, teacher, BATCH)["ofd"].item() == pytest.approx(0.5 * expected, rel=1e-5)
+
+
+def test_ofd_gradients_reach_student_and_connectors_not_teacher():
+    torch.manual_seed(0)
+    s = torch.randn(4, 3, 6, 6, requires_grad=True)
+    t = torch.randn(4, 5, 6, 6, requires_grad=True)
+    ofd = OFD()
+    student, teacher = _build(ofd, [s], [t])
+    ofd.train()
+    ofd(student, teacher, BATCH)["ofd"].backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ofd.connectors.parameters())
+    assert t.grad is None and not ofd.margin0.requires_grad
+
+
+# -- AB --------------------------------------------------------------------------------------------
+def test_ab_is_the_mean_piecewise_margin_loss():
+    s = torch.tensor([[[[0.5, -2.0, 0.2, 3.0, -0.5, 1.0]]]])  # (1, 1, 1, 6)
+    t = torch.tensor([[[[-1.0, -1.0, 1.0, 1.0, 0.0, 2.0]]]])
+    ab = AB(beta=2.0, margin=1.0, init_epochs=30)
+    student, teacher = _build(ab, [s], [t])
+    ab.connectors[0] = nn.Identity()
+    m, terms = 1.0, []
+    for sv, tv in zip(_flat(s), _flat(t)):
+        off = (sv + m) ** 2 if (sv > -m and tv <= 0) else 0.0  # should be inactive (≤ −m)
+        on = (sv - m) ** 2 if (sv <= m and tv > 0) else 0.0  # should be active (≥ m)
+        terms.append(off + on)
+    # by hand: 2.25, 0, 0.64, 0, 0.25, 0 -> mean 3.14 / 6
+    assert sum(terms) == pytest.approx(2.25 + 0.64 + 0.25)
+    expected = sum(terms) / len(terms)
+    assert ab(student, teacher, BATCH)["ab"].item() == pytest.approx(2.0 * expected)
+    assert ab.init_loss(student, teacher, BATCH)["ab_init"].item() == pytest.approx(expected)
+
+
+def test_ab_gradients_reach_student_and_connectors_not_teacher():
+    torch.manual_seed(0)
+    s = [torch.randn(4, 3, 4, 4, requires_grad=True), torch.randn(4, 3, 2, 2, requires_grad=True)]
+    t = [torch.randn(4, 6, 8, 8, requires_grad=True)]
+    ab = AB()
+    student, teacher = _build(ab, s, t)  # pairs s[1] (upsampled) with t[0]
+    ab(student, teacher, BATCH)["ab"].backward()
+    assert s[0].grad is None and s[1].grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ab.connectors.parameters())
+    assert t[0].grad is None
+
+
+# -- VID -------------------------------------------------------------------------------------------
+def test_vid_starts_at_the_initial_variance_and_is_the_gaussian_nll():
+    torch.manual_seed(2)
+    s = torch.randn(2, 2, 2, 2)
+    t = torch.randn(2, 2, 2, 2)
+    vid = VID(beta=1.5)
+    student, teacher = _build(vid, [s], [t])
+    assert _flat(vid.variances()[0]) == pytest.approx([5.0, 5.0])
+    vid.regressors[0] = nn.Identity()
+    with torch.no_grad():
+        vid.alphas[0].copy_(torch.tensor([0.3, -1.0]))
+    var = [math.log1p(math.exp(0.3)) + 1e-5, math.log1p(math.exp(-1.0)) + 1e-5]
+    nll = [0.5 * (math.log(var[ch]) + (tv - sv) ** 2 / var[ch])
+           for (ch, sv), (_, tv) in zip(_items(s), _items(t))]
+    expected = 1.5 * sum(nll) / len(nll)
+    assert vid(student, teacher, BATCH)["vid"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_vid_gradients_reach_student_regressor_and_variance_not_teacher():
+    torch.manual_seed(0)
+    s = torch.randn(4, 3, 3, 3, requires_grad=True)
+    t = torch.randn(4, 5, 6, 6, requires_grad=True)
+    vid = VID()
+    student, teacher = _build(vid, [s], [t])
+    vid(student, teacher, BATCH)["vid"].backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in vid.regressors.parameters())
+    assert vid.alphas[0].grad.abs().sum() > 0
+    assert t.grad is None
+
+
+# -- hyper-parameters ------------------------------------------------------------------------------
+@pytest.mark.parametrize("make, key", [
+    (lambda: FitNets(beta=-1.0), "distill.beta=-1.0"),
+    (lambda: FitNets(hints=0), "distill.hints=0"),
+    (lambda: FitNets(init_epochs=-1), "distill.init_epochs=-1"),
+    (lambda: FitNets(student_layers=[]), r"distill.student_layers=\[\]"),
+    (lambda: OFD(beta=float("nan")), "distill.beta=nan"),
+    (lambda: OFD(momentum=1.5), "distill.momentum=1.5"),
+    (lambda: OFD(teacher_layers=""), "distill.teacher_layers=''"),
+    (lambda: AB(margin=0.0), "distill.margin=0.0"),
+    (lambda: AB(beta=-0.1), "distill.beta=-0.1"),
+    (lambda: AB(init_epochs=1.5), "distill.init_epochs=1.5"),
+    (lambda: VID(init_pred_var=0.0), "distill.init_pred_var=0.0"),
+    (lambda: VID(eps=-1e-5), "distill.eps=-1e-05"),
+    (lambda: VID(beta=-2), "distill.beta=-2"),
+])
+def test_bad_hyper_parameters_raise_naming_the_key(make, key):
+    with pytest.raises(KdlabError, match=key):
+        make()
+
+
+# -- end to end ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("distill, overrides", [
+    ("fitnets", ["distill.init_epochs=1"]),  # fast_dev_run's single epoch is the hint stage
+    ("fitnets", []),
+    ("ofd", []),
+    ("ab", []),
+    ("vid", []),
+])
+def test_fast_dev_run(distill, overrides, tmp_path):
+    from tests.strategies.harness import run_fast_dev
+
+    results = run_fast_dev(distill, tmp_path, *overrides)
+    assert results["student"]["metrics"]["test/acc"] >= 0
