@@ -1,9 +1,21 @@
 """Distillation strategies, one family per file. Each is selected by ``distill=<name>``, where
 ``conf/distill/<name>.yaml`` names its class with ``_target_``; ``distill=[a,b]`` combines
-several (:class:`Composite`)."""
+several (:class:`Composite`). The table of methods is ``docs/STRATEGIES.md``."""
 
-from kdlab.strategies.base import Batch, Outputs, Strategy
+from kdlab.strategies.attention import AT, NST
+from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.composite import Composite
-from kdlab.strategies.logits import KD, kd_loss
+from kdlab.strategies.contrastive import CRD
+from kdlab.strategies.controls import LabelSmoothing, PseudoLabels
+from kdlab.strategies.flow import FSP, KDSVD
+from kdlab.strategies.hints import AB, OFD, VID, FitNets
+from kdlab.strategies.logits import DIST, DKD, KD, LSKD, kd_loss
+from kdlab.strategies.paraphrase import FT
+from kdlab.strategies.relations import CC, PKT, RKD, SP
+from kdlab.strategies.review import ReviewKD
 
-__all__ = ["KD", "Batch", "Composite", "Outputs", "Strategy", "kd_loss"]
+__all__ = [
+    "AB", "AT", "CC", "CRD", "DIST", "DKD", "FSP", "FT", "KD", "KDSVD", "LSKD", "NST", "OFD",
+    "PKT", "RKD", "SP", "VID", "Batch", "Composite", "FitNets", "LabelSmoothing", "Outputs",
+    "PseudoLabels", "ReviewKD", "Strategy", "Terms", "kd_loss",
+]

@@ -147,3 +147,25 @@ def test_fast_dev_run_harness(distill, tmp_path):
         results = run_fast_dev(distill, tmp_path)
     assert results["student"]["metrics"]["test/acc"] >= 0
     assert results["teacher"]["params"] == 421738
+
+
+def test_cli_distill_list_trains_with_every_member_term_logged(tmp_path):
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "kdlab.train", "distill=[kd,at]", "distill.at.beta=500",
+            f"paths.log_dir={tmp_path}", "baseline=false", "teacher.train.max_epochs=1",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
+            "latency.repeats=1", "data.batch_size=16", "data.eval_batch_size=64"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (results_path,) = tmp_path.glob("runs/*/results.json")
+    results = json.loads(results_path.read_text())
+    assert results["strategy"] == "kd+at"
+    assert results["config"]["distill"]["at"]["beta"] == 500
+    (metrics_path,) = tmp_path.glob("runs/*/logs/metrics.csv")
+    header = next(csv.reader(metrics_path.open()))
+    assert {"train/ce_epoch", "train/kd_epoch", "train/at_epoch", "train/loss_epoch"} <= set(header)
