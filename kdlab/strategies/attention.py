@@ -15,13 +15,7 @@ import torch.nn.functional as F
 
 from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
-
-Layers = Sequence[str] | str
-
-
-def layers_arg(layers: Layers) -> Sequence[str] | str:
-    """A layer argument as given in a config (an alias string, or a list of paths/aliases)."""
-    return layers if isinstance(layers, str) else [str(p) for p in layers]
+from kdlab.strategies.checks import Layers, check_number, layers_arg
 
 
 def pair_last(
@@ -72,11 +66,6 @@ def check_maps(
             f"got {len(student)} student and {len(teacher)} teacher layers")
 
 
-def check_weight(key: str, value: float) -> float:
-    """``value`` as a float if it is a non-negative weight, else a :class:`KdlabError`."""
-    if not value >= 0:
-        raise KdlabError(f"distill.{key}={value} must be >= 0")
-    return float(value)
 
 
 # -- AT ------------------------------------------------------------------------------------------
@@ -133,12 +122,12 @@ class AT(Strategy):
     def __init__(self, beta: float = 1000.0, p: float = 2.0, student_layers: Layers = "stages",
                  teacher_layers: Layers = "stages") -> None:
         super().__init__()
-        self.beta = check_weight("beta", beta)
+        self.beta = check_number("beta", beta)
         if not p >= 1:  # |a|^p with p < 1 has an infinite slope at the zeros of ReLU maps
             raise KdlabError(f"distill.p={p} must be >= 1")
         self.p = float(p)
-        self.student_layers = layers_arg(student_layers)
-        self.teacher_layers = layers_arg(teacher_layers)
+        self.student_layers = layers_arg(student_layers, "student_layers")
+        self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
 
     def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
         check_maps("at", self.student_features(student), self.teacher_features(teacher),
@@ -208,14 +197,14 @@ class NST(Strategy):
     def __init__(self, beta: float = 50.0, degree: int = 2, c: float = 0.0,
                  student_layers: Layers = "stages", teacher_layers: Layers = "stages") -> None:
         super().__init__()
-        self.beta = check_weight("beta", beta)
+        self.beta = check_number("beta", beta)
         if isinstance(degree, bool) or int(degree) != degree or degree < 1:
             raise KdlabError(f"distill.degree={degree} must be an integer >= 1")
         if not c >= 0:
             raise KdlabError(f"distill.c={c} must be >= 0")
         self.degree, self.c = int(degree), float(c)
-        self.student_layers = layers_arg(student_layers)
-        self.teacher_layers = layers_arg(teacher_layers)
+        self.student_layers = layers_arg(student_layers, "student_layers")
+        self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
 
     def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
         check_maps("nst", self.student_features(student), self.teacher_features(teacher),

@@ -17,15 +17,13 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.strategies.attention import (
-    Layers,
     check_maps,
-    check_weight,
     common_size,
-    layers_arg,
     pair_last,
     pool_to,
 )
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
+from kdlab.strategies.checks import Layers, check_number, layers_arg
 
 
 # -- FSP -----------------------------------------------------------------------------------------
@@ -94,12 +92,12 @@ class FSP(Strategy):
     def __init__(self, beta: float = 50.0, init_epochs: int = 0,
                  student_layers: Layers = "stages", teacher_layers: Layers = "stages") -> None:
         super().__init__()
-        self.beta = check_weight("beta", beta)
+        self.beta = check_number("beta", beta)
         if isinstance(init_epochs, bool) or int(init_epochs) != init_epochs or init_epochs < 0:
             raise KdlabError(f"distill.init_epochs={init_epochs} must be an integer >= 0")
         self.init_epochs = int(init_epochs)
-        self.student_layers = layers_arg(student_layers)
-        self.teacher_layers = layers_arg(teacher_layers)
+        self.student_layers = layers_arg(student_layers, "student_layers")
+        self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
         self.connectors = nn.ModuleList()
 
     def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
@@ -246,14 +244,14 @@ class KDSVD(Strategy):
     def __init__(self, beta: float = 1.0, k: int = 1, space: str = "spatial",
                  student_layers: Layers = "stages", teacher_layers: Layers = "stages") -> None:
         super().__init__()
-        self.beta = check_weight("beta", beta)
+        self.beta = check_number("beta", beta)
         if isinstance(k, bool) or int(k) != k or k < 1:
             raise KdlabError(f"distill.k={k} must be an integer >= 1")
         if space not in self.SPACES:
             raise KdlabError(f"distill.space={space} must be one of {', '.join(self.SPACES)}")
         self.k, self.space = int(k), str(space)
-        self.student_layers = layers_arg(student_layers)
-        self.teacher_layers = layers_arg(teacher_layers)
+        self.student_layers = layers_arg(student_layers, "student_layers")
+        self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
 
     def _matrices(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:

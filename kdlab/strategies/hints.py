@@ -21,34 +21,13 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
-
-Layers = Sequence[str] | str
-
+from kdlab.strategies.checks import Layers, check_epochs, check_number, layers_arg
 
 # -- shared helpers --------------------------------------------------------------------------------
-def _layers(value: Layers, key: str) -> list[str] | str:
-    """A layer argument as a plain ``str`` (path or alias) or ``list[str]`` (Hydra passes
-    ``ListConfig``); an empty one fails naming ``distill.<key>``."""
-    if isinstance(value, str):
-        if not value:
-            raise KdlabError(f"distill.{key}='' must name a layer path or an alias")
-        return value
-    layers = [str(v) for v in value]
-    if not layers:
-        raise KdlabError(f"distill.{key}=[] must name at least one layer path or alias")
-    return layers
 
 
-def _non_negative(value: float, key: str) -> float:
-    if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
-        raise KdlabError(f"distill.{key}={value} must be a finite number >= 0")
-    return float(value)
 
 
-def _epochs(value: int, key: str = "init_epochs") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise KdlabError(f"distill.{key}={value} must be an integer >= 0")
-    return value
 
 
 def as_map(x: torch.Tensor, what: str = "feature") -> torch.Tensor:
@@ -85,8 +64,8 @@ class _PairedFeatures(Strategy):
     def __init__(self, student_layers: Layers, teacher_layers: Layers,
                  max_pairs: int | None = None) -> None:
         super().__init__()
-        self.student_layers = _layers(student_layers, "student_layers")
-        self.teacher_layers = _layers(teacher_layers, "teacher_layers")
+        self.student_layers = layers_arg(student_layers, "student_layers")
+        self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
         self.max_pairs = max_pairs
 
     def _count(self, n_student: int, n_teacher: int) -> int:
@@ -173,8 +152,8 @@ class FitNets(_PairedFeatures):
         if hints is not None and (isinstance(hints, bool) or not isinstance(hints, int)
                                   or hints < 1):
             raise KdlabError(f"distill.hints={hints} must be an integer >= 1 or null (all pairs)")
-        self.beta = _non_negative(beta, "beta")
-        self.init_epochs = _epochs(init_epochs)
+        self.beta = check_number("beta", beta)
+        self.init_epochs = check_epochs("init_epochs", init_epochs)
         self.regressors = nn.ModuleList()
 
     def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
@@ -235,7 +214,7 @@ class OFD(_PairedFeatures):
     def __init__(self, beta: float = 1e-3, student_layers: Layers = "preact",
                  teacher_layers: Layers = "preact", momentum: float = 0.1) -> None:
         super().__init__(student_layers, teacher_layers)
-        self.beta = _non_negative(beta, "beta")
+        self.beta = check_number("beta", beta)
         if not (isinstance(momentum, int | float) and 0.0 <= momentum <= 1.0):
             raise KdlabError(f"distill.momentum={momentum} must be in [0, 1]")
         self.momentum = float(momentum)
@@ -329,11 +308,11 @@ class AB(_PairedFeatures):
     def __init__(self, beta: float = 1.0, margin: float = 1.0, student_layers: Layers = "preact",
                  teacher_layers: Layers = "preact", init_epochs: int = 0) -> None:
         super().__init__(student_layers, teacher_layers)
-        self.beta = _non_negative(beta, "beta")
+        self.beta = check_number("beta", beta)
         if not (isinstance(margin, int | float) and margin > 0 and math.isfinite(margin)):
             raise KdlabError(f"distill.margin={margin} must be a finite number > 0")
         self.margin = float(margin)
-        self.init_epochs = _epochs(init_epochs)
+        self.init_epochs = check_epochs("init_epochs", init_epochs)
         self.connectors = nn.ModuleList()
 
     def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
@@ -393,7 +372,7 @@ class VID(_PairedFeatures):
     def __init__(self, beta: float = 1.0, init_pred_var: float = 5.0, eps: float = 1e-5,
                  student_layers: Layers = "stages", teacher_layers: Layers = "stages") -> None:
         super().__init__(student_layers, teacher_layers)
-        self.beta = _non_negative(beta, "beta")
+        self.beta = check_number("beta", beta)
         if not (isinstance(eps, int | float) and eps > 0 and math.isfinite(eps)):
             raise KdlabError(f"distill.eps={eps} must be a finite number > 0")
         if not (isinstance(init_pred_var, int | float) and init_pred_var > eps

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
+from kdlab.strategies.checks import check_number
 
 
 def kd_loss(
@@ -60,13 +61,6 @@ class KD(Strategy):
         return {"kd": self.alpha * soft}
 
 
-def _check(key: str, value: float, condition: str) -> float:
-    """``value`` as a float, or a :class:`KdlabError` naming ``distill.<key>``; ``condition``
-    is ``"> 0"`` or ``">= 0"``."""
-    ok = value > 0 if condition == "> 0" else value >= 0
-    if not ok:
-        raise KdlabError(f"distill.{key}={value} must be {condition}")
-    return float(value)
 
 
 class DKD(Strategy):
@@ -106,13 +100,13 @@ class DKD(Strategy):
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
                  warmup: int = 20, ce_weight: float = 1.0) -> None:
         super().__init__()
-        self.alpha = _check("alpha", alpha, ">= 0")
-        self.beta = _check("beta", beta, ">= 0")
-        self.temperature = _check("temperature", temperature, "> 0")
+        self.alpha = check_number("alpha", alpha, ">= 0")
+        self.beta = check_number("beta", beta, ">= 0")
+        self.temperature = check_number("temperature", temperature, "> 0")
         if isinstance(warmup, bool) or int(warmup) != warmup or warmup < 0:
             raise KdlabError(f"distill.warmup={warmup} must be an integer >= 0 (epochs)")
         self.warmup = int(warmup)
-        self.ce_weight = _check("ce_weight", ce_weight, ">= 0")
+        self.ce_weight = check_number("ce_weight", ce_weight, ">= 0")
 
     def warmup_factor(self) -> float:
         """``min((epoch + 1) / warmup, 1)``, or 1 without warm-up."""
@@ -184,10 +178,10 @@ class DIST(Strategy):
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0,
                  ce_weight: float = 1.0) -> None:
         super().__init__()
-        self.beta = _check("beta", beta, ">= 0")
-        self.gamma = _check("gamma", gamma, ">= 0")
-        self.tau = _check("tau", tau, "> 0")
-        self.ce_weight = _check("ce_weight", ce_weight, ">= 0")
+        self.beta = check_number("beta", beta, ">= 0")
+        self.gamma = check_number("gamma", gamma, ">= 0")
+        self.tau = check_number("tau", tau, "> 0")
+        self.ce_weight = check_number("ce_weight", ce_weight, ">= 0")
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         y_s = F.softmax(student.logits / self.tau, dim=1)
@@ -238,9 +232,9 @@ class LSKD(Strategy):
     def __init__(self, temperature: float = 2.0, alpha: float = 9.0,
                  ce_weight: float = 0.1) -> None:
         super().__init__()
-        self.temperature = _check("temperature", temperature, "> 0")
-        self.alpha = _check("alpha", alpha, ">= 0")
-        self.ce_weight = _check("ce_weight", ce_weight, ">= 0")
+        self.temperature = check_number("temperature", temperature, "> 0")
+        self.alpha = check_number("alpha", alpha, ">= 0")
+        self.ce_weight = check_number("ce_weight", ce_weight, ">= 0")
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         soft = kd_loss(standardize(student.logits), standardize(teacher.logits.detach()),

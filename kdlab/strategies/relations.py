@@ -17,6 +17,7 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
+from kdlab.strategies.checks import check_number, layers_arg
 
 #: guards divisions and logarithms
 EPS = 1e-12
@@ -24,16 +25,6 @@ EPS = 1e-12
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _layers(value: str | Sequence[str], key: str) -> str | list[str]:
-    """A layer alias/path or a non-empty list of them (Hydra's ListConfig becomes a list)."""
-    if isinstance(value, str):
-        if not value:
-            raise KdlabError(f"distill.{key}='' must name a layer or an alias (e.g. embedding)")
-        return value
-    layers = [str(v) for v in value]
-    if not layers:
-        raise KdlabError(f"distill.{key}=[] must name at least one layer")
-    return layers
 
 
 def _full_precision(x: torch.Tensor) -> torch.autocast:
@@ -41,10 +32,6 @@ def _full_precision(x: torch.Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _check_weight(value: float, key: str) -> float:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-        raise KdlabError(f"distill.{key}={value} must be a finite number >= 0")
-    return float(value)
 
 
 class _Relational(Strategy):
@@ -53,8 +40,8 @@ class _Relational(Strategy):
     def __init__(self, student_layers: str | Sequence[str],
                  teacher_layers: str | Sequence[str]) -> None:
         super().__init__()
-        self.student_layers = _layers(student_layers, "student_layers")
-        self.teacher_layers = _layers(teacher_layers, "teacher_layers")
+        self.student_layers = layers_arg(student_layers, "student_layers")
+        self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
 
     def _select(self, paths: list[str]) -> list[str]:
         """The resolved paths this strategy reads (all of them by default)."""
@@ -145,9 +132,9 @@ class RKD(_Relational):
         teacher_layers: str | Sequence[str] = "embedding",
     ) -> None:
         super().__init__(student_layers, teacher_layers)
-        self.beta = _check_weight(beta, "beta")
-        self.distance_weight = _check_weight(distance_weight, "distance_weight")
-        self.angle_weight = _check_weight(angle_weight, "angle_weight")
+        self.beta = check_number("beta", beta)
+        self.distance_weight = check_number("distance_weight", distance_weight)
+        self.angle_weight = check_number("angle_weight", angle_weight)
 
     def _terms(self, pairs: Pairs, device: torch.device) -> Terms:
         dist_loss = angle_loss = torch.zeros((), device=device)
@@ -217,7 +204,7 @@ class PKT(_Relational):
         teacher_layers: str | Sequence[str] = "embedding",
     ) -> None:
         super().__init__(student_layers, teacher_layers)
-        self.beta = _check_weight(beta, "beta")
+        self.beta = check_number("beta", beta)
         if not (isinstance(eps, int | float) and 0 < eps < 1):
             raise KdlabError(f"distill.eps={eps} must be in (0, 1)")
         self.eps = float(eps)
@@ -271,7 +258,7 @@ class SP(_Relational):
         last_only: bool = True,
     ) -> None:
         super().__init__(student_layers, teacher_layers)
-        self.beta = _check_weight(beta, "beta")
+        self.beta = check_number("beta", beta)
         if not isinstance(last_only, bool):
             raise KdlabError(f"distill.last_only={last_only} must be true or false")
         self.last_only = last_only
@@ -346,7 +333,7 @@ class CC(_Relational):
         teacher_layers: str | Sequence[str] = "embedding",
     ) -> None:
         super().__init__(student_layers, teacher_layers)
-        self.beta = _check_weight(beta, "beta")
+        self.beta = check_number("beta", beta)
         if not (isinstance(gamma, int | float) and math.isfinite(gamma) and gamma > 0):
             raise KdlabError(f"distill.gamma={gamma} must be > 0")
         if isinstance(order, bool) or not isinstance(order, int) or order < 1:
