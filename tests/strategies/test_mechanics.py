@@ -169,3 +169,16 @@ def test_cli_distill_list_trains_with_every_member_term_logged(tmp_path):
     (metrics_path,) = tmp_path.glob("runs/*/logs/metrics.csv")
     header = next(csv.reader(metrics_path.open()))
     assert {"train/ce_epoch", "train/kd_epoch", "train/at_epoch", "train/loss_epoch"} <= set(header)
+
+
+def test_bad_tap_path_in_a_run_fails_naming_the_key_and_close_matches(tmp_path, capsys):
+    from tests.strategies.harness import run_fast_dev
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_fast_dev("at", tmp_path, "distill.student_layers=[stages.9]")
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kdlab: error: distill.student_layers: 'stages.9' is not a module "
+                           "of CNN (did you mean stages.")
+    assert "aliases: stages, preact, embedding" in line
+    assert not list(tmp_path.rglob("results.json"))
