@@ -10,6 +10,7 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
+from kdlab.strategies.checks import check_epochs, check_number
 
 #: negative slope of the LeakyReLU after every paraphraser / translator layer (authors' code)
 LEAKY_SLOPE = 0.1
@@ -113,16 +114,12 @@ class FT(Strategy):
         teacher_layers: Sequence[str] | str = "stages",
     ) -> None:
         super().__init__()
-        if not beta >= 0:
-            raise KdlabError(f"distill.beta={beta} must be >= 0")
-        if not rate > 0:
-            raise KdlabError(f"distill.rate={rate} must be > 0")
+        self.beta = check_number("beta", beta)
+        self.rate = check_number("rate", rate, "> 0")
         if p not in (1, 2):
             raise KdlabError(f"distill.p={p} must be 1 or 2")
-        if int(init_epochs) != init_epochs or init_epochs < 0:
-            raise KdlabError(f"distill.init_epochs={init_epochs} must be an integer >= 0")
-        self.beta, self.rate, self.p = float(beta), float(rate), int(p)
-        self.init_epochs = int(init_epochs)
+        self.p = int(p)
+        self.init_epochs = check_epochs("init_epochs", init_epochs)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
 
     def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
+from kdlab.strategies.checks import check_epochs, check_number
 
 #: output sizes of the pooled levels of the hierarchical context loss (each kept only when
 #: smaller than the map)
@@ -140,14 +141,11 @@ class ReviewKD(Strategy):
         teacher_layers: Sequence[str] | str = "stages",
     ) -> None:
         super().__init__()
-        if not beta >= 0:
-            raise KdlabError(f"distill.beta={beta} must be >= 0")
-        if int(warmup) != warmup or warmup < 0:
-            raise KdlabError(f"distill.warmup={warmup} must be an integer >= 0")
+        self.beta = check_number("beta", beta)
+        self.warmup = check_epochs("warmup", warmup)
         if mid_channels is not None and (int(mid_channels) != mid_channels or mid_channels < 1):
             raise KdlabError(f"distill.mid_channels={mid_channels} must be a positive integer "
                              "or null")
-        self.beta, self.warmup = float(beta), int(warmup)
         self.mid_channels = None if mid_channels is None else int(mid_channels)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
 

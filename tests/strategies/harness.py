@@ -7,6 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from kdlab.strategies.base import Batch, Outputs
 from kdlab.train import run
 from tests.conftest import make_cfg
 
@@ -29,3 +32,16 @@ PAIR = [
 def run_fast_dev(distill: str, tmp_path: Path, *overrides: str) -> dict[str, Any]:
     """``kdlab-train distill=<distill> …`` with the pair above; returns the results dict."""
     return run(make_cfg(tmp_path, [f"distill={distill}", *PAIR, *overrides]))
+
+
+def connect(strategy, student: list, teacher: list):
+    """Set up ``strategy`` on lists of student/teacher feature maps tapped as ``s<i>`` /
+    ``t<i>``; returns their Outputs and a Batch of matching size."""
+    s_out = Outputs(torch.zeros(1), {f"s{i}": f for i, f in enumerate(student)})
+    t_out = Outputs(torch.zeros(1), {f"t{i}": f for i, f in enumerate(teacher)})
+    strategy.student_paths = list(s_out.features)
+    strategy.teacher_paths = list(t_out.features)
+    strategy.setup(s_out, t_out, 10)
+    n = student[0].shape[0]
+    return s_out, t_out, Batch(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long),
+                               torch.arange(n))

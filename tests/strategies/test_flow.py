@@ -11,20 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlab.errors import KdlabError
-from kdlab.strategies.base import Batch, Outputs
 from kdlab.strategies.flow import FSP, KDSVD, top_singular
-
-
-def _connect(strategy, student, teacher):
-    """Outputs for lists of student/teacher maps, tapped as ``s<i>`` / ``t<i>``, after setup."""
-    s_out = Outputs(torch.zeros(1), {f"s{i}": f for i, f in enumerate(student)})
-    t_out = Outputs(torch.zeros(1), {f"t{i}": f for i, f in enumerate(teacher)})
-    strategy.student_paths = list(s_out.features)
-    strategy.teacher_paths = list(t_out.features)
-    strategy.setup(s_out, t_out, 10)
-    n = student[0].shape[0]
-    return s_out, t_out, Batch(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long),
-                               torch.arange(n))
+from tests.strategies.harness import connect as _connect
 
 
 def _maps(seed, *shapes):
