@@ -11,6 +11,7 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
+from kdlab.strategies.checks import check_number, layers_arg
 
 
 def random_unit_rows(rows: int, dim: int) -> torch.Tensor:
@@ -105,24 +106,20 @@ class CRD(Strategy):
         teacher_layers: Sequence[str] | str = "embedding",
     ) -> None:
         super().__init__()
-        if not beta >= 0:
-            raise KdlabError(f"distill.beta={beta} must be >= 0")
         if isinstance(feat_dim, bool) or int(feat_dim) != feat_dim or feat_dim < 1:
             raise KdlabError(f"distill.feat_dim={feat_dim} must be a positive integer")
         if (isinstance(num_negatives, bool) or int(num_negatives) != num_negatives
                 or num_negatives < 1):
             raise KdlabError(f"distill.num_negatives={num_negatives} must be a positive integer")
-        if not nce_t > 0:
-            raise KdlabError(f"distill.nce_t={nce_t} must be > 0")
         if not 0.0 <= nce_mom < 1.0:
             raise KdlabError(f"distill.nce_mom={nce_mom} must be in [0, 1)")
-        self.beta = float(beta)
+        self.beta = check_number("beta", beta)
         self.feat_dim = int(feat_dim)
         self.num_negatives = int(num_negatives)
-        self.nce_t = float(nce_t)
+        self.nce_t = check_number("nce_t", nce_t, "> 0")
         self.nce_mom = float(nce_mom)
-        self.student_layers = student_layers
-        self.teacher_layers = teacher_layers
+        self.student_layers = layers_arg(student_layers, "student_layers")
+        self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
         self.num_samples = 0  # M, set by setup
         self.negatives = 0  # K = min(num_negatives, M - 1), set by setup
 
