@@ -18,6 +18,7 @@ from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.errors import KdlabError
+from kdlab.module import LoopOptions
 from kdlab.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,12 @@ def build_trainer(
         if str(node._target_).endswith("WandbLogger"):
             kwargs.update(wandb_mode(node))
         loggers.append(_instantiate(node, f"logger.{name}", **kwargs))
-    trainer_cfg = cfg.trainer
-    if max_epochs is not None:
-        trainer_cfg = trainer_cfg.copy()
-        with open_dict(trainer_cfg):
+    trainer_cfg = cfg.trainer.copy()
+    with open_dict(trainer_cfg):
+        if max_epochs is not None:
             trainer_cfg.max_epochs = max_epochs
+        for key in LOOP_KEYS:  # kdlab's training step does these (manual optimisation)
+            trainer_cfg.pop(key, None)
     return _instantiate(
         trainer_cfg,
         "trainer",
@@ -129,6 +131,44 @@ def build_trainer(
         logger=loggers or False,
         default_root_dir=str(stage_dir),
     )
+
+
+#: Trainer arguments that kdlab's training step implements itself (see :func:`loop_options`)
+LOOP_KEYS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
+#: ``steps_per_call: auto`` on one device (measured in docs/BENCHMARKS.md)
+AUTO_STEPS_PER_CALL = 8
+
+
+def loop_options(cfg: DictConfig) -> LoopOptions:
+    """The training step's options from ``cfg.steps_per_call`` and ``cfg.trainer``."""
+    trainer = cfg.trainer
+    value = cfg.get("steps_per_call", 1)
+    distributed = str(trainer.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed")) \
+        or trainer.get("devices", 1) not in (1, "1") or int(trainer.get("num_nodes", 1)) > 1
+    if value == "auto":
+        # one backward per forward under DDP: chunks would call backward several times
+        steps = 1 if distributed else AUTO_STEPS_PER_CALL
+    else:
+        try:
+            steps = int(value)
+        except (TypeError, ValueError):
+            raise KdlabError(f"steps_per_call={value!r} must be a positive integer or auto") \
+                from None
+        if steps < 1:
+            raise KdlabError(f"steps_per_call={steps} must be >= 1 (or auto)")
+        if steps > 1 and distributed:
+            raise KdlabError(f"steps_per_call={steps} needs a single device (DDP runs one "
+                             "backward per forward): use steps_per_call=1 or auto")
+    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+    if accumulate < 1:
+        raise KdlabError(f"trainer.accumulate_grad_batches={accumulate} must be >= 1")
+    clip = trainer.get("gradient_clip_val")
+    algorithm = str(trainer.get("gradient_clip_algorithm") or "norm")
+    if algorithm not in ("norm", "value"):
+        raise KdlabError(f"trainer.gradient_clip_algorithm={algorithm} must be norm or value")
+    return LoopOptions(steps_per_call=steps, accumulate_grad_batches=accumulate,
+                       gradient_clip_val=float(clip) if clip is not None else None,
+                       gradient_clip_algorithm=algorithm)
 
 
 def _wandb_has_key() -> bool:

@@ -12,7 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 
-from kdlab.build import build_trainer, to_container
+from kdlab.build import build_trainer, loop_options, to_container
+from kdlab.cache import prepare_cache
+from kdlab.callbacks import Throughput
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.module import DistillationModule
 from kdlab.strategies.base import Strategy
@@ -28,6 +30,25 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     best_ckpt: str | None = None
     last_ckpt: str | None = None
+    #: training samples/s of each epoch (empty without the Throughput callback)
+    samples_per_s: list[float] = field(default_factory=list)
+
+
+def compile_models(cfg: DictConfig, module: DistillationModule) -> None:
+    """``torch.compile`` the student and/or the live teacher per ``cfg.compile`` (in place:
+    parameter names and checkpoints are unchanged)."""
+    options = cfg.get("compile") or {}
+    mode = options.get("mode", "default")
+    mode = None if mode in (None, "default") else str(mode)
+    if options.get("student"):
+        module.student.compile(mode=mode)
+        log.info("compile: student compiled (mode %s)", mode or "default")
+    if options.get("teacher") and module.teacher is not None:
+        if module.teacher_cache is not None:
+            log.info("compile: teacher not compiled, its outputs come from the cache")
+        else:
+            module.teacher.compile(mode=mode)
+            log.info("compile: teacher compiled (mode %s)", mode or "default")
 
 
 def fit_stage(
@@ -46,6 +67,8 @@ def fit_stage(
     """Fit ``student`` (distilling from ``teacher`` with ``strategy`` if given), then test the
     checkpoint with the best validation accuracy (the last weights if there is none)."""
     data.setup()
+    loop = loop_options(cfg)
+    data.steps_per_call = loop.steps_per_call
     module = DistillationModule(
         student=student,
         num_classes=data.num_classes,
@@ -57,7 +80,12 @@ def fit_stage(
         hparams={"stage": stage, "config": to_container(cfg)},
         example_input=data.x_train[:2],
         num_train_samples=data.num_train_samples,
+        loop=loop,
     )
+    if strategy is not None and strategy.needs_teacher:
+        module.teacher_cache = prepare_cache(cfg, module.teacher, module.teacher_taps,
+                                             data.x_train, data.augment, bool(cfg.channels_last))
+    compile_models(cfg, module)
     trainer = build_trainer(cfg, stage_dir, stage, max_epochs=max_epochs)
     log.info("[%s] %s", stage, data.describe())
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
@@ -75,8 +103,10 @@ def fit_stage(
             if callback.best_model_score is not None:
                 metrics[callback.monitor] = float(callback.best_model_score)
     epochs = trainer.current_epoch
+    speed = next((c.history for c in trainer.callbacks if isinstance(c, Throughput)), [])
     test = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     metrics.update(test[0] if test else {})
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["epochs"] = epochs
-    return StageResult(module=module, metrics=metrics, best_ckpt=best, last_ckpt=last)
+    return StageResult(module=module, metrics=metrics, best_ckpt=best, last_ckpt=last,
+                       samples_per_s=list(speed))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import operator
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -18,6 +21,27 @@ from kdlab.strategies.base import Batch, Outputs, Strategy
 from kdlab.taps import Taps
 
 TEACHER_PREFIX = "teacher."
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the training step runs its batches (kdlab owns the optimisation loop).
+
+    Args:
+        steps_per_call: batches (each with its own optimizer step) per Lightning training step;
+            the loader yields chunks of this many batches. Above 1 it pays Lightning's per-step
+            overhead once per chunk; the optimisation is the same batch for batch.
+        accumulate_grad_batches: batches whose gradients are summed (each loss divided by this
+            number) before one optimizer step.
+        gradient_clip_val: clip gradients to this norm (or value) before each step; ``None``: no.
+        gradient_clip_algorithm: ``norm`` or ``value``.
+    """
+
+    steps_per_call: int = 1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
+
 # the frozen teacher is in eval mode on purpose when training starts
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
@@ -56,6 +80,13 @@ class DistillationModule(L.LightningModule):
         example_input: a batch shaped like the data, for the dry forward pass that probes the
             shapes of the layers a strategy reads (needed by feature-based strategies).
         num_train_samples: size of the training split (memory banks of contrastive methods).
+        loop: steps per call, gradient accumulation and clipping (see :class:`LoopOptions`).
+        teacher_cache: precomputed teacher outputs looked up by sample index instead of running
+            the teacher (see :mod:`kdlab.cache`), or ``None`` for a live teacher.
+
+    Optimisation is manual (``automatic_optimization = False``): each training step runs the
+    batches of its chunk one by one — forward, loss, backward, optimizer step, scheduler step —
+    and logs the chunk's sample-weighted mean of every term.
     """
 
     def __init__(
@@ -70,8 +101,15 @@ class DistillationModule(L.LightningModule):
         hparams: Mapping[str, Any] | None = None,
         example_input: torch.Tensor | None = None,
         num_train_samples: int = 0,
+        loop: LoopOptions | None = None,
+        teacher_cache: Any = None,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
+        self.loop = loop or LoopOptions()
+        self.teacher_cache = teacher_cache
+        self._micro_batches = 0  # batches since the last optimizer step (accumulation)
+        self._scheduler_interval: str | None = None
         if strategy is not None and strategy.needs_teacher and teacher is None:
             raise ValueError(f"{type(strategy).__name__} needs a teacher")
         if teacher is not None and strategy is None:
@@ -153,30 +191,76 @@ class DistillationModule(L.LightningModule):
         if self.strategy is not None:
             self.strategy.on_epoch_start(self.current_epoch)
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        x, y, index = batch
-        x = self._input(x)
+    def _terms(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict[str, Any]:
+        """The weighted loss terms of one batch, by name."""
         student = self._outputs(self.student, self.student_taps, x)
         if self.strategy is None:
-            terms = {"ce": self._cross_entropy(student.logits, y)}
-        else:
-            teacher = Outputs(torch.empty(0))
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher = self._outputs(self.teacher, self.teacher_taps, x)
-            batch_ = Batch(x, y, index)
-            if self.current_epoch < self.strategy.init_epochs:  # the method's pre-stage
-                terms = dict(self.strategy.init_loss(student, teacher, batch_))
-            else:
-                terms = {}
-                if self.ce_weight > 0:
-                    terms["ce"] = self._cross_entropy(student.logits, y)
-                terms.update(self.strategy(student, teacher, batch_))
-        loss = torch.stack(list(terms.values())).sum()
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=True)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
+            return {"ce": self._cross_entropy(student.logits, y)}
+        teacher = Outputs(torch.empty(0))
+        if self.teacher_cache is not None:
+            teacher = self.teacher_cache.lookup(index)
+        elif self.teacher is not None:
+            with torch.no_grad():
+                teacher = self._outputs(self.teacher, self.teacher_taps, x)
+        batch = Batch(x, y, index)
+        if self.current_epoch < self.strategy.init_epochs:  # the method's pre-stage
+            return dict(self.strategy.init_loss(student, teacher, batch))
+        terms = {}
+        if self.ce_weight > 0:
+            terms["ce"] = self._cross_entropy(student.logits, y)
+        terms.update(self.strategy(student, teacher, batch))
+        return terms
+
+    def batch_loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The total loss of one ``(x, y, index)`` batch and its weighted terms by name."""
+        x, y, index = batch
+        terms = self._terms(self._input(x), y, index)
+        return functools.reduce(operator.add, terms.values()), terms
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """One optimizer step per batch of the chunk; logs the chunk's mean of every term."""
+        batches = batch if isinstance(batch, list) else [batch]
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers() if self._scheduler_interval == "step" else None
+        accumulate = self.loop.accumulate_grad_batches
+        sums: dict[str, torch.Tensor] = {}
+        samples = 0
+        max_steps = self.trainer.max_steps
+        for one in batches:
+            if 0 <= max_steps <= self.trainer.global_step:  # trainer.max_steps counts batches
+                break
+            loss, terms = self.batch_loss(one)
+            self.manual_backward(loss / accumulate if accumulate > 1 else loss)
+            self._micro_batches += 1
+            if self._micro_batches == accumulate:
+                self._optimizer_step(optimizer, scheduler)
+            n = len(one[1])
+            samples += n
+            terms["loss"] = loss
+            for name, value in terms.items():
+                value = value.detach() * n
+                sums[name] = sums[name] + value if name in sums else value
+        for name, total in sums.items():
+            self.log(f"train/{name}", total / samples, on_step=True, on_epoch=True,
+                     batch_size=samples, prog_bar=name == "loss")
+        return sums["loss"] / samples
+
+    def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
+        if self.loop.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.loop.gradient_clip_val,
+                                gradient_clip_algorithm=self.loop.gradient_clip_algorithm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._micro_batches = 0
+        if scheduler is not None:
+            scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        if self._micro_batches:  # gradients left over from an incomplete accumulation
+            scheduler = self.lr_schedulers() if self._scheduler_interval == "step" else None
+            self._optimizer_step(self.optimizers(), scheduler)
+        if self._scheduler_interval == "epoch":
+            self.lr_schedulers().step()
 
     def _cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``ce_weight ×`` cross-entropy averaged over the labelled samples (0 if none)."""
@@ -198,6 +282,21 @@ class DistillationModule(L.LightningModule):
         self._evaluate(batch, "test", self.test_acc)
 
     # -- optimisation ----------------------------------------------------------------------------
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole fit: batches per epoch (after ``limit_train_batches``,
+        in batches rather than chunks) over ``accumulate_grad_batches``, times the epochs."""
+        trainer = self.trainer
+        calls = trainer.estimated_stepping_batches  # loads the train loader; calls × epochs
+        per_epoch = trainer.num_training_batches * self.loop.steps_per_call
+        loader = trainer.train_dataloader
+        if hasattr(loader, "num_batches"):
+            per_epoch = min(per_epoch, loader.num_batches)
+        epochs = max(1, round(calls / max(1, trainer.num_training_batches)))
+        steps = -(-per_epoch // self.loop.accumulate_grad_batches) * epochs
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            steps = min(steps, trainer.max_steps)
+        return int(steps)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=list(self.trainable_parameters()))
         if self.scheduler_factory is None:
@@ -207,8 +306,9 @@ class DistillationModule(L.LightningModule):
         keywords = getattr(self.scheduler_factory, "keywords", {})
         for name in ("total_steps", "T_max"):
             if name in accepted and keywords.get(name) is None:
-                kwargs[name] = int(self.trainer.estimated_stepping_batches)
+                kwargs[name] = self.optimizer_steps()
                 interval = "step"
         scheduler = self.scheduler_factory(optimizer, **kwargs)
-        schedule = {"scheduler": scheduler, "interval": interval}
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        self._scheduler_interval = interval
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                         "interval": interval}}

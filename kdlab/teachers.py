@@ -9,13 +9,10 @@ trains its teacher once; concurrent jobs serialise on a file lock and reuse the 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +23,13 @@ from torch import nn
 
 from kdlab.build import build_datamodule, build_model
 from kdlab.errors import KdlabError
+from kdlab.files import locked, save_atomic
 from kdlab.fit import fit_stage
 from kdlab.module import freeze
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 2  # bumped when model code changes what a stored state dict means
+STORE_FORMAT = 3  # bumped when model code changes what a stored state dict means
 #: data options that change what a teacher is trained on (loader-only options are left out)
 _DATA_KEYS = ("_target_", "val_size", "split_seed", "batch_size", "shift", "flip")
 
@@ -97,23 +95,6 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) 
     return model
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def get_teacher(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher model, frozen (eval mode, no gradients), and a dict saying where it came
     from: ``{"source": "ckpt" | "store" | "trained", "path": …, "key": …}``."""
@@ -133,7 +114,7 @@ def _find_or_train(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str,
     key = teacher_key(cfg)
     folder = Path(cfg.paths.teacher_store) / key
     weights = folder / "teacher.pt"
-    with _locked(Path(cfg.paths.teacher_store) / f".{key}.lock"):
+    with locked(Path(cfg.paths.teacher_store) / f".{key}.lock"):
         if weights.is_file():
             stored = torch.load(weights, map_location="cpu", weights_only=True)
             load_into(model, stored["state_dict"], f"teacher store entry {weights}")
@@ -152,7 +133,7 @@ def _find_or_train(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str,
             return model, {"source": "trained", "key": key, "stored": False}
         folder.mkdir(parents=True, exist_ok=True)
         identity = teacher_identity(cfg)
-        _save_atomic({"state_dict": model.state_dict(), "identity": identity,
+        save_atomic({"state_dict": model.state_dict(), "identity": identity,
                       "metrics": result}, weights)
         (folder / "teacher.json").write_text(json.dumps(
             {"key": key, "identity": identity, "metrics": result}, indent=2, default=str))
@@ -163,7 +144,8 @@ def _find_or_train(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str,
 def train_teacher(cfg: DictConfig, model: nn.Module, stage_dir: Path) -> dict[str, float]:
     """Train ``model`` in place with the teacher's recipe; it ends with its best-val weights."""
     recipe = cfg.teacher.train
-    data = build_datamodule(cfg, transfer=False, num_labels=None, augment=bool(recipe.augment))
+    data = build_datamodule(cfg, transfer=False, num_labels=None, augment=bool(recipe.augment),
+                            shuffle_seed=int(cfg.teacher.seed))
     result = fit_stage(cfg, "teacher", stage_dir, model, data, recipe.optimizer,
                        recipe.get("scheduler"), max_epochs=int(recipe.max_epochs))
     # fit_stage tested the best checkpoint, which left its weights in the module's student

@@ -9,6 +9,7 @@ baseline (:func:`kdlab.fit.fit_stage` → :class:`kdlab.module.DistillationModul
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
 from kdlab.errors import KdlabError
 from kdlab.evaluate import evaluate_model
 from kdlab.fit import StageResult, fit_stage
+from kdlab.launch import tune_allocator
 from kdlab.report import describe_model, markdown_table, print_table, write_json
 from kdlab.teachers import get_teacher
 
@@ -35,8 +37,12 @@ def _name(model_cfg: DictConfig) -> str:
 
 def _entry(cfg: DictConfig, model: nn.Module, stage: StageResult, latency_args: tuple) -> dict:
     """A student's (or baseline's) line of results.json."""
+    speed = stage.samples_per_s
     return {"model": _name(cfg.student.model), "metrics": stage.metrics,
             "best_ckpt": stage.best_ckpt, "last_ckpt": stage.last_ckpt,
+            "train_samples_per_s": {
+                "per_epoch": speed,
+                "median": statistics.median(speed[1:] or speed) if speed else None},
             **describe_model(model, *latency_args)}
 
 
@@ -44,6 +50,8 @@ def _entry(cfg: DictConfig, model: nn.Module, stage: StageResult, latency_args: 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One run; returns the content of ``results.json``."""
     start = time.perf_counter()
+    if cfg.get("tune_allocator", True):
+        tune_allocator()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():

@@ -13,39 +13,15 @@ the labelled images are repeated, each pass reshuffled.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
 
+from kdlab.data.loader import BatchLoader
 from kdlab.errors import KdlabError
 
 UNLABELLED = -1  #: target value of a transfer-set sample whose label is hidden
-
-
-class IndexedTensorDataset(Dataset):
-    """Samples ``(x[j], y[j], j)`` for ``j = indices[i]``; fetches whole batches in one gather."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor) -> None:
-        self.x, self.y, self.indices = x, y, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        j = self.indices[i]
-        return self.x[j], self.y[j], j
-
-    def __getitems__(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        j = self.indices[torch.as_tensor(items, dtype=torch.long)]
-        return self.x[j], self.y[j], j
-
-
-def _batched(batch: Any) -> Any:
-    """``collate_fn`` for :class:`IndexedTensorDataset`: the batch is already stacked."""
-    return batch
 
 
 def stratified_subset(
@@ -106,7 +82,12 @@ class InMemoryDataModule(L.LightningDataModule):
         augment: random shift (``shift`` pixels) and horizontal flip of training batches.
         shift: maximum translation in pixels when ``augment``.
         flip: horizontal flips when ``augment``.
-        num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+        shuffle_seed: seed of the training order (epoch ``e`` is shuffled with ``(seed, e)``).
+
+    Batches come from :class:`~kdlab.data.loader.BatchLoader`: the tensors move to the
+    training device once, and every batch is one indexing operation (no workers, no collate).
+    ``steps_per_call`` (set by kdlab before fitting) makes the training loader yield chunks of
+    that many batches.
     """
 
     name = "in_memory"
@@ -127,7 +108,7 @@ class InMemoryDataModule(L.LightningDataModule):
         augment: bool = False,
         shift: int = 2,
         flip: bool = True,
-        num_workers: int = 0,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -149,7 +130,8 @@ class InMemoryDataModule(L.LightningDataModule):
         self.augment = augment
         self.shift = shift
         self.flip = flip
-        self.num_workers = num_workers
+        self.shuffle_seed = shuffle_seed
+        self.steps_per_call = 1
         self._ready = False
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,31 +183,42 @@ class InMemoryDataModule(L.LightningDataModule):
         return len(self.x_train)
 
     # -- loaders -------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=_batched,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
-    def train_dataloader(self) -> DataLoader:
-        data = IndexedTensorDataset(self.x_train, self.targets, self.train_indices)
-        return self._loader(data, self.batch_size, shuffle=True)
+    def _on_device(self, name: str) -> torch.Tensor:
+        """``self.<name>`` moved to the training device (once; the move is kept)."""
+        tensor = getattr(self, name)
+        device = self._device()
+        if tensor.device != device:
+            tensor = tensor.to(device)
+            setattr(self, name, tensor)
+        return tensor
 
-    def val_dataloader(self) -> DataLoader:
-        data = IndexedTensorDataset(self.x_val, self.y_val, torch.arange(len(self.x_val)))
-        return self._loader(data, self.eval_batch_size, shuffle=False)
+    def train_dataloader(self) -> BatchLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return BatchLoader(self._on_device("x_train"), self._on_device("targets"),
+                           self.train_indices.to(self._device()), self.batch_size, shuffle=True,
+                           seed=self.shuffle_seed, chunk=self.steps_per_call, rank=rank,
+                           world_size=world)
 
-    def test_dataloader(self) -> DataLoader:
-        data = IndexedTensorDataset(self.x_test, self.y_test, torch.arange(len(self.x_test)))
-        return self._loader(data, self.eval_batch_size, shuffle=False)
+    def _eval_loader(self, x: str, y: str) -> BatchLoader:
+        xs, ys = self._on_device(x), self._on_device(y)
+        return BatchLoader(xs, ys, torch.arange(len(xs), device=xs.device), self.eval_batch_size)
+
+    def val_dataloader(self) -> BatchLoader:
+        return self._eval_loader("x_val", "y_val")
+
+    def test_dataloader(self) -> BatchLoader:
+        return self._eval_loader("x_test", "y_test")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if self.augment and trainer is not None and trainer.training:
+            if isinstance(batch, list):  # a chunk of batches
+                return [self.on_after_batch_transfer(b, dataloader_idx) for b in batch]
             x, y, idx = batch
             fill = (0.0 - self.mean) / self.std  # a black pixel after normalisation
             batch = (random_shift_flip(x, self.shift, fill, self.flip), y, idx)

@@ -120,21 +120,20 @@ def test_two_stages_in_the_training_step_with_differing_stages():
     module = DistillationModule(student, 10, torch.optim.SGD, teacher=teacher, strategy=ft,
                                 example_input=torch.zeros(2, 1, 28, 28))
     assert ft.translator[0].in_channels == 16 and ft.translator[-2].out_channels == 32
-    logged = {}
-    module.log = lambda name, value, **k: logged.__setitem__(name, value)
     batch = (torch.randn(4, 1, 28, 28), torch.tensor([1, -1, 2, 3]), torch.arange(4))
-    module.training_step(batch, 0).backward()  # epoch 0: the pre-stage
-    assert {"train/ft_rec", "train/loss"} == set(logged)
+    loss, terms = module.batch_loss(batch)  # epoch 0: the pre-stage
+    loss.backward()
+    assert {"ft_rec"} == set(terms)
     assert all(p.grad is not None for p in ft.paraphraser.parameters())
     assert all(p.grad is None for p in [*ft.translator.parameters(), *student.parameters()])
     module.zero_grad(set_to_none=True)
-    logged.clear()
     type(module).current_epoch = property(lambda self: 1)
     try:
-        module.training_step(batch, 0).backward()
+        loss, terms = module.batch_loss(batch)
+        loss.backward()
     finally:
         del type(module).current_epoch
-    assert {"train/ce", "train/ft", "train/loss"} == set(logged)
+    assert {"ce", "ft"} == set(terms)
     assert all(p.grad is None for p in ft.paraphraser.parameters())
     assert all(p.grad is not None for p in ft.translator.parameters())
     assert student.stages[-1][0].weight.grad.abs().sum() > 0

@@ -1,0 +1,213 @@
+"""The teacher-output cache: a frozen teacher's outputs computed once per training sample.
+
+Offline distillation runs the same frozen teacher on the same training images every epoch. When
+the student's batches are not randomly augmented, the teacher's outputs for sample ``j`` never
+change, so kdlab computes them once (logits, plus the tapped features a strategy reads when they
+fit in ``teacher_cache.max_mb``), keeps them in memory, and looks them up by sample index in
+every step. The tensors are also saved beside the teacher store
+(``<paths.teacher_store>/cache/<key>.pt``) and memory-mapped by later runs, so every run of a
+sweep with that teacher and that data reuses them.
+
+The key hashes the teacher's weights, the training split's tensors (dataset, split and
+normalisation all change them), the tapped module paths and the stored dtype; a run that changes
+any of them computes a new entry. With random augmentation (``data.augment=true``) the teacher
+must see each step's augmented view, so ``teacher_cache.enabled=auto`` runs it live (and says
+so), and ``teacher_cache.enabled=true`` fails with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kdlab.errors import KdlabError
+from kdlab.files import locked, save_atomic
+from kdlab.strategies.base import Outputs
+from kdlab.taps import Taps
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TeacherCache:
+    """Teacher outputs by training-sample index: ``logits`` ``(N, C)`` and ``features``
+    ``{path: (N, ...)}``, stored in a compact dtype and returned as float32."""
+
+    def __init__(self, logits: torch.Tensor, features: dict[str, torch.Tensor] | None = None,
+                 path: Path | None = None) -> None:
+        self.logits = logits
+        self.features = dict(features or {})
+        self.path = path
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.logits, *self.features.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device) -> TeacherCache:
+        """Move the tensors to ``device`` (a no-op when they are there)."""
+        if self.logits.device != device:
+            self.logits = self.logits.to(device)
+            self.features = {k: v.to(device) for k, v in self.features.items()}
+        return self
+
+    def lookup(self, index: torch.Tensor) -> Outputs:
+        """The teacher's :class:`Outputs` for the samples ``index`` (positions in the split)."""
+        if self.logits.device != index.device:
+            self.to(index.device)
+        return Outputs(self.logits[index].float(),
+                       {k: v[index].float() for k, v in self.features.items()})
+
+
+def compute_outputs(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
+                    batch_size: int = 1000, channels_last: bool = False
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run ``teacher`` (eval mode, no gradients) over ``x``; returns float32 logits and the
+    tapped features, in the order of ``x``."""
+    logits, features = [], {}
+    was_training = teacher.training
+    teacher.eval()
+    device = next(teacher.parameters(), torch.empty(0)).device
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].to(device)
+            if channels_last and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            logits.append(teacher(xb).float().cpu())
+            for name, value in (taps.pop() if taps is not None else {}).items():
+                features.setdefault(name, []).append(value.float().contiguous().cpu())
+    teacher.train(was_training)
+    return torch.cat(logits), {k: torch.cat(v) for k, v in features.items()}
+
+
+def fingerprint(*tensors: torch.Tensor, extra: str = "") -> str:
+    """A hex digest of tensors' shapes, dtypes and bytes (and of ``extra``)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(extra.encode())
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_key(teacher: nn.Module, x_train: torch.Tensor, paths: list[str], dtype: str) -> str:
+    """``<teacher hash>-<data hash>-<outputs hash>``: what makes cached outputs valid."""
+    weights = fingerprint(*teacher.state_dict().values(),
+                          extra=",".join(teacher.state_dict().keys()))
+    data = fingerprint(x_train)
+    outputs = fingerprint(extra=f"{CACHE_FORMAT}|{dtype}|{','.join(paths)}")
+    return f"{weights[:12]}-{data[:12]}-{outputs[:8]}"
+
+
+def _per_sample_bytes(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
+                      channels_last: bool, itemsize: int) -> tuple[int, bool]:
+    """Bytes per sample of logits + features, and whether features are read at all."""
+    logits, features = compute_outputs(teacher, taps, x[:2], channels_last=channels_last)
+    numel = logits[0].numel() + sum(v[0].numel() for v in features.values())
+    return numel * itemsize, bool(features)
+
+
+def prepare_cache(cfg: DictConfig, teacher: nn.Module | None, taps: Taps | None,
+                  x_train: torch.Tensor, augment: bool, channels_last: bool
+                  ) -> TeacherCache | None:
+    """The cache for this run per ``cfg.teacher_cache``, or ``None`` (live teacher)."""
+    options = cfg.get("teacher_cache") or {}
+    enabled = options.get("enabled", "auto")
+    if enabled not in (True, False, "auto"):
+        raise KdlabError(f"teacher_cache.enabled={enabled} must be true, false or auto")
+    if teacher is None or enabled is False:
+        return None
+    dtype_name = str(options.get("dtype", "float16"))
+    if dtype_name not in DTYPES:
+        raise KdlabError(f"teacher_cache.dtype={dtype_name} must be one of {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype_name]
+
+    def live(reason: str) -> None:
+        if enabled is True:
+            raise KdlabError(f"teacher_cache.enabled=true but {reason}: set "
+                             "teacher_cache.enabled=auto to run the teacher live instead")
+        log.info("Teacher cache: off, the teacher runs every step (%s)", reason)
+
+    if augment:
+        live("data.augment=true gives the student a new random view every step, which the "
+             "teacher must see too")
+        return None
+    per_sample, has_features = _per_sample_bytes(teacher, taps, x_train, channels_last,
+                                                 dtype.itemsize)
+    size_mb = per_sample * len(x_train) / 2**20
+    limit = float(options.get("max_mb", 1024))
+    if size_mb > limit:
+        live(f"its {'logits and features' if has_features else 'logits'} would take "
+             f"{size_mb:,.0f} MB > teacher_cache.max_mb={limit:g}")
+        return None
+
+    paths = sorted(taps.paths) if taps is not None else []
+    key = cache_key(teacher, x_train, paths, dtype_name)
+    file = Path(cfg.paths.teacher_store) / "cache" / f"{key}.pt" if options.get("disk", True) \
+        else None
+    if file is not None:
+        with locked(file.with_name(f".{key}.lock")):
+            cache = _load(file, len(x_train))
+            if cache is None:
+                cache = _build(teacher, taps, x_train, channels_last, dtype, file)
+                save_atomic({"format": CACHE_FORMAT, "logits": cache.logits,
+                             "features": cache.features}, file)
+                log.info("Teacher cache: saved %s for reuse by later runs", file)
+        return cache
+    return _build(teacher, taps, x_train, channels_last, dtype, None)
+
+
+def _build(teacher: nn.Module, taps: Taps | None, x: torch.Tensor, channels_last: bool,
+           dtype: torch.dtype, file: Path | None) -> TeacherCache:
+    start = time.perf_counter()
+    logits, features = compute_outputs(teacher, taps, x, channels_last=channels_last)
+    stored = {"logits": logits, **features}
+    if dtype != torch.float32:
+        for name, value in stored.items():
+            if value.abs().max() > torch.finfo(dtype).max:
+                raise KdlabError(f"teacher output {name} exceeds the range of "
+                                 f"teacher_cache.dtype={str(dtype)[6:]}: use float32")
+    logits = logits.to(dtype)
+    features = {k: v.to(dtype) for k, v in features.items()}
+    cache = TeacherCache(logits, features, file)
+    log.info("Teacher cache: computed the teacher's outputs for %d training samples "
+             "(%s, %.1f MB %s) in %.1f s; the teacher will not run during training",
+             len(x), ", ".join(["logits", *features]), cache.nbytes / 2**20,
+             str(dtype)[6:], time.perf_counter() - start)
+    return cache
+
+
+def _load(file: Path, samples: int) -> TeacherCache | None:
+    """A saved cache, memory-mapped; ``None`` when missing. A file that cannot be read or
+    holds the wrong number of samples is reported and rebuilt."""
+    if not file.is_file():
+        return None
+    try:
+        obj: Any = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        logits, features = obj["logits"], dict(obj["features"])
+        ok = obj.get("format") == CACHE_FORMAT and len(logits) == samples and all(
+            len(v) == samples for v in features.values()) and math.isfinite(
+            float(logits[:1].float().sum()))
+    except Exception as e:  # truncated or corrupted file
+        log.warning("Teacher cache: %s is unreadable (%s: %s); rebuilding it",
+                    file, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    if not ok:
+        log.warning("Teacher cache: %s does not match this run's data; rebuilding it", file)
+        return None
+    log.info("Teacher cache: reusing %s (%d samples, memory-mapped)", file, samples)
+    return TeacherCache(logits, features, file)

@@ -1,0 +1,97 @@
+"""The fast data path for in-memory datasets: batches gathered by index, no per-sample Python.
+
+A :class:`BatchLoader` holds the whole split as tensors (on the training device once the
+datamodule has moved them there) and yields ``(x, y, index)`` batches gathered with one indexing
+operation each. Shuffling uses a generator seeded with ``(seed, epoch)``, so the order of an
+epoch does not depend on what ran before it (a resumed run sees the same batches). With
+``chunk > 1`` it yields lists of ``chunk`` consecutive batches, which the training step consumes
+with one optimizer step per batch (see ``steps_per_call`` in ``conf/train.yaml``): Lightning's
+per-call overhead is then paid once per chunk instead of once per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class BatchLoader:
+    """Iterable of batches (or chunks of batches) of ``(x[j], y[j], j)`` for ``j`` in
+    ``indices`` (positions in ``x``).
+
+    Args:
+        x, y: the split's inputs and targets (same length).
+        indices: positions of ``x`` that make up an epoch (may repeat).
+        batch_size: samples per batch (the last batch of an epoch may be smaller).
+        shuffle: reshuffle every epoch with a generator seeded by ``(seed, epoch)``.
+        seed: base seed of the shuffling.
+        chunk: batches per item; ``1`` yields batches, ``k > 1`` lists of up to ``k`` batches.
+        rank, world_size: under data parallelism each process takes every ``world_size``-th
+            batch starting at ``rank`` (all ranks get the same number of batches).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        indices: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        chunk: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size <= 0 or chunk <= 0:
+            raise ValueError("batch_size and chunk must be positive")
+        self.x, self.y, self.indices = x, y, indices
+        self.batch_size, self.shuffle, self.seed, self.chunk = batch_size, shuffle, seed, chunk
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.sampler = self  # Lightning calls ``loader.sampler.set_epoch`` before each epoch
+        self.batch_sampler = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_batches(self) -> int:
+        """Batches this process yields per epoch."""
+        total = -(-len(self.indices) // self.batch_size)
+        return total // self.world_size if self.world_size > 1 else total
+
+    def __len__(self) -> int:
+        return -(-self.num_batches // self.chunk)
+
+    def order(self) -> torch.Tensor:
+        """The epoch's sequence of positions in ``x`` (before splitting into batches)."""
+        if not self.shuffle:
+            return self.indices
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(len(self.indices), generator=generator)
+        return self.indices[perm]
+
+    def batches(self) -> Iterator[Batch]:
+        order = self.order().to(self.x.device)
+        starts = range(0, len(order), self.batch_size)
+        if self.world_size > 1:
+            starts = starts[self.rank :: self.world_size][: self.num_batches]
+        for start in starts:
+            j = order[start : start + self.batch_size]
+            yield self.x[j], self.y[j], j
+
+    def __iter__(self) -> Iterator[Batch | list[Batch]]:
+        if self.chunk == 1:
+            yield from self.batches()
+            return
+        chunk: list[Batch] = []
+        for batch in self.batches():
+            chunk.append(batch)
+            if len(chunk) == self.chunk:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk

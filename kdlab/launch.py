@@ -1,0 +1,51 @@
+"""Process-level speed settings applied when a run starts."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+#: the largest mmap threshold glibc accepts on 64-bit systems (HEAP_MAX_SIZE / 2)
+MMAP_THRESHOLD = 32 * 1024 * 1024
+TRIM_THRESHOLD = 1024 * 1024 * 1024
+_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_tuned = False
+
+
+def tune_allocator() -> bool:
+    """Stop glibc from handing freed memory back to the OS after every large tensor is freed.
+
+    By default glibc serves allocations above a (dynamic) threshold with fresh ``mmap`` pages
+    and trims the heap whenever its free top exceeds a threshold, so every teacher forward pass
+    page-faults its activations in again; on this project's CPU benchmark that cost about a
+    third of a distillation step (docs/BENCHMARKS.md). This sets the equivalents of
+    ``MALLOC_MMAP_THRESHOLD_=32MiB`` and ``MALLOC_TRIM_THRESHOLD_=1GiB`` with ``mallopt``.
+
+    Does nothing (and returns ``False``) off glibc, or when the user set any ``MALLOC_*``
+    variable themselves (their choice wins). Idempotent; returns whether the settings apply.
+    """
+    global _tuned
+    if _tuned:
+        return True
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in _ENV):
+        return False
+    path = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(path or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    _tuned = ok
+    if ok:
+        log.info("glibc allocator: mmap threshold 32 MiB, trim threshold 1 GiB "
+                 "(tune_allocator=false, or any MALLOC_* variable, leaves it alone)")
+    return ok
