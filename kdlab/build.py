@@ -124,6 +124,10 @@ def build_trainer(
             trainer_cfg.max_epochs = max_epochs
         for key in LOOP_KEYS:  # kdlab's training step does these (manual optimisation)
             trainer_cfg.pop(key, None)
+        steps = loop_options(cfg).steps_per_call
+        if steps > 1 and trainer_cfg.get("log_every_n_steps"):
+            # Lightning counts training-step calls: keep step logs every ~n batches
+            trainer_cfg.log_every_n_steps = max(1, int(trainer_cfg.log_every_n_steps) // steps)
     return _instantiate(
         trainer_cfg,
         "trainer",
@@ -136,7 +140,7 @@ def build_trainer(
 #: Trainer arguments that kdlab's training step implements itself (see :func:`loop_options`)
 LOOP_KEYS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
 #: ``steps_per_call: auto`` on one device (measured in docs/BENCHMARKS.md)
-AUTO_STEPS_PER_CALL = 8
+AUTO_STEPS_PER_CALL = 32
 
 
 def loop_options(cfg: DictConfig) -> LoopOptions:
@@ -159,7 +163,8 @@ def loop_options(cfg: DictConfig) -> LoopOptions:
         if steps > 1 and distributed:
             raise KdlabError(f"steps_per_call={steps} needs a single device (DDP runs one "
                              "backward per forward): use steps_per_call=1 or auto")
-    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+    accumulate = trainer.get("accumulate_grad_batches")
+    accumulate = 1 if accumulate is None else int(accumulate)
     if accumulate < 1:
         raise KdlabError(f"trainer.accumulate_grad_batches={accumulate} must be >= 1")
     clip = trainer.get("gradient_clip_val")

@@ -48,6 +48,9 @@ class TeacherCache:
         self.logits = logits
         self.features = dict(features or {})
         self.path = path
+        #: logits as float32 in memory (small: N × classes) so a lookup is a single gather
+        self._logits32 = logits.float()
+        self._log_probs: dict[float, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -61,6 +64,8 @@ class TeacherCache:
         """Move the tensors to ``device`` (a no-op when they are there)."""
         if self.logits.device != device:
             self.logits = self.logits.to(device)
+            self._logits32 = self._logits32.to(device)
+            self._log_probs = {}
             self.features = {k: v.to(device) for k, v in self.features.items()}
         return self
 
@@ -68,8 +73,30 @@ class TeacherCache:
         """The teacher's :class:`Outputs` for the samples ``index`` (positions in the split)."""
         if self.logits.device != index.device:
             self.to(index.device)
-        return Outputs(self.logits[index].float(),
-                       {k: v[index].float() for k, v in self.features.items()})
+        return CachedOutputs(self._logits32[index],
+                             {k: v[index].float() for k, v in self.features.items()},
+                             cache=self, index=index)
+
+    def log_probs_table(self, temperature: float) -> torch.Tensor:
+        """``log_softmax(logits / T)`` of every sample, computed once per temperature."""
+        table = self._log_probs.get(temperature)
+        if table is None:
+            table = torch.log_softmax(self._logits32 / temperature, dim=1)
+            self._log_probs[temperature] = table
+        return table
+
+
+class CachedOutputs(Outputs):
+    """:class:`Outputs` looked up in a :class:`TeacherCache`: ``log_probs`` is a gather from
+    the cache's per-temperature table instead of a softmax per batch."""
+
+    def __init__(self, logits: torch.Tensor, features: dict[str, torch.Tensor],
+                 cache: TeacherCache, index: torch.Tensor) -> None:
+        super().__init__(logits, features)
+        self._cache, self._index = cache, index
+
+    def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        return self._cache.log_probs_table(float(temperature))[self._index]
 
 
 def compute_outputs(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
@@ -129,7 +156,10 @@ def prepare_cache(cfg: DictConfig, teacher: nn.Module | None, taps: Taps | None,
     enabled = options.get("enabled", "auto")
     if enabled not in (True, False, "auto"):
         raise KdlabError(f"teacher_cache.enabled={enabled} must be true, false or auto")
-    if teacher is None or enabled is False:
+    if teacher is None:
+        return None
+    if enabled is False:
+        log.info("Teacher cache: off (teacher_cache.enabled=false), the teacher runs every step")
         return None
     dtype_name = str(options.get("dtype", "float16"))
     if dtype_name not in DTYPES:

@@ -15,7 +15,7 @@ from torch import nn
 from kdlab.build import build_trainer, loop_options, to_container
 from kdlab.cache import prepare_cache
 from kdlab.callbacks import Throughput
-from kdlab.data.memory import InMemoryDataModule
+from kdlab.data.memory import UNLABELLED, InMemoryDataModule
 from kdlab.module import DistillationModule
 from kdlab.strategies.base import Strategy
 
@@ -82,6 +82,7 @@ def fit_stage(
         num_train_samples=data.num_train_samples,
         loop=loop,
     )
+    module.has_unlabelled = bool((data.targets == UNLABELLED).any())
     if strategy is not None and strategy.needs_teacher:
         module.teacher_cache = prepare_cache(cfg, module.teacher, module.teacher_taps,
                                              data.x_train, data.augment, bool(cfg.channels_last))

@@ -49,3 +49,32 @@ def tune_allocator() -> bool:
         log.info("glibc allocator: mmap threshold 32 MiB, trim threshold 1 GiB "
                  "(tune_allocator=false, or any MALLOC_* variable, leaves it alone)")
     return ok
+
+
+def skip_failing_nvml_check() -> bool:
+    """Drop Lightning's ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` where NVML cannot be loaded.
+
+    Lightning sets the variable on import so that ``torch.cuda.is_available()`` asks NVML
+    (which does not initialise CUDA). On a machine without the NVIDIA driver, a CUDA build of
+    torch then tries to load ``libnvidia-ml.so.1`` on *every* call, fails, and falls back to the
+    CUDA runtime check anyway; torch's optimizers make that call on every ``step()``, which cost
+    ~0.2 ms per step here (docs/BENCHMARKS.md). Without NVML the answer is the same either way,
+    so the variable is set to ``0``. Returns whether it changed anything.
+    """
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        return False
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+        return False  # NVML works: keep Lightning's fork-safe check
+    except OSError:
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
+        log.debug("no NVML library: PYTORCH_NVML_BASED_CUDA_CHECK=0 (same answer, no retry)")
+        return True
+
+
+def apply_speed_settings(tune_malloc: bool = True) -> None:
+    """What ``kdlab-train`` does at start-up: :func:`skip_failing_nvml_check` and, unless
+    ``tune_malloc`` is false, :func:`tune_allocator`."""
+    skip_failing_nvml_check()
+    if tune_malloc:
+        tune_allocator()

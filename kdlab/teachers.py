@@ -44,7 +44,7 @@ def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
         "data": {k: data.get(k) for k in _DATA_KEYS},
         "recipe": OmegaConf.to_container(cfg.teacher.train, resolve=True),
         "seed": cfg.teacher.seed,
-        "trainer": {k: trainer.get(k) for k in ("precision", "limit_train_batches")},
+        "trainer": {k: trainer.get(k) for k in ("precision", "limit_train_batches", "max_steps")},
     }
 
 

@@ -24,7 +24,7 @@ from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
 from kdlab.errors import KdlabError
 from kdlab.evaluate import evaluate_model
 from kdlab.fit import StageResult, fit_stage
-from kdlab.launch import tune_allocator
+from kdlab.launch import apply_speed_settings
 from kdlab.report import describe_model, markdown_table, print_table, write_json
 from kdlab.teachers import get_teacher
 
@@ -50,8 +50,7 @@ def _entry(cfg: DictConfig, model: nn.Module, stage: StageResult, latency_args: 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One run; returns the content of ``results.json``."""
     start = time.perf_counter()
-    if cfg.get("tune_allocator", True):
-        tune_allocator()
+    apply_speed_settings(bool(cfg.get("tune_allocator", True)))
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():

@@ -1,14 +1,20 @@
 """Training throughput of distillation loops, kdlab against raw PyTorch and torchdistill.
 
-    python scripts/bench_speed.py                       # 6 epochs per loop, CPU, 2 threads
-    python scripts/bench_speed.py --epochs 8 --json docs/bench_speed.json
+    python scripts/bench_speed.py                        # 5 rounds, CPU, 2 threads
+    python scripts/bench_speed.py --rounds 7 --json docs/bench_speed.json
 
-One process, one run: every loop trains the same student (a 784-128-10 MLP, the same initial
+One run: every loop trains the same student (a 784-128-10 MLP, the same initial
 weights) on the same data (Fashion-MNIST's 55,000-image training split, already in memory as
 tensors) with the same batch size (128) and optimizer (AdamW, lr 3e-3, weight decay 1e-4, no LR
-schedule), distilling from the same 422k-parameter CNN teacher (KD, T = 4, alpha = 0.9). Each
-loop runs ``--epochs`` epochs; samples/s is the median over the epochs after the first (warm-up),
-counting training steps only (no validation).
+schedule), distilling from the same 422k-parameter CNN teacher (KD, T = 4, alpha = 0.9).
+
+Measurement: ``--rounds`` rounds; in each round every loop runs ``--epochs`` epochs (the first a
+warm-up) in a fresh child process, loops interleaved, so that drift of this shared machine hits
+every loop alike. A loop's samples/s is the median over its measured epochs (training steps
+only, no validation); a ratio is the median over rounds of the ratio within the round. One child
+per loop, because glibc's allocator settings (which kdlab-train changes at start-up) and
+Lightning's ``PYTORCH_NVML_BASED_CUDA_CHECK`` are per process and cannot be undone: the raw and
+torchdistill loops run as a user's plain script would (default allocator, no Lightning import).
 
 Rows:
 - raw student-only / raw KD: the plain loops a user would write (fp32, default memory format,
@@ -16,21 +22,24 @@ Rows:
 - torchdistill KD: torchdistill's own DistillationBox and epoch loop (``pip install
   torchdistill``; the row is skipped when it is missing).
 - kdlab rows: ``kdlab.train.run`` with the config a user gets (progress bar, CSV logger,
-  checkpoints every epoch), after the allocator settings ``kdlab-train`` applies at start-up.
-  ``none`` is the student alone; ``KD live`` runs the teacher every step; ``KD cached`` reads the
-  teacher's logits from the teacher-output cache.
+  checkpoints every epoch, the start-up settings of ``kdlab-train``). ``none`` is the student
+  alone; ``KD live`` runs the teacher every step; ``KD cached`` reads the teacher's logits from
+  the teacher-output cache. Two more rows take one default away each, to show what it is worth:
+  ``optimizer.fused=false`` and ``steps_per_call=1``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -142,10 +151,6 @@ def kdlab_epochs(workdir: Path, teacher_ckpt: Path, epochs: int,
     return results["student"]["train_samples_per_s"]["per_epoch"]
 
 
-def median_after_warmup(rates: list[float]) -> float:
-    return statistics.median(rates[1:] if len(rates) > 1 else rates)
-
-
 ROWS: list[tuple[str, str]] = [
     ("raw_student", "raw PyTorch, student only"),
     ("raw_kd", "raw PyTorch, KD (teacher live)"),
@@ -153,70 +158,116 @@ ROWS: list[tuple[str, str]] = [
     ("kdlab_none", "kdlab `distill=none`"),
     ("kdlab_kd_live", "kdlab KD, teacher live (`teacher_cache.enabled=false`)"),
     ("kdlab_kd_cached", "kdlab KD, cached teacher logits (default)"),
+    ("kdlab_kd_cached_unfused", "kdlab KD cached, `optimizer.fused=false`"),
+    ("kdlab_kd_cached_k1", "kdlab KD cached, `steps_per_call=1`"),
 ]
+KDLAB_ROWS: dict[str, list[str]] = {
+    "kdlab_none": ["distill=none"],
+    "kdlab_kd_live": ["distill=kd", "teacher_cache.enabled=false"],
+    "kdlab_kd_cached": ["distill=kd"],
+    "kdlab_kd_cached_unfused": ["distill=kd", "optimizer.fused=false"],
+    "kdlab_kd_cached_k1": ["distill=kd", "steps_per_call=1"],
+}
 RATIOS: dict[str, tuple[str, str]] = {
     "kd_live_vs_raw_kd": ("kdlab_kd_live", "raw_kd"),
     "kd_cached_vs_raw_student": ("kdlab_kd_cached", "raw_student"),
     "none_vs_raw_student": ("kdlab_none", "raw_student"),
     "kd_live_vs_torchdistill": ("kdlab_kd_live", "torchdistill_kd"),
+    "kd_cached_vs_raw_kd": ("kdlab_kd_cached", "raw_kd"),
+    "kd_cached_unfused_vs_raw_student": ("kdlab_kd_cached_unfused", "raw_student"),
+    "kd_cached_k1_vs_raw_student": ("kdlab_kd_cached_k1", "raw_student"),
 }
+
+
+def child(row: str, workdir: Path, epochs: int, threads: int, extra: list[str]) -> list[float]:
+    """Run one loop in this (fresh) process; returns its per-epoch samples/s."""
+    torch.set_num_threads(threads)
+    if row in KDLAB_ROWS:
+        return kdlab_epochs(workdir, workdir / "teacher.pt", epochs, [*KDLAB_ROWS[row], *extra])
+    x, y = torch.load(workdir / "data.pt", weights_only=True)
+    teacher = make_teacher()
+    teacher.load_state_dict(torch.load(workdir / "teacher.pt", weights_only=True))
+    if row == "raw_student":
+        return raw_epochs(x, y, epochs, None)
+    if row == "raw_kd":
+        return raw_epochs(x, y, epochs, teacher)
+    return torchdistill_epochs(x, y, epochs, teacher) or []
+
+
+def spawn(row: str, workdir: Path, args: argparse.Namespace) -> list[float]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    command = [sys.executable, __file__, "--child", row, "--workdir", str(workdir),
+               "--epochs", str(args.epochs), "--threads", str(args.threads),
+               "--kdlab", *args.kdlab]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("["):
+        sys.exit(f"{row} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=6, help="epochs per loop (first = warm-up)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="epochs per loop and round (the first is a warm-up)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kdlab", nargs="*", default=[],
+                        help="extra overrides for every kdlab row, e.g. steps_per_call=16")
     parser.add_argument("--json", type=Path, default=None, help="write rates and ratios here")
     parser.add_argument("--rows", nargs="*", default=[k for k, _ in ROWS],
                         choices=[k for k, _ in ROWS])
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    x, y = fashion_mnist()
-    teacher = make_teacher()
+    if args.child:
+        print(json.dumps(child(args.child, args.workdir, args.epochs, args.threads, args.kdlab)))
+        return
+
     workdir = Path(tempfile.mkdtemp(prefix="kdlab-bench-speed-"))
-    teacher_ckpt = workdir / "teacher.pt"
-    torch.save(teacher.state_dict(), teacher_ckpt)
+    torch.save(fashion_mnist(), workdir / "data.pt")
+    torch.save(make_teacher().state_dict(), workdir / "teacher.pt")
+    if "torchdistill_kd" in args.rows and importlib.util.find_spec("torchdistill") is None:
+        print("torchdistill is not installed (pip install torchdistill): row skipped",
+              file=sys.stderr)
+        args.rows.remove("torchdistill_kd")
+    rates: dict[str, list[float]] = {row: [] for row in args.rows}
+    per_round: list[dict[str, float]] = []
+    for r in range(args.rounds):
+        this_round = {}
+        for row in args.rows:
+            measured = spawn(row, workdir, args)[1:] or []
+            rates[row] += measured
+            if measured:
+                this_round[row] = statistics.median(measured)
+            print(f"round {r + 1}/{args.rounds} {row}: "
+                  + ", ".join(f"{v:,.0f}" for v in measured) + " samples/s",
+                  file=sys.stderr, flush=True)
+        per_round.append(this_round)
+    medians = {k: statistics.median(v) for k, v in rates.items() if v}
+    ratios = {}
+    for name, (a, b) in RATIOS.items():
+        values = [rnd[a] / rnd[b] for rnd in per_round if a in rnd and b in rnd]
+        if values:
+            ratios[name] = statistics.median(values)
 
-    runners: dict[str, Callable[[], list[float] | None]] = {
-        "raw_student": lambda: raw_epochs(x, y, args.epochs, None),
-        "raw_kd": lambda: raw_epochs(x, y, args.epochs, teacher),
-        "torchdistill_kd": lambda: torchdistill_epochs(x, y, args.epochs, teacher),
-        "kdlab_none": lambda: kdlab_epochs(workdir, teacher_ckpt, args.epochs, ["distill=none"]),
-        "kdlab_kd_live": lambda: kdlab_epochs(workdir, teacher_ckpt, args.epochs,
-                                              ["distill=kd", "teacher_cache.enabled=false"]),
-        "kdlab_kd_cached": lambda: kdlab_epochs(workdir, teacher_ckpt, args.epochs,
-                                                ["distill=kd"]),
-    }
-    rates: dict[str, list[float]] = {}
-    for key in args.rows:
-        if key.startswith("kdlab"):
-            from kdlab.launch import tune_allocator
-
-            tune_allocator()  # what kdlab-train does at start-up; after the raw and peer rows
-        print(f"== {key}", file=sys.stderr, flush=True)
-        result = runners[key]()
-        if result is not None:
-            rates[key] = result
-    medians = {k: median_after_warmup(v) for k, v in rates.items()}
-    ratios = {name: medians[a] / medians[b] for name, (a, b) in RATIOS.items()
-              if a in medians and b in medians}
-
-    lines = [f"Device: CPU ({platform.processor() or platform.machine()}), "
-             f"{args.threads} threads, torch {torch.__version__}; {args.epochs} epochs per loop, "
-             "median samples/s over epochs 2+.", "",
-             "| loop | samples/s (median) | per-epoch samples/s |", "|---|---|---|"]
+    lines = [f"Device: CPU ({platform.machine()}, {os.cpu_count()} cores), {args.threads} "
+             f"threads, torch {torch.__version__}; {args.rounds} rounds × {args.epochs} epochs "
+             "per loop (first epoch of each a warm-up).", "",
+             "| loop | samples/s (median) | measured epochs |", "|---|---|---|"]
     for key, label in ROWS:
-        if key in rates:
-            per_epoch = ", ".join(f"{r:,.0f}" for r in rates[key])
-            lines.append(f"| {label} | {medians[key]:,.0f} | {per_epoch} |")
-    lines += ["", "| ratio | value |", "|---|---|"]
+        if key in medians:
+            lines.append(f"| {label} | {medians[key]:,.0f} | "
+                         + ", ".join(f"{r:,.0f}" for r in rates[key]) + " |")
+    lines += ["", "| ratio (median over rounds) | value |", "|---|---|"]
     lines += [f"| `{name}` | {value:.2f}× |" for name, value in ratios.items()]
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rates": rates, "medians": medians, **ratios,
-                                         "epochs": args.epochs, "threads": args.threads},
-                                        indent=2) + "\n")
+        args.json.write_text(json.dumps({**ratios, "medians": medians, "rates": rates,
+                                         "rounds": args.rounds, "epochs": args.epochs,
+                                         "threads": args.threads}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,23 @@ def test_kd_loss_is_zero_when_student_matches_teacher_and_scales_with_t_squared(
 def test_kd_rejects_bad_hyperparameters(kwargs, key):
     with pytest.raises(KdlabError, match=key):
         KD(**kwargs)
+
+
+def test_fused_soft_target_gradient_equals_autograd_and_teacher_side_falls_back():
+    from kdlab.strategies.logits import soft_target_kl
+
+    torch.manual_seed(0)
+    s = torch.randn(6, 5, requires_grad=True)
+    t = torch.randn(6, 5)
+    log_pt = torch.log_softmax(t / 3.0, 1)
+    fused = soft_target_kl(s, log_pt, 3.0, scale=2.5)
+    (grad,) = torch.autograd.grad(fused, s)
+    p_t = log_pt.exp()
+    by_hand = 2.5 * (p_t * (log_pt - torch.log_softmax(s / 3.0, 1))).sum(1).mean()
+    (expected,) = torch.autograd.grad(by_hand, s)
+    assert fused.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    torch.testing.assert_close(grad, expected)
+    # a teacher side that needs gradients (e.g. mutual learning) goes through autograd
+    t_var = log_pt.clone().requires_grad_(True)
+    soft_target_kl(s, t_var, 3.0, 2.5).backward()
+    assert t_var.grad is not None and t_var.grad.abs().sum() > 0

@@ -23,6 +23,11 @@ class Outputs:
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        """``log_softmax(logits / temperature)`` over classes. Cached teacher outputs answer
+        from a per-temperature table computed once (see :mod:`kdlab.cache`)."""
+        return torch.log_softmax(self.logits / temperature, dim=1)
+
 
 @dataclass
 class Batch:

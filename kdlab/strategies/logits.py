@@ -10,6 +10,43 @@ from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import check_number
 
 
+class _SoftTargetKL(torch.autograd.Function):
+    """``scale · KL(p_t ‖ softmax(s / T))`` averaged over the batch, from the student's logits
+    ``s`` and the teacher's log-probabilities; constant teacher targets (no gradient to them).
+
+    Fused by hand: the forward pass saves ``log p_s`` and ``p_t`` and the backward pass is the
+    closed form ``∂/∂s = scale / (T · B) · (p_s − p_t)``, a few tensor operations instead of
+    autograd's graph through division, two log-softmaxes and ``kl_div``.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_log_probs, temperature, scale):  # noqa: ANN001
+        batch = student_logits.shape[0]
+        log_ps = torch.log_softmax(student_logits / temperature, dim=1)
+        p_t = teacher_log_probs.exp()
+        ctx.save_for_backward(log_ps, p_t)
+        ctx.factor = scale / (temperature * batch)
+        return torch.sum(p_t * (teacher_log_probs - log_ps)) * (scale / batch)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        log_ps, p_t = ctx.saved_tensors
+        return (log_ps.exp() - p_t) * (grad * ctx.factor), None, None, None
+
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor,
+                   temperature: float, scale: float = 1.0) -> torch.Tensor:
+    """``scale · KL(p_teacher ‖ softmax(student_logits / T))``, batch mean, where
+    ``teacher_log_probs = log_softmax(teacher_logits / T)``. Uses the fused closed-form
+    gradient unless the teacher side needs a gradient too (then plain autograd)."""
+    if teacher_log_probs.requires_grad and torch.is_grad_enabled():
+        log_ps = F.log_softmax(student_logits / temperature, dim=1)
+        kl = F.kl_div(log_ps, teacher_log_probs, reduction="batchmean", log_target=True)
+        return kl * scale
+    return _SoftTargetKL.apply(student_logits, teacher_log_probs, float(temperature),
+                               float(scale))
+
+
 def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -18,10 +55,8 @@ def kd_loss(
     The ``T²`` factor keeps the gradient magnitude of the soft term roughly independent of the
     temperature (Hinton et al. 2015, §2).
     """
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    return soft_target_kl(student_logits, teacher, temperature, temperature**2)
 
 
 class KD(Strategy):
@@ -57,8 +92,9 @@ class KD(Strategy):
         self.ce_weight = 1.0 - self.alpha
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
-        soft = kd_loss(student.logits, teacher.logits, self.temperature)
-        return {"kd": self.alpha * soft}
+        t = self.temperature
+        return {"kd": soft_target_kl(student.logits, teacher.log_probs(t), t,
+                                     self.alpha * t * t)}
 
 
 

@@ -1,0 +1,106 @@
+"""The teacher-output cache: exact, reused across runs, refused when it would be wrong."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from kdlab.cache import TeacherCache, cache_key, compute_outputs, prepare_cache
+from kdlab.errors import KdlabError
+from kdlab.models import CNN
+from kdlab.taps import Taps
+from kdlab.train import run
+
+
+def _teacher() -> CNN:
+    torch.manual_seed(0)
+    return CNN([1, 28, 28], 10, channels=[4, 8], hidden=16).eval()
+
+
+def test_cached_logits_and_features_equal_live_ones():
+    teacher, x = _teacher(), torch.randn(300, 1, 28, 28)
+    taps = Taps(teacher, ["stages.0"])
+    logits, features = compute_outputs(teacher, taps, x, batch_size=64)
+    cache = TeacherCache(logits, features)
+    index = torch.tensor([5, 299, 0, 5])
+    with torch.no_grad():
+        live = teacher(x[index])
+    live_features = taps.pop()["stages.0"]
+    out = cache.lookup(index)
+    torch.testing.assert_close(out.logits, live, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.features["stages.0"], live_features, rtol=1e-5, atol=1e-5)
+    # log-probabilities come from a per-temperature table, equal to the softmax of the logits
+    torch.testing.assert_close(out.log_probs(4.0), torch.log_softmax(live / 4.0, 1),
+                               rtol=1e-5, atol=1e-5)
+    half = TeacherCache(logits.half(), {}).lookup(index)
+    torch.testing.assert_close(half.logits, live, rtol=1e-3, atol=1e-3)
+
+
+def test_key_changes_with_teacher_weights_data_taps_and_dtype():
+    teacher, x = _teacher(), torch.randn(10, 1, 28, 28)
+    key = cache_key(teacher, x, [], "float16")
+    assert cache_key(teacher, x.clone(), [], "float16") == key
+    assert cache_key(teacher, x + 1, [], "float16") != key
+    assert cache_key(teacher, x, ["stages.0"], "float16") != key
+    assert cache_key(teacher, x, [], "float32") != key
+    with torch.no_grad():
+        teacher.classifier[1].bias[0] += 1
+    assert cache_key(teacher, x, [], "float16") != key
+
+
+KD = ["distill=kd", "baseline=false", "trainer.max_epochs=1", "steps_per_call=1"]
+
+
+def test_a_cached_run_ends_where_a_live_run_does_and_the_cache_is_reused(
+        fast_cfg, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="kdlab.cache")
+    live = run(fast_cfg(*KD, "teacher_cache.enabled=false"))
+    assert "Teacher cache: off" in caplog.text
+    caplog.clear()
+    cached = run(fast_cfg(*KD, "teacher_cache.dtype=float32"))
+    assert "computed the teacher's outputs" in caplog.text
+    files = list((tmp_path / "teachers" / "cache").glob("*.pt"))
+    assert len(files) == 1
+    a = torch.load(live["student"]["last_ckpt"], weights_only=True)["state_dict"]
+    b = torch.load(cached["student"]["last_ckpt"], weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    caplog.clear()
+    again = run(fast_cfg(*KD, "teacher_cache.dtype=float32", "seed=1"))
+    assert f"reusing {files[0]}" in caplog.text
+    assert again["student"]["metrics"]["test/acc"] > 0
+
+
+def test_augmentation_runs_the_teacher_live_or_fails_when_the_cache_is_required(
+        fast_cfg, caplog, capsys):
+    caplog.set_level(logging.INFO, logger="kdlab.cache")
+    run(fast_cfg(*KD, "data.augment=true", "trainer.fast_dev_run=true"))
+    assert "Teacher cache: off" in caplog.text and "data.augment=true" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
+        run(fast_cfg(*KD, "data.augment=true", "teacher_cache.enabled=true"))
+    assert exit_info.value.code == 2
+    assert "teacher_cache.enabled=true but data.augment=true" in capsys.readouterr().err
+
+
+def test_features_too_large_for_the_budget_run_live(fast_cfg, tmp_path):
+    cfg = fast_cfg("teacher_cache.max_mb=0.001")
+    teacher, x = _teacher(), torch.randn(50, 1, 28, 28)
+    assert prepare_cache(cfg, teacher, Taps(teacher, ["stages.0"]), x, False, False) is None
+    with pytest.raises(KdlabError, match="teacher_cache.max_mb"):
+        prepare_cache(fast_cfg("teacher_cache.max_mb=0.0001", "teacher_cache.enabled=true"),
+                      teacher, Taps(teacher, []), x, False, False)
+
+
+def test_a_corrupted_cache_file_is_reported_and_rebuilt(fast_cfg, caplog):
+    cfg = fast_cfg()
+    teacher, x = _teacher(), torch.randn(50, 1, 28, 28)
+    first = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
+    first.path.write_bytes(first.path.read_bytes()[:100])  # truncated
+    caplog.set_level(logging.INFO, logger="kdlab.cache")
+    again = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
+    assert "unreadable" in caplog.text and str(first.path) in caplog.text
+    torch.testing.assert_close(again.logits.float(), first.logits.float())
+    with pytest.raises(KdlabError, match="teacher_cache.dtype=int8"):
+        prepare_cache(fast_cfg("teacher_cache.dtype=int8"), teacher, None, x, False, False)
