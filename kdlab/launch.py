@@ -14,7 +14,7 @@ _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 #: the largest mmap threshold glibc accepts on 64-bit systems (HEAP_MAX_SIZE / 2)
 MMAP_THRESHOLD = 32 * 1024 * 1024
-TRIM_THRESHOLD = 1024 * 1024 * 1024
+TRIM_THRESHOLD = 256 * 1024 * 1024
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _tuned = False
 
@@ -26,7 +26,7 @@ def tune_allocator() -> bool:
     and trims the heap whenever its free top exceeds a threshold, so every teacher forward pass
     page-faults its activations in again; on this project's CPU benchmark that cost about a
     third of a distillation step (docs/BENCHMARKS.md). This sets the equivalents of
-    ``MALLOC_MMAP_THRESHOLD_=32MiB`` and ``MALLOC_TRIM_THRESHOLD_=1GiB`` with ``mallopt``.
+    ``MALLOC_MMAP_THRESHOLD_=32MiB`` and ``MALLOC_TRIM_THRESHOLD_=256MiB`` with ``mallopt``.
 
     Does nothing (and returns ``False``) off glibc, or when the user set any ``MALLOC_*``
     variable themselves (their choice wins). Idempotent; returns whether the settings apply.
@@ -46,7 +46,7 @@ def tune_allocator() -> bool:
     ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
     _tuned = ok
     if ok:
-        log.info("glibc allocator: mmap threshold 32 MiB, trim threshold 1 GiB "
+        log.info("glibc allocator: mmap threshold 32 MiB, trim threshold 256 MiB "
                  "(tune_allocator=false, or any MALLOC_* variable, leaves it alone)")
     return ok
 

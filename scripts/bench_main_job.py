@@ -25,19 +25,26 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from doc_section import replace_section  # noqa: E402
+
 from kdlab.report import markdown_table  # noqa: E402
 
 
-def run_job(workdir: Path, overrides: list[str]) -> tuple[dict, float]:
-    """Run kdlab-train in ``workdir``; return its results.json and the process wall time."""
+def run_job(workdir: Path, overrides: list[str]) -> tuple[dict, float, float]:
+    """Run kdlab-train in ``workdir``; return its results.json, the process wall time and its
+    peak resident memory in MB."""
     command = ["kdlab-train", *overrides]
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            sys.exit(f"{' '.join(command)} failed:\n{err.read()[-3000:]}")
     newest = max((workdir / "outputs" / "runs").glob("*/results.json"), key=os.path.getmtime)
-    return json.loads(newest.read_text()), wall
+    return json.loads(newest.read_text()), wall, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -56,23 +63,23 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     lines = [
-        "# Benchmarks",
-        "",
-        "## The main job",
-        "",
         f"Recorded by `python scripts/bench_main_job.py{' --seeds ' if args.seeds else ''}"
         f"{' '.join(map(str, args.seeds))}` on {time.strftime('%Y-%m-%d')}: "
         f"{os.cpu_count()} CPU cores, {platform.python_version()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Wall time is the whole `kdlab-train` process "
-        "(start-up, data loading, training, evaluation, latency).",
+        "(start-up, data loading, training, evaluation, latency); peak RSS is its peak "
+        "resident memory.",
         "",
     ]
     gains = []
-    for command, results, wall in runs:
+    for command, results, wall, rss in runs:
         teacher = results["teacher"]
+        speed = results["student"].get("train_samples_per_s", {}).get("median")
         lines += [
-            f"### `{command}` — {wall / 60:.1f} min wall time "
+            f"### `{command}` — {wall / 60:.1f} min wall time, peak RSS {rss:,.0f} MB "
             f"(teacher {teacher['source']['source']})",
+            "",
+            f"Student training: {speed:,.0f} samples/s (median over epochs)." if speed else "",
             "",
             markdown_table(results),
             "",
@@ -80,8 +87,8 @@ def main() -> None:
         gains.append(results["student"]["metrics"]["test/acc"]
                      - results["baseline"]["metrics"]["test/acc"])
     if len(runs) > 1:
-        students = [r["student"]["metrics"]["test/acc"] for _, r, _ in runs]
-        baselines = [r["baseline"]["metrics"]["test/acc"] for _, r, _ in runs]
+        students = [r["student"]["metrics"]["test/acc"] for _, r, _, _ in runs]
+        baselines = [r["baseline"]["metrics"]["test/acc"] for _, r, _, _ in runs]
         lines += [
             f"### Over {len(runs)} seeds",
             "",
@@ -94,8 +101,7 @@ def main() -> None:
                          f"{100 * statistics.stdev(values):.2f} | {100 * min(values):.2f} | "
                          f"{100 * max(values):.2f} |")
         lines.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    replace_section(args.out, "main-job", "\n".join(lines))
     print("\n".join(lines))
 
 

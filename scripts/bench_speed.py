@@ -216,6 +216,9 @@ def main() -> None:
     parser.add_argument("--kdlab", nargs="*", default=[],
                         help="extra overrides for every kdlab row, e.g. steps_per_call=16")
     parser.add_argument("--json", type=Path, default=None, help="write rates and ratios here")
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="replace the generated speed section of this Markdown file "
+                             "(docs/BENCHMARKS.md)")
     parser.add_argument("--rows", nargs="*", default=[k for k, _ in ROWS],
                         choices=[k for k, _ in ROWS])
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -263,6 +266,12 @@ def main() -> None:
     lines += ["", "| ratio (median over rounds) | value |", "|---|---|"]
     lines += [f"| `{name}` | {value:.2f}× |" for name, value in ratios.items()]
     print("\n".join(lines))
+    if args.doc:
+        from doc_section import replace_section
+
+        command = "python scripts/bench_speed.py " + " ".join(sys.argv[1:])
+        replace_section(args.doc, "speed", "\n".join(
+            [f"`{command.strip()}` on {time.strftime('%Y-%m-%d')}. {lines[0]}", *lines[1:]]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**ratios, "medians": medians, "rates": rates,

@@ -77,6 +77,10 @@ class FashionMNISTDataModule(InMemoryDataModule):
                     "`apt-get install dataset-fashion-mnist` or set data.root=FOLDER"
                 ) from None
 
+    def source(self) -> str:
+        folder = locate(self.root)
+        return str(folder.resolve()) if folder is not None else f"missing:{self.root}"
+
     def load(self) -> tuple[torch.Tensor, ...]:
         self.prepare_data()
         folder = locate(self.root)

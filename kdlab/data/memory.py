@@ -22,6 +22,8 @@ from kdlab.data.loader import BatchLoader
 from kdlab.errors import KdlabError
 
 UNLABELLED = -1  #: target value of a transfer-set sample whose label is hidden
+#: the normalised splits of the last dataset set up, shared by datamodules (read-only tensors)
+_SPLITS: dict[tuple, dict[str, Any]] = {}
 
 
 def stratified_subset(
@@ -141,18 +143,16 @@ class InMemoryDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
             return
-        x_train, y_train, x_test, y_test = self.load()
-        n = len(x_train)
-        if self.val_size >= n:
-            raise KdlabError(f"data.val_size={self.val_size} leaves no training images (of {n})")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        val_idx = perm[: self.val_size].sort().values
-        train_idx = perm[self.val_size :].sort().values
-        #: positions in the original training set of the training and validation splits
-        self.split_indices = {"train": train_idx, "val": val_idx}
-        self.x_train, self.y_train = self._normalise(x_train[train_idx]), y_train[train_idx].long()
-        self.x_val, self.y_val = self._normalise(x_train[val_idx]), y_train[val_idx].long()
-        self.x_test, self.y_test = self._normalise(x_test), y_test.long()
+        key = (type(self), self.source(), self.split_seed, self.val_size)
+        splits = _SPLITS.get(key)
+        if splits is None:
+            splits = self._split()
+            _SPLITS.clear()  # keep one dataset's tensors, shared by the run's datamodules
+            _SPLITS[key] = splits
+        self.split_indices = splits["split_indices"]
+        self.x_train, self.y_train = splits["x_train"], splits["y_train"]
+        self.x_val, self.y_val = splits["x_val"], splits["y_val"]
+        self.x_test, self.y_test = splits["x_test"], splits["y_test"]
         n_train = len(self.x_train)
         if self.num_labels is None:
             self.labelled = torch.arange(n_train)
@@ -173,6 +173,27 @@ class InMemoryDataModule(L.LightningDataModule):
             reps = -(-n_train // len(self.labelled))
             self.train_indices = self.labelled.repeat(reps)[:n_train]
         self._ready = True
+
+    def source(self) -> str:
+        """What :meth:`load` reads (e.g. a folder); datamodules of the same class, source and
+        split share their tensors instead of holding a copy each."""
+        return ""
+
+    def _split(self) -> dict[str, Any]:
+        x_train, y_train, x_test, y_test = self.load()
+        n = len(x_train)
+        if self.val_size >= n:
+            raise KdlabError(f"data.val_size={self.val_size} leaves no training images (of {n})")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx = perm[: self.val_size].sort().values
+        train_idx = perm[self.val_size :].sort().values
+        return {
+            #: positions in the original training set of the training and validation splits
+            "split_indices": {"train": train_idx, "val": val_idx},
+            "x_train": self._normalise(x_train[train_idx]), "y_train": y_train[train_idx].long(),
+            "x_val": self._normalise(x_train[val_idx]), "y_val": y_train[val_idx].long(),
+            "x_test": self._normalise(x_test), "y_test": y_test.long(),
+        }
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         return images.float().div_(255.0).sub_(self.mean).div_(self.std).contiguous()
