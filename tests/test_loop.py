@@ -95,3 +95,12 @@ def test_throughput_is_reported_per_epoch(fast_cfg, tmp_path):
     speed = result["student"]["train_samples_per_s"]
     assert len(speed["per_epoch"]) == 2 and all(v > 0 for v in speed["per_epoch"])
     assert speed["median"] == speed["per_epoch"][1]
+
+
+def test_compiled_student_and_teacher_train_and_keep_checkpoint_keys(fast_cfg, tmp_path):
+    result = run(fast_cfg("distill=kd", "baseline=false", "trainer.max_epochs=1",
+                          "compile.student=true", "compile.teacher=true",
+                          "teacher_cache.enabled=false", tmp=tmp_path))
+    state = torch.load(result["student"]["last_ckpt"], weights_only=True)["state_dict"]
+    assert state and not any("_orig_mod" in k for k in state)
+    assert result["student"]["metrics"]["test/acc"] > 0.1
