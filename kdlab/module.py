@@ -19,6 +19,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.data.memory import UNLABELLED
+from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy
 from kdlab.taps import Taps
 
@@ -330,7 +331,12 @@ class DistillationModule(L.LightningModule):
         return int(steps)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=list(self.trainable_parameters()))
+        try:
+            optimizer = self.optimizer_factory(params=list(self.trainable_parameters()))
+        except TypeError as e:  # e.g. `fused` given to an optimizer without a fused kernel
+            raise KdlabError(f"the optimizer config does not fit its _target_: {e}; drop the "
+                             "key it does not accept (e.g. ~optimizer.fused, or "
+                             "~teacher.train.optimizer.fused for the teacher)") from None
         if self.scheduler_factory is None:
             return optimizer
         kwargs, interval = {}, "epoch"

@@ -104,3 +104,11 @@ def test_compiled_student_and_teacher_train_and_keep_checkpoint_keys(fast_cfg, t
     state = torch.load(result["student"]["last_ckpt"], weights_only=True)["state_dict"]
     assert state and not any("_orig_mod" in k for k in state)
     assert result["student"]["metrics"]["test/acc"] > 0.1
+
+
+def test_an_optimizer_without_a_fused_kernel_fails_naming_the_key(fast_cfg, capsys):
+    with pytest.raises(SystemExit):
+        run(fast_cfg("distill=none", "baseline=false", "optimizer._target_=torch.optim.Adadelta",
+                     "trainer.fast_dev_run=true"))
+    err = capsys.readouterr().err
+    assert "kdlab: error:" in err and "fused" in err and "~optimizer.fused" in err
