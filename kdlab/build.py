@@ -96,7 +96,8 @@ def build_strategy(cfg: DictConfig) -> Strategy | None:
 
 
 def build_trainer(
-    cfg: DictConfig, stage_dir: Path, stage: str, max_epochs: int | None = None
+    cfg: DictConfig, stage_dir: Path, stage: str, max_epochs: int | None = None,
+    loop: LoopOptions | None = None,
 ) -> L.Trainer:
     """A Trainer for one stage (``teacher``, ``student``, ``baseline``) writing to ``stage_dir``:
     its checkpoints in ``stage_dir/checkpoints``, its logs in ``stage_dir/logs``."""
@@ -124,7 +125,7 @@ def build_trainer(
             trainer_cfg.max_epochs = max_epochs
         for key in LOOP_KEYS:  # kdlab's training step does these (manual optimisation)
             trainer_cfg.pop(key, None)
-        steps = loop_options(cfg).steps_per_call
+        steps = (loop or loop_options(cfg)).steps_per_call
         if steps > 1 and trainer_cfg.get("log_every_n_steps"):
             # Lightning counts training-step calls: keep step logs every ~n batches
             trainer_cfg.log_every_n_steps = max(1, int(trainer_cfg.log_every_n_steps) // steps)

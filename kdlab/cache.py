@@ -52,9 +52,6 @@ class TeacherCache:
         self._logits32 = logits.float()
         self._log_probs: dict[float, torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        return len(self.logits)
-
     @property
     def nbytes(self) -> int:
         tensors = [self.logits, *self.features.values()]
@@ -133,8 +130,8 @@ def fingerprint(*tensors: torch.Tensor, extra: str = "") -> str:
 
 def cache_key(teacher: nn.Module, x_train: torch.Tensor, paths: list[str], dtype: str) -> str:
     """``<teacher hash>-<data hash>-<outputs hash>``: what makes cached outputs valid."""
-    weights = fingerprint(*teacher.state_dict().values(),
-                          extra=",".join(teacher.state_dict().keys()))
+    state = teacher.state_dict()
+    weights = fingerprint(*state.values(), extra=",".join(state))
     data = fingerprint(x_train)
     outputs = fingerprint(extra=f"{CACHE_FORMAT}|{dtype}|{','.join(paths)}")
     return f"{weights[:12]}-{data[:12]}-{outputs[:8]}"

@@ -87,7 +87,7 @@ def fit_stage(
         module.teacher_cache = prepare_cache(cfg, module.teacher, module.teacher_taps,
                                              data.x_train, data.augment, bool(cfg.channels_last))
     compile_models(cfg, module)
-    trainer = build_trainer(cfg, stage_dir, stage, max_epochs=max_epochs)
+    trainer = build_trainer(cfg, stage_dir, stage, max_epochs=max_epochs, loop=loop)
     log.info("[%s] %s", stage, data.describe())
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     # read the checkpoint callback before testing: restoring the best checkpoint for the test

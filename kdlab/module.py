@@ -113,6 +113,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_cache = teacher_cache
         self._micro_batches = 0  # batches since the last optimizer step (accumulation)
         self._scheduler_interval: str | None = None
+        self._backward_fn: Callable[[torch.Tensor], None] | None = None  # set at train start
         #: whether training targets may be UNLABELLED (-1); False allows the plain mean CE
         self.has_unlabelled = True
         if strategy is not None and strategy.needs_teacher and teacher is None:
@@ -228,7 +229,7 @@ class DistillationModule(L.LightningModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers() if self._scheduler_interval == "step" else None
         accumulate = self.loop.accumulate_grad_batches
-        backward = self._backward()
+        backward = self._backward_fn or self._backward()
         names: list[str] | None = None
         values, sizes = [], []
         max_steps = self.trainer.max_steps
@@ -254,6 +255,9 @@ class DistillationModule(L.LightningModule):
             self.log(f"train/{name}", mean, on_step=True, on_epoch=True, batch_size=samples,
                      prog_bar=name == "loss")
         return means[0]
+
+    def on_train_start(self) -> None:
+        self._backward_fn = self._backward()
 
     def _backward(self) -> Callable[[torch.Tensor], None]:
         """``Tensor.backward`` when that is all Lightning's ``manual_backward`` would do — one
