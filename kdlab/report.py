@@ -72,15 +72,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def table_rows(results: Mapping[str, Any]) -> list[list[str]]:
-    """Rows ``[role, model, params, test acc, val acc, latency]`` for each role present."""
+    """Rows ``[stage, model, params, test acc, val acc, latency]``: one per entry of the run's
+    ``stages`` (one per role present for older results without it)."""
     rows = []
-    for role in ROLES:
-        entry = results.get(role)
-        if not entry:
-            continue
+    entries = results.get("stages") or [
+        {"stage": role, **results[role]} for role in ROLES if results.get(role)]
+    for entry in entries:
         metrics = entry.get("metrics", {})
         rows.append([
-            role,
+            str(entry.get("stage", "")),
             str(entry.get("model", "")),
             f"{entry['params']:,}",
             _pct(metrics.get("test/acc")),
@@ -90,7 +90,7 @@ def table_rows(results: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-HEADERS = ["role", "model", "params", "test acc %", "val acc %", "CPU ms/batch"]
+HEADERS = ["stage", "model", "params", "test acc %", "val acc %", "CPU ms/batch"]
 
 
 def _pct(value: float | None) -> str:

@@ -1,0 +1,36 @@
+"""What every mode shares: a network's name, its ``results.json`` entry, teachers as stages."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from omegaconf import DictConfig
+from torch import nn
+
+from kdlab.data.memory import InMemoryDataModule
+from kdlab.fit import StageResult
+from kdlab.report import describe_model
+
+
+def model_name(model_cfg: DictConfig) -> str:
+    """The class name of a model config's ``_target_`` (``CNN``, ``MLP`` …)."""
+    return str(model_cfg._target_).rsplit(".", 1)[-1]
+
+
+def latency_args(cfg: DictConfig, data: InMemoryDataModule) -> tuple:
+    """The arguments :func:`kdlab.report.describe_model` needs after the model."""
+    return (data.input_shape, cfg.latency, bool(cfg.channels_last))
+
+
+def stage_entry(stage: str, name: str, model: nn.Module, result: StageResult,
+                latency: tuple, **extra: Any) -> dict[str, Any]:
+    """One network's entry of ``results.json``: its stage, model, metrics, checkpoints, training
+    speed, parameters and CPU latency (plus ``extra`` keys)."""
+    speed = result.samples_per_s
+    return {"stage": stage, "model": name, "metrics": result.metrics,
+            "best_ckpt": result.best_ckpt, "last_ckpt": result.last_ckpt,
+            "train_samples_per_s": {
+                "per_epoch": speed,
+                "median": statistics.median(speed[1:] or speed) if speed else None},
+            **describe_model(model, *latency), **extra}
