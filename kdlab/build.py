@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +99,11 @@ def build_strategy(cfg: DictConfig) -> Strategy | None:
 def build_trainer(
     cfg: DictConfig, stage_dir: Path, stage: str, max_epochs: int | None = None,
     loop: LoopOptions | None = None,
+    extra_callbacks: Sequence[Callback] = (),
 ) -> L.Trainer:
     """A Trainer for one stage (``teacher``, ``student``, ``baseline``) writing to ``stage_dir``:
-    its checkpoints in ``stage_dir/checkpoints``, its logs in ``stage_dir/logs``."""
+    its checkpoints in ``stage_dir/checkpoints``, its logs in ``stage_dir/logs``. Its callbacks
+    are those of ``cfg.callbacks`` followed by ``extra_callbacks``."""
     callbacks: list[Callback] = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None or "_target_" not in node:
@@ -109,6 +112,7 @@ def build_trainer(
             continue
         kwargs = {"dirpath": str(stage_dir / "checkpoints")} if _is(node, ModelCheckpoint) else {}
         callbacks.append(_instantiate(node, f"callbacks.{name}", **kwargs))
+    callbacks += list(extra_callbacks)
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if node is None or "_target_" not in node:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 
@@ -63,12 +64,13 @@ def fit_stage(
     teacher: nn.Module | None = None,
     strategy: Strategy | None = None,
     ckpt_path: str | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> StageResult:
     """Fit ``student`` (distilling from ``teacher`` with ``strategy`` if given), then test the
-    checkpoint with the best validation accuracy (the last weights if there is none)."""
+    checkpoint with the best validation accuracy (the last weights if there is none).
+    ``callbacks`` are added to the ones of ``cfg.callbacks`` for this stage."""
     data.setup()
     loop = loop_options(cfg)
-    data.steps_per_call = loop.steps_per_call
     module = DistillationModule(
         student=student,
         num_classes=data.num_classes,
@@ -87,7 +89,28 @@ def fit_stage(
         module.teacher_cache = prepare_cache(cfg, module.teacher, module.teacher_taps,
                                              data.x_train, data.augment, bool(cfg.channels_last))
     compile_models(cfg, module)
-    trainer = build_trainer(cfg, stage_dir, stage, max_epochs=max_epochs, loop=loop)
+    return fit_module(cfg, stage, stage_dir, module, data, max_epochs=max_epochs,
+                      ckpt_path=ckpt_path, callbacks=callbacks)
+
+
+def fit_module(
+    cfg: DictConfig,
+    stage: str,
+    stage_dir: Path,
+    module: DistillationModule,
+    data: InMemoryDataModule,
+    max_epochs: int | None = None,
+    ckpt_path: str | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> StageResult:
+    """Fit an already built ``module`` (its ``loop`` options decide the loader's chunks) and
+    test its best-validation checkpoint: the part of :func:`fit_stage` that modes with their own
+    LightningModule (a subclass of :class:`DistillationModule`) reuse."""
+    data.setup()
+    loop = module.loop
+    data.steps_per_call = loop.steps_per_call
+    trainer = build_trainer(cfg, stage_dir, stage, max_epochs=max_epochs, loop=loop,
+                            extra_callbacks=callbacks)
     log.info("[%s] %s", stage, data.describe())
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     # read the checkpoint callback before testing: restoring the best checkpoint for the test
