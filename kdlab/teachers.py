@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = 3  # bumped when model code changes what a stored state dict means
 #: data options that change what a teacher is trained on (loader-only options are left out)
-_DATA_KEYS = ("_target_", "val_size", "split_seed", "batch_size", "shift", "flip")
+_DATA_KEYS = ("_target_", "val_size", "split_seed", "batch_size", "shift", "flip", "classes")
+#: data keys left out of the identity while unset, so teachers stored before they existed keep
+#: their keys (a teacher of a class subset is another teacher than the full task's)
+_DATA_KEYS_IF_SET = ("classes",)
 
 
 def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -41,7 +44,8 @@ def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
     return {
         "format": STORE_FORMAT,
         "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
-        "data": {k: data.get(k) for k in _DATA_KEYS},
+        "data": {k: data.get(k) for k in _DATA_KEYS
+                 if k not in _DATA_KEYS_IF_SET or data.get(k) is not None},
         "recipe": OmegaConf.to_container(cfg.teacher.train, resolve=True),
         "seed": cfg.teacher.seed,
         "trainer": {k: trainer.get(k) for k in ("precision", "limit_train_batches", "max_steps")},

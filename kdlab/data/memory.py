@@ -9,10 +9,16 @@ as an unlabelled *transfer set* (target ``-1``), to be labelled by the teacher's
 An epoch is always ``len(training split)`` samples, whatever the mode, so runs that see only the
 labelled subset take as many optimizer steps as runs that see the transfer set (same budget):
 the labelled images are repeated, each pass reshuffled.
+
+``classes`` restricts every split to a subset of the classes, relabelled ``0..k-1`` in the
+given order (a source or target task for transfer learning). The validation split is the full
+dataset's (same ``split_seed``) restricted to those classes, so two tasks built from the same
+dataset never train on each other's validation images.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -45,6 +51,38 @@ def stratified_subset(
         perm = torch.randperm(len(members), generator=generator)[: per_class[k]]
         chosen.append(members[perm])
     return torch.cat(chosen).sort().values
+
+
+def check_classes(classes: Sequence[int] | None, num_classes: int) -> list[int] | None:
+    """``classes`` as a list of distinct class ids in ``[0, num_classes)`` (at least two), or
+    ``None`` for every class; anything else fails naming ``data.classes``."""
+    if classes is None:
+        return None
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise KdlabError(f"data.classes={classes!r} must be a list of class ids or null")
+    ids = list(classes)
+    bad = [c for c in ids if isinstance(c, bool) or not isinstance(c, int)
+           or not 0 <= c < num_classes]
+    if bad:
+        raise KdlabError(f"data.classes={ids} has unknown class ids {bad}: the dataset's "
+                         f"classes are 0..{num_classes - 1}")
+    duplicates = sorted({c for c in ids if ids.count(c) > 1})
+    if duplicates:
+        raise KdlabError(f"data.classes={ids} repeats class ids {duplicates}: list each once")
+    if len(ids) < 2:
+        raise KdlabError(f"data.classes={ids} keeps fewer than 2 classes: a classifier needs "
+                         "at least two (or null for all)")
+    return ids
+
+
+def restrict_classes(x: torch.Tensor, y: torch.Tensor, classes: Sequence[int],
+                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The samples of ``classes`` (in dataset order), their labels mapped to ``0..k-1`` in the
+    order of ``classes``, and a boolean mask of the kept samples."""
+    relabel = torch.full((num_classes,), -1, dtype=torch.long)
+    relabel[torch.tensor(list(classes), dtype=torch.long)] = torch.arange(len(classes))
+    keep = relabel[y] >= 0
+    return x[keep].contiguous(), relabel[y[keep]], keep
 
 
 def random_shift_flip(x: torch.Tensor, pad: int, fill: float, flip: bool) -> torch.Tensor:
@@ -85,6 +123,8 @@ class InMemoryDataModule(L.LightningDataModule):
         shift: maximum translation in pixels when ``augment``.
         flip: horizontal flips when ``augment``.
         shuffle_seed: seed of the training order (epoch ``e`` is shuffled with ``(seed, e)``).
+        classes: keep only these class ids, relabelled ``0..k-1`` in this order
+            (``num_classes`` becomes ``k``); ``None`` keeps every class.
 
     Batches come from :class:`~kdlab.data.loader.BatchLoader`: the tensors move to the
     training device once, and every batch is one indexing operation (no workers, no collate).
@@ -111,8 +151,14 @@ class InMemoryDataModule(L.LightningDataModule):
         shift: int = 2,
         flip: bool = True,
         shuffle_seed: int = 0,
+        classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        self.classes = check_classes(classes, self.num_classes)
+        #: classes of the full dataset (``num_classes`` is the task's: ``len(classes)`` if set)
+        self.dataset_classes = self.num_classes
+        if self.classes is not None:
+            self.num_classes = len(self.classes)
         if batch_size <= 0:
             raise KdlabError(f"data.batch_size={batch_size} must be positive")
         if val_size < 0:
@@ -153,6 +199,8 @@ class InMemoryDataModule(L.LightningDataModule):
         self.x_train, self.y_train = splits["x_train"], splits["y_train"]
         self.x_val, self.y_val = splits["x_val"], splits["y_val"]
         self.x_test, self.y_test = splits["x_test"], splits["y_test"]
+        if self.classes is not None:  # copies: the shared full splits stay untouched
+            self._restrict(self.classes)
         n_train = len(self.x_train)
         if self.num_labels is None:
             self.labelled = torch.arange(n_train)
@@ -173,6 +221,16 @@ class InMemoryDataModule(L.LightningDataModule):
             reps = -(-n_train // len(self.labelled))
             self.train_indices = self.labelled.repeat(reps)[:n_train]
         self._ready = True
+
+    def _restrict(self, classes: list[int]) -> None:
+        """Keep the samples of ``classes`` in every split (the validation split stays the full
+        dataset's, restricted), relabelled in the order of ``classes``."""
+        n = self.dataset_classes
+        self.x_train, self.y_train, keep = restrict_classes(self.x_train, self.y_train, classes, n)
+        self.x_val, self.y_val, keep_val = restrict_classes(self.x_val, self.y_val, classes, n)
+        self.x_test, self.y_test, _ = restrict_classes(self.x_test, self.y_test, classes, n)
+        self.split_indices = {"train": self.split_indices["train"][keep],
+                              "val": self.split_indices["val"][keep_val]}
 
     def source(self) -> str:
         """What :meth:`load` reads (e.g. a folder); datamodules of the same class, source and
@@ -248,8 +306,9 @@ class InMemoryDataModule(L.LightningDataModule):
     def describe(self) -> str:
         """One line for the log: sizes of the splits and of the labelled subset."""
         unlabelled = len(self.x_train) - len(self.labelled)
+        subset = f" classes {self.classes}," if self.classes is not None else ""
         return (
-            f"{self.name}: train {len(self.x_train)} ({len(self.labelled)} labelled"
+            f"{self.name}:{subset} train {len(self.x_train)} ({len(self.labelled)} labelled"
             + (f", {unlabelled} as transfer set" if self.transfer and unlabelled else "")
             + f"), val {len(self.x_val)}, test {len(self.x_test)}"
         )
