@@ -25,6 +25,7 @@ from kdlab.errors import KdlabError
 #: mode name → ``module:function`` (imported when used)
 MODES: dict[str, str] = {
     "offline": "kdlab.modes.offline:run",
+    "mutual": "kdlab.modes.mutual:run",
 }
 
 
