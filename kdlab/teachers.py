@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,40 +116,54 @@ def _find_or_train(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str,
         return model, {"source": "ckpt", "path": str(cfg.teacher.ckpt)}
 
     key = teacher_key(cfg)
-    folder = Path(cfg.paths.teacher_store) / key
-    weights = folder / "teacher.pt"
-    with locked(Path(cfg.paths.teacher_store) / f".{key}.lock"):
-        if weights.is_file():
-            stored = torch.load(weights, map_location="cpu", weights_only=True)
-            load_into(model, stored["state_dict"], f"teacher store entry {weights}")
-            log.info("Teacher: reusing %s from the store (trained once, %s)",
-                     key, _accuracy(stored.get("metrics", {})))
-            return model, {"source": "store", "key": key, "path": str(weights)}
-        if not cfg.teacher.train_if_missing:
-            raise KdlabError(f"no stored teacher {key} in paths.teacher_store="
-                             f"{cfg.paths.teacher_store} and teacher.train_if_missing=false: "
-                             "set teacher.ckpt=PATH or allow training")
+    if not cfg.teacher.train_if_missing and not (Path(cfg.paths.teacher_store) / key /
+                                                 "teacher.pt").is_file():
+        raise KdlabError(f"no stored teacher {key} in paths.teacher_store="
+                         f"{cfg.paths.teacher_store} and teacher.train_if_missing=false: "
+                         "set teacher.ckpt=PATH or allow training")
+
+    def train() -> dict[str, float]:
         log.info("Teacher: %s not in the store, training it (%d epochs)", key,
                  cfg.teacher.train.max_epochs)
-        result = train_teacher(cfg, model, run_dir / "teacher")
+        return train_teacher(cfg, model, run_dir / "teacher")
+
+    info = stored_model(cfg, key, teacher_identity(cfg), model, train, "Teacher")
+    return model, info
+
+
+def stored_model(cfg: DictConfig, key: str, identity: dict[str, Any], model: nn.Module,
+                 train: Callable[[], dict[str, float]], label: str) -> dict[str, Any]:
+    """Fill ``model`` from the store entry ``key`` of ``paths.teacher_store``, or train it with
+    ``train()`` (which returns its metrics) and store it with ``identity``; concurrent runs
+    serialise on a lock and the first one trains. Returns where the weights came from."""
+    store = Path(cfg.paths.teacher_store)
+    weights = store / key / "teacher.pt"
+    with locked(store / f".{key}.lock"):
+        if weights.is_file():
+            saved = torch.load(weights, map_location="cpu", weights_only=True)
+            load_into(model, saved["state_dict"], f"teacher store entry {weights}")
+            log.info("%s: reusing %s from the store (trained once, %s)", label, key,
+                     _accuracy(saved.get("metrics", {})))
+            return {"source": "store", "key": key, "path": str(weights),
+                    "metrics": saved.get("metrics", {})}
+        result = train()
         if cfg.trainer.get("fast_dev_run"):
-            log.warning("Teacher: trained with trainer.fast_dev_run, so not stored")
-            return model, {"source": "trained", "key": key, "stored": False}
-        folder.mkdir(parents=True, exist_ok=True)
-        identity = teacher_identity(cfg)
+            log.warning("%s: trained with trainer.fast_dev_run, so not stored", label)
+            return {"source": "trained", "key": key, "stored": False, "metrics": result}
         save_atomic({"state_dict": model.state_dict(), "identity": identity,
-                      "metrics": result}, weights)
-        (folder / "teacher.json").write_text(json.dumps(
+                     "metrics": result}, weights)
+        (store / key / "teacher.json").write_text(json.dumps(
             {"key": key, "identity": identity, "metrics": result}, indent=2, default=str))
-        log.info("Teacher: stored as %s (%s)", weights, _accuracy(result))
-        return model, {"source": "trained", "key": key, "path": str(weights), "stored": True}
+        log.info("%s: stored as %s (%s)", label, weights, _accuracy(result))
+        return {"source": "trained", "key": key, "path": str(weights), "stored": True,
+                "metrics": result}
 
 
 def train_teacher(cfg: DictConfig, model: nn.Module, stage_dir: Path) -> dict[str, float]:
     """Train ``model`` in place with the teacher's recipe; it ends with its best-val weights."""
     recipe = cfg.teacher.train
     data = build_datamodule(cfg, transfer=False, num_labels=None, augment=bool(recipe.augment),
-                            shuffle_seed=int(cfg.teacher.seed))
+                            shuffle_seed=int(cfg.teacher.seed), mix="none")  # never mixed
     result = fit_stage(cfg, "teacher", stage_dir, model, data, recipe.optimizer,
                        recipe.get("scheduler"), max_epochs=int(recipe.max_epochs))
     # fit_stage tested the best checkpoint, which left its weights in the module's student

@@ -26,6 +26,8 @@ from kdlab.errors import KdlabError
 MODES: dict[str, str] = {
     "offline": "kdlab.modes.offline:run",
     "mutual": "kdlab.modes.mutual:run",
+    "born_again": "kdlab.modes.chain:run_born_again",
+    "takd": "kdlab.modes.chain:run_takd",
 }
 
 

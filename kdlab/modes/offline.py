@@ -12,6 +12,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from kdlab.build import build_datamodule, build_model, build_strategy
+from kdlab.compress import Compression
 from kdlab.evaluate import evaluate_model
 from kdlab.fit import fit_stage
 from kdlab.report import describe_model
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Teacher (given or from the store), distilled student, baseline."""
     strategy = build_strategy(cfg)
+    compress = Compression(cfg)  # compress=none: does nothing (kdlab/compress.py)
     needs_teacher = strategy is not None and strategy.needs_teacher
     data = build_datamodule(cfg, transfer=needs_teacher)
     data.setup()
@@ -42,19 +44,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student = build_model(cfg.student.model, data, "student.model")
     stage = fit_stage(cfg, "student", run_dir, student, data, cfg.optimizer, cfg.get("scheduler"),
-                      teacher=teacher, strategy=strategy, ckpt_path=cfg.ckpt_path)
+                      teacher=teacher, strategy=strategy, ckpt_path=cfg.ckpt_path,
+                      callbacks=compress.callbacks())
     results["student"] = stage_entry("student", model_name(cfg.student.model), student, stage,
                                      latency)
     results["stages"].append(results["student"])
+    compress.run(results, run_dir, student, data, teacher, latency)
 
     if strategy is not None and cfg.baseline:
-        log.info("Baseline: the same student without the teacher, same budget")
-        base_data = build_datamodule(cfg, transfer=False)
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the student's init
-        baseline = build_model(cfg.student.model, base_data, "student.model")
-        stage = fit_stage(cfg, "baseline", run_dir / "baseline", baseline, base_data,
-                          cfg.optimizer, cfg.get("scheduler"))
-        results["baseline"] = stage_entry("baseline", model_name(cfg.student.model), baseline,
-                                          stage, latency)
+        results["baseline"] = train_baseline(cfg, run_dir, latency)
         results["stages"].append(results["baseline"])
     return results
+
+
+def train_baseline(cfg: DictConfig, run_dir: Path, latency: tuple) -> dict[str, Any]:
+    """The student alone — same initialisation (``seed``), same number of optimizer steps, the
+    labelled images only — and its ``results.json`` entry (stage ``baseline``)."""
+    log.info("Baseline: the same student without the teacher, same budget")
+    data = build_datamodule(cfg, transfer=False)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the student's init
+    baseline = build_model(cfg.student.model, data, "student.model")
+    stage = fit_stage(cfg, "baseline", run_dir / "baseline", baseline, data, cfg.optimizer,
+                      cfg.get("scheduler"))
+    return stage_entry("baseline", model_name(cfg.student.model), baseline, stage, latency)

@@ -1,0 +1,206 @@
+"""Chains of offline distillations, each stage the teacher of the next.
+
+- **Born-again networks** (Furlanello et al., ICML 2018, "Born-Again Neural Networks"): one
+  architecture, generation 0 trained on the labels, generation k distilled from generation
+  k − 1 (``mode=born_again``). The report lists every generation and the ensemble of all of them
+  (the paper's BAN ensemble); generation 0 is the no-teacher baseline.
+- **Teacher-assistant distillation** (TAKD; Mirzadeh et al., AAAI 2020, "Improved Knowledge
+  Distillation via Teacher Assistant"): teacher → assistant(s) → student (``mode=takd``), where
+  the assistants bridge the capacity gap. Trained assistants are kept in the teacher store under
+  a hash of everything that made them, so a sweep over students trains each assistant once. With
+  ``mode.direct=true`` the student is also distilled straight from the teacher, for the
+  comparison the paper makes.
+
+Every distillation stage uses ``distill`` (a fresh strategy per stage: connectors are per pair)
+on the data of ``data`` (with its transfer set), with ``optimizer``, ``scheduler`` and
+``trainer.max_epochs``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kdlab.build import build_datamodule, build_model, build_strategy
+from kdlab.data.memory import InMemoryDataModule
+from kdlab.errors import KdlabError
+from kdlab.evaluate import evaluate_model
+from kdlab.fit import fit_stage
+from kdlab.modes.offline import train_baseline
+from kdlab.module import freeze
+from kdlab.report import describe_model
+from kdlab.stages import latency_args, model_name, stage_entry
+from kdlab.teachers import get_teacher, stored_model, teacher_key
+
+log = logging.getLogger(__name__)
+
+
+def _strategy(cfg: DictConfig):
+    strategy = build_strategy(cfg)
+    if strategy is None or not strategy.needs_teacher:
+        raise KdlabError(f"mode={cfg.mode.name} distils every stage from the previous one: "
+                         f"distill={cfg.distill.get('name')} uses no teacher (pick e.g. "
+                         "distill=kd)")
+    return strategy
+
+
+def distil(cfg: DictConfig, run_dir: Path, stage: str, model_cfg: DictConfig,
+           teacher: nn.Module, seed: int, latency: tuple) -> tuple[nn.Module, dict[str, Any]]:
+    """Distil a new ``model_cfg`` network (initialised with ``seed``) from ``teacher``; returns
+    it with its best-validation weights and its ``results.json`` entry."""
+    strategy = _strategy(cfg)
+    data = build_datamodule(cfg, transfer=True)
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = build_model(model_cfg, data, f"mode.{stage}")
+    result = fit_stage(cfg, stage, run_dir / stage, model, data, cfg.optimizer,
+                       cfg.get("scheduler"), teacher=teacher, strategy=strategy)
+    return model, stage_entry(stage, model_name(model_cfg), model, result, latency)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen (eval mode, no gradients) copy of ``model`` to teach the next stage."""
+    return freeze(copy.deepcopy(model))
+
+
+@torch.no_grad()
+def ensemble_accuracy(models: list[nn.Module], data: InMemoryDataModule,
+                      channels_last: bool = False) -> float:
+    """Test accuracy of the mean of the models' softmax outputs."""
+    x, y = data.x_test, data.y_test
+    correct = 0
+    for start in range(0, len(x), 1000):
+        xb = x[start:start + 1000]
+        if channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        probs = sum(m.eval()(xb).softmax(-1) for m in models)
+        correct += int((probs.argmax(-1) == y[start:start + 1000]).sum())
+    return correct / len(x)
+
+
+def run_born_again(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Generation 0 on the labels, then ``mode.generations`` distilled generations."""
+    generations = int(cfg.mode.generations)
+    if generations < 1:
+        raise KdlabError(f"mode.generations={generations} must be >= 1")
+    model_cfg = cfg.mode.model or cfg.student.model
+    _strategy(cfg)  # fail before training anything
+    data = build_datamodule(cfg, transfer=False)
+    data.setup()
+    latency = latency_args(cfg, data)
+    seed = int(cfg.seed)
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = build_model(model_cfg, data, "mode.model")
+    result = fit_stage(cfg, "gen0", run_dir / "gen0", model, data, cfg.optimizer,
+                       cfg.get("scheduler"))
+    entries = [stage_entry("gen0", model_name(model_cfg), model, result, latency, seed=seed)]
+    models = [model]
+    for k in range(1, generations + 1):
+        log.info("Born-again: generation %d of %d, distilled from generation %d",
+                 k, generations, k - 1)
+        model, entry = distil(cfg, run_dir, f"gen{k}", model_cfg, frozen_copy(models[-1]),
+                              seed + k, latency)
+        entry["seed"] = seed + k
+        entries.append(entry)
+        models.append(model)
+    ensemble = ensemble_accuracy(models, data, bool(cfg.channels_last))
+    return {"mode": "born_again", "strategy": cfg.distill.get("name"), "stages": entries,
+            "student": entries[-1], "baseline": entries[0],
+            "ensemble": {"members": [e["stage"] for e in entries], "test/acc": ensemble}}
+
+
+def assistant_identity(cfg: DictConfig, previous: dict[str, Any], model_cfg: DictConfig,
+                       seed: int) -> dict[str, Any]:
+    """Everything that defines a trained assistant: its teacher (by identity), model, data,
+    strategy, optimisation and seed."""
+    def plain(node: Any) -> Any:
+        return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+    data = plain(cfg.data)
+    data.pop("root", None)
+    data.pop("download", None)
+    trainer = plain(cfg.trainer)
+    return {"kind": "assistant", "teacher": previous, "model": plain(model_cfg),
+            "data": data, "distill": plain(cfg.distill), "optimizer": plain(cfg.optimizer),
+            "scheduler": plain(cfg.get("scheduler")), "seed": seed,
+            "trainer": {k: trainer.get(k) for k in ("max_epochs", "max_steps", "precision",
+                                                     "limit_train_batches")}}
+
+
+def _assistant(cfg: DictConfig, run_dir: Path, stage: str, node: DictConfig,
+               teacher: nn.Module, seed: int, identity: dict[str, Any],
+               data: InMemoryDataModule, latency: tuple) -> tuple[nn.Module, dict[str, Any]]:
+    """One assistant, from the teacher store when ``mode.store_assistants`` and stored."""
+    model = build_model(node, data, f"mode.{stage}")
+    trained: dict[str, Any] = {}
+
+    def train() -> dict[str, float]:
+        fitted, trained["entry"] = distil(cfg, run_dir, stage, node, teacher, seed, latency)
+        model.load_state_dict(fitted.state_dict())
+        return trained["entry"]["metrics"]
+
+    if cfg.mode.store_assistants:
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+        key = f"assistant-{model_name(node).lower()}-{digest.hexdigest()[:12]}"
+        info = stored_model(cfg, key, identity, model, train, f"TAKD {stage}")
+    else:
+        info = {"source": "trained", "stored": False, "metrics": train()}
+    entry = trained.get("entry") or {
+        "stage": stage, "model": model_name(node),
+        "metrics": evaluate_model(frozen_copy(model), data, cfg),
+        **describe_model(model, *latency)}
+    entry["source"] = {k: v for k, v in info.items() if k != "metrics"}
+    return model, entry
+
+
+def run_takd(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Teacher → ``mode.assistants`` → student, plus the direct teacher → student stage
+    (``mode.direct``) and the baseline (``baseline``)."""
+    assistants = list(cfg.mode.assistants or [])
+    if not assistants:
+        raise KdlabError("mode.assistants is empty: give at least one assistant model "
+                         "(a model config with _target_), or use mode=offline")
+    for i, node in enumerate(assistants):
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise KdlabError(f"mode.assistants[{i}] must be a model config with _target_")
+    _strategy(cfg)
+    data = build_datamodule(cfg, transfer=True)
+    data.setup()
+    latency = latency_args(cfg, data)
+    teacher, source = get_teacher(cfg, run_dir)
+    entries = [{"stage": "teacher", "model": model_name(cfg.teacher.model), "source": source,
+                "metrics": evaluate_model(teacher, data, cfg),
+                **describe_model(teacher, *latency)}]
+    identity: dict[str, Any] = ({"ckpt": str(cfg.teacher.ckpt)} if cfg.teacher.ckpt
+                                else {"key": teacher_key(cfg)})
+    current = teacher
+    for i, node in enumerate(assistants):
+        stage, seed = f"assistant{i}", int(cfg.seed) + 100 + i
+        identity = assistant_identity(cfg, identity, node, seed)
+        model, entry = _assistant(cfg, run_dir, stage, node, current, seed, identity, data,
+                                  latency)
+        entries.append(entry)
+        current = frozen_copy(model)
+    student, entry = distil(cfg, run_dir, "student", cfg.student.model, current, int(cfg.seed),
+                            latency)
+    entries.append(entry)
+    results: dict[str, Any] = {"mode": "takd", "strategy": cfg.distill.get("name"),
+                               "teacher": entries[0], "stages": entries, "student": entry}
+    if cfg.mode.direct:
+        log.info("TAKD: the same student distilled straight from the teacher, for comparison")
+        _, direct = distil(cfg, run_dir, "direct", cfg.student.model, teacher, int(cfg.seed),
+                           latency)
+        results["direct"] = direct
+        entries.append(direct)
+    if cfg.baseline:
+        results["baseline"] = train_baseline(cfg, run_dir, latency)
+        entries.append(results["baseline"])
+    return results
