@@ -28,6 +28,7 @@ MODES: dict[str, str] = {
     "mutual": "kdlab.modes.mutual:run",
     "born_again": "kdlab.modes.chain:run_born_again",
     "takd": "kdlab.modes.chain:run_takd",
+    "multi_teacher": "kdlab.modes.multi_teacher:run",
 }
 
 

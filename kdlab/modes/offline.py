@@ -5,25 +5,43 @@ same student trained without the teacher under the same budget."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from kdlab.build import build_datamodule, build_model, build_strategy
 from kdlab.compress import Compression
+from kdlab.data.memory import InMemoryDataModule
 from kdlab.evaluate import evaluate_model
 from kdlab.fit import fit_stage
 from kdlab.report import describe_model
 from kdlab.stages import latency_args, model_name, stage_entry
 from kdlab.teachers import get_teacher
+from kdlab.transplant import init_from_teacher
 
 log = logging.getLogger(__name__)
+TeacherSource = Callable[[DictConfig, Path, InMemoryDataModule, tuple],
+                         tuple[nn.Module, list[dict[str, Any]]]]
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Teacher (given or from the store), distilled student, baseline."""
+def single_teacher(cfg: DictConfig, run_dir: Path, data: InMemoryDataModule,
+                   latency: tuple) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The frozen teacher of ``teacher`` (given, or from the store) and its entry."""
+    teacher, source = get_teacher(cfg, run_dir)
+    return teacher, [{"stage": "teacher", "model": model_name(cfg.teacher.model),
+                      "source": source, "metrics": evaluate_model(teacher, data, cfg),
+                      **describe_model(teacher, *latency)}]
+
+
+def run(cfg: DictConfig, run_dir: Path, teachers: TeacherSource = single_teacher
+        ) -> dict[str, Any]:
+    """Teacher(s), distilled student, baseline. ``teachers(cfg, run_dir, data, latency)``
+    returns the frozen teacher and the stage entries describing it (the last one is the
+    teacher the student learns from)."""
     strategy = build_strategy(cfg)
     compress = Compression(cfg)  # compress=none: does nothing (kdlab/compress.py)
     needs_teacher = strategy is not None and strategy.needs_teacher
@@ -33,16 +51,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"mode": "offline", "strategy": cfg.distill.get("name"),
                                "stages": []}
 
+    init = cfg.student.get("init_from_teacher")
     teacher = None
-    if needs_teacher:
-        teacher, source = get_teacher(cfg, run_dir)
-        results["teacher"] = {"stage": "teacher", "model": model_name(cfg.teacher.model),
-                              "source": source, "metrics": evaluate_model(teacher, data, cfg),
-                              **describe_model(teacher, *latency)}
-        results["stages"].append(results["teacher"])
+    if needs_teacher or init:
+        teacher, entries = teachers(cfg, run_dir, data, latency)
+        results["teacher"] = entries[-1]
+        results["stages"] += entries
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student = build_model(cfg.student.model, data, "student.model")
+    if init:
+        init = OmegaConf.to_container(init) if isinstance(init, DictConfig) else init
+        results["student_init"] = init_from_teacher(student, teacher, init)
+    if not needs_teacher:
+        teacher = None  # fetched for the initialisation only
     stage = fit_stage(cfg, "student", run_dir, student, data, cfg.optimizer, cfg.get("scheduler"),
                       teacher=teacher, strategy=strategy, ckpt_path=cfg.ckpt_path,
                       callbacks=compress.callbacks())
