@@ -1,0 +1,187 @@
+"""Compression of the student: magnitude pruning (schedules, masks, checkpoints), dynamic int8,
+the report, and whole runs with compress=prune."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from kdlab.compress import (
+    Compression,
+    compression_report,
+    cubic_sparsity,
+    global_magnitude_prune,
+    make_permanent,
+    prunable_weights,
+    quantize_dynamic_int8,
+    sparsity,
+)
+from kdlab.errors import KdlabError
+from kdlab.models import CNN
+from kdlab.teachers import load_into, load_weights
+from kdlab.train import run
+
+
+def student() -> CNN:
+    torch.manual_seed(0)
+    return CNN([1, 28, 28], 10, channels=[8, 16], hidden=32, dropout=0.0)
+
+
+def layer_weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([m.weight.detach().flatten() for _, m in prunable_weights(model)])
+
+
+def test_global_pruning_hits_the_target_and_masks_are_nested():
+    model = student()
+    total = layer_weights(model).numel()
+    global_magnitude_prune(model, 0.5)
+    first = {n: m.weight_mask.clone() for n, m in prunable_weights(model)}
+    assert int((torch.cat([m.weight_mask.flatten() for _, m in prunable_weights(model)]) == 0)
+               .sum()) == round(0.5 * total)
+    global_magnitude_prune(model, 0.8)
+    for name, module in prunable_weights(model):  # what was pruned stays pruned
+        assert bool((module.weight_mask <= first[name]).all())
+    make_permanent(model)
+    assert not any(hasattr(m, "weight_mask") for _, m in prunable_weights(model))
+    assert int((layer_weights(model) == 0).sum()) == round(0.8 * total)
+    assert sparsity(model) == pytest.approx(0.8, abs=1 / total)
+    # global: the smallest magnitudes over all layers, not per layer
+    kept = layer_weights(model)[layer_weights(model) != 0].abs()
+    assert kept.min() > 0
+
+
+def test_cubic_schedule():
+    s = [cubic_sparsity(e, 0.9, 2, 8) for e in range(12)]
+    assert s[:3] == [0.0, 0.0, 0.0]
+    assert s[5] == pytest.approx(0.9 * (1 - 0.5 ** 3))
+    assert s[3] == pytest.approx(0.9 * (1 - (5 / 6) ** 3))
+    assert s[8:] == [0.9] * 4
+    assert all(a <= b for a, b in zip(s, s[1:]))
+    assert cubic_sparsity(0, 0.5, 0, 0) == 0.5  # one shot before the first epoch
+
+
+def test_masks_hold_through_training():
+    model = student()
+    global_magnitude_prune(model, 0.9)
+    zeros = layer_weights_effective(model) == 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(torch.randn(16, 1, 28, 28)),
+                                           torch.randint(0, 10, (16,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert bool((layer_weights_effective(model)[zeros] == 0).all())
+    make_permanent(model)
+    assert bool((layer_weights(model)[zeros] == 0).all())
+
+
+def layer_weights_effective(model: nn.Module) -> torch.Tensor:
+    return torch.cat([(m.weight_orig * m.weight_mask).detach().flatten()
+                      for _, m in prunable_weights(model)])
+
+
+def test_int8_outputs_close_to_fp32_and_report():
+    model = student().eval()
+    global_magnitude_prune(model, 0.5)
+    make_permanent(model)
+    quantized, linear, convs = quantize_dynamic_int8(model)
+    assert linear == ["embed.2", "classifier.1"] and convs == ["stages.0.0", "stages.1.0"]
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        ref, out = model(x), quantized(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+    class Data:  # the two attributes the report reads
+        x_test = torch.randn(300, 1, 28, 28)
+        y_test = torch.randint(0, 10, (300,))
+
+    latency = ((1, 28, 28), {"batch_size": 8, "repeats": 2}, False)
+    report = compression_report(student(), model, "dynamic_int8", Data(), latency)
+    dense, pruned, int8 = (report["models"][k] for k in ("dense", "pruned", "pruned_int8"))
+    for entry in (dense, pruned, int8):
+        assert 0 <= entry["test_acc"] <= 1 and entry["latency_ms"] > 0
+    assert pruned["params"] == dense["params"] == int8["params"]
+    assert pruned["nonzero_params"] < dense["nonzero_params"]
+    assert int8["nonzero_params"] <= pruned["nonzero_params"]  # int8 keeps the zeros
+    assert pruned["sparse_bytes"] < pruned["bytes"] and pruned["zipped_bytes"] < dense[
+        "zipped_bytes"]
+    assert int8["bytes"] < pruned["bytes"]
+    assert report["quantized_modules"] == linear
+
+
+@pytest.mark.parametrize("override,key", [
+    ("compress.prune.amount=1.0", "compress.prune.amount"),
+    ("compress.prune.amount=-0.1", "compress.prune.amount"),
+    ("compress.prune.schedule=sometimes", "compress.prune.schedule"),
+    ("compress.prune.end_epoch=12", "compress.prune.end_epoch"),
+    ("compress.prune.start_epoch=9", "compress.prune.end_epoch"),
+    ("compress.quantize=fp16", "compress.quantize"),
+])
+def test_bad_config_names_the_key(fast_cfg, override, key):
+    cfg = fast_cfg("compress=prune", "trainer.max_epochs=12", override)
+    with pytest.raises(KdlabError, match=key.replace(".", r"\.")):
+        Compression(cfg)
+
+
+def test_bad_config_fails_before_training(fast_cfg, tmp_path, capsys):
+    cfg = fast_cfg("compress=prune", "compress.prune.end_epoch=5")  # trainer.max_epochs=2
+    with pytest.raises(SystemExit):
+        run(cfg)
+    assert "compress.prune.end_epoch=5 must be < trainer.max_epochs=2" in capsys.readouterr().err
+    assert not (tmp_path / "teachers").exists()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One teacher store for the whole runs of this file (the teacher is trained once)."""
+    return f"paths.teacher_store={tmp_path_factory.mktemp('teachers')}"
+
+
+def _sparse_checkpoint(path: str) -> float:
+    state = load_weights(path)
+    assert not any(k.endswith(("weight_orig", "weight_mask")) for k in state)
+    model = load_into(student(), state, path)  # plain keys: loads into a dense CNN
+    return sparsity(model)
+
+
+def test_run_prune_during(fast_cfg, tmp_path, store):
+    cfg = fast_cfg("compress=prune", "compress.prune.amount=0.8", "trainer.max_epochs=2",
+                   "compress.prune.start_epoch=0", "compress.prune.end_epoch=1",
+                   "trainer.limit_test_batches=null", "baseline=false", store)
+    results = run(cfg)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    report = saved["compress"]
+    assert [s["stage"] for s in saved["stages"]] == [
+        "teacher", "student", "student_dense", "student_pruned_int8"]
+    dense, pruned, int8 = (report["models"][k] for k in ("dense", "pruned", "pruned_int8"))
+    assert pruned["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert dense["sparsity"] < 0.01 and int8["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert pruned["nonzero_params"] < 0.35 * dense["nonzero_params"]
+    assert report["prune"]["history"] == [[1, 0.8]]
+    assert report["quantized_modules"] == ["embed.2", "classifier.1"]
+    # the best checkpoint is one at the final sparsity (epoch 1; the dense epoch 0 does not
+    # compete and its file is gone), with plain sparse weights
+    best = results["student"]["best_ckpt"]
+    assert "epoch01" in best
+    assert _sparse_checkpoint(best) == pytest.approx(0.8, abs=1e-4)
+    assert len(list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))) == 1
+    # the stage's test (of the best checkpoint) and the report's CPU test agree
+    assert results["student"]["metrics"]["test/acc"] == pytest.approx(pruned["test_acc"])
+    header = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "prune/sparsity" in header.split(",")
+
+
+def test_run_prune_after(fast_cfg, tmp_path, store):
+    cfg = fast_cfg("compress=prune", "compress.prune.schedule=after", "trainer.max_epochs=1",
+                   "compress.prune.amount=0.5", "compress.prune.finetune_epochs=1",
+                   "compress.quantize=null", "baseline=false", store)
+    results = run(cfg)
+    report = results["compress"]
+    assert set(report["models"]) == {"dense", "pruned"}
+    assert [s["stage"] for s in results["stages"]] == ["teacher", "student", "student_pruned"]
+    assert report["models"]["pruned"]["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert report["models"]["dense"]["sparsity"] < 0.01
+    assert _sparse_checkpoint(results["stages"][2]["best_ckpt"]) == pytest.approx(0.5, abs=1e-4)
