@@ -11,7 +11,8 @@ sweep with that teacher and that data reuses them.
 The key hashes the teacher's weights, the training split's tensors (dataset, split and
 normalisation all change them), the tapped module paths and the stored dtype; a run that changes
 any of them computes a new entry. With random augmentation (``data.augment=true``) the teacher
-must see each step's augmented view, so ``teacher_cache.enabled=auto`` runs it live (and says
+must see each step's augmented view (and each mixed batch with ``data.mix``), so
+``teacher_cache.enabled=auto`` runs it live (and says
 so), and ``teacher_cache.enabled=true`` fails with the reason.
 """
 
@@ -146,9 +147,11 @@ def _per_sample_bytes(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
 
 
 def prepare_cache(cfg: DictConfig, teacher: nn.Module | None, taps: Taps | None,
-                  x_train: torch.Tensor, augment: bool, channels_last: bool
-                  ) -> TeacherCache | None:
-    """The cache for this run per ``cfg.teacher_cache``, or ``None`` (live teacher)."""
+                  x_train: torch.Tensor, augment: bool, channels_last: bool,
+                  mix: str = "none") -> TeacherCache | None:
+    """The cache for this run per ``cfg.teacher_cache``, or ``None`` (live teacher). Random
+    augmentation (``augment``) and batch mixing (``mix`` other than ``none``, see
+    :mod:`kdlab.data.mix`) change the student's input every step, so they rule the cache out."""
     options = cfg.get("teacher_cache") or {}
     enabled = options.get("enabled", "auto")
     if enabled not in (True, False, "auto"):
@@ -169,6 +172,10 @@ def prepare_cache(cfg: DictConfig, teacher: nn.Module | None, taps: Taps | None,
                              "teacher_cache.enabled=auto to run the teacher live instead")
         log.info("Teacher cache: off, the teacher runs every step (%s)", reason)
 
+    if mix not in (None, "none"):
+        live(f"data.mix={mix} gives the student a new mixed view every step, which the "
+             "teacher must see too (consistent teaching)")
+        return None
     if augment:
         live("data.augment=true gives the student a new random view every step, which the "
              "teacher must see too")

@@ -17,6 +17,7 @@ from kdlab.build import build_trainer, loop_options, to_container
 from kdlab.cache import prepare_cache
 from kdlab.callbacks import Throughput
 from kdlab.data.memory import UNLABELLED, InMemoryDataModule
+from kdlab.data.mix import check_stage
 from kdlab.module import DistillationModule
 from kdlab.strategies.base import Strategy
 
@@ -70,6 +71,7 @@ def fit_stage(
     checkpoint with the best validation accuracy (the last weights if there is none).
     ``callbacks`` are added to the ones of ``cfg.callbacks`` for this stage."""
     data.setup()
+    check_stage(data, strategy, stage)  # mixed batches need soft targets only
     loop = loop_options(cfg)
     module = DistillationModule(
         student=student,
@@ -87,7 +89,8 @@ def fit_stage(
     module.has_unlabelled = bool((data.targets == UNLABELLED).any())
     if strategy is not None and strategy.needs_teacher:
         module.teacher_cache = prepare_cache(cfg, module.teacher, module.teacher_taps,
-                                             data.x_train, data.augment, bool(cfg.channels_last))
+                                             data.x_train, data.augment, bool(cfg.channels_last),
+                                             mix=data.mix)
     compile_models(cfg, module)
     return fit_module(cfg, stage, stage_dir, module, data, max_epochs=max_epochs,
                       ckpt_path=ckpt_path, callbacks=callbacks)

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 
 from kdlab.data.loader import BatchLoader
+from kdlab.data.mix import check_mix, mix_batch
 from kdlab.errors import KdlabError
 
 UNLABELLED = -1  #: target value of a transfer-set sample whose label is hidden
@@ -125,6 +126,9 @@ class InMemoryDataModule(L.LightningDataModule):
         shuffle_seed: seed of the training order (epoch ``e`` is shuffled with ``(seed, e)``).
         classes: keep only these class ids, relabelled ``0..k-1`` in this order
             (``num_classes`` becomes ``k``); ``None`` keeps every class.
+        mix: ``none``, ``mixup`` or ``cutmix`` of training batches, after shift/flip; the
+            labels of a mixed batch are hidden (see :mod:`kdlab.data.mix`).
+        mix_alpha: ``α`` of the ``Beta(α, α)`` mixing ratio.
 
     Batches come from :class:`~kdlab.data.loader.BatchLoader`: the tensors move to the
     training device once, and every batch is one indexing operation (no workers, no collate).
@@ -152,8 +156,11 @@ class InMemoryDataModule(L.LightningDataModule):
         flip: bool = True,
         shuffle_seed: int = 0,
         classes: Sequence[int] | None = None,
+        mix: str = "none",
+        mix_alpha: float = 1.0,
     ) -> None:
         super().__init__()
+        self.mix, self.mix_alpha = check_mix(mix, mix_alpha)
         self.classes = check_classes(classes, self.num_classes)
         #: classes of the full dataset (``num_classes`` is the task's: ``len(classes)`` if set)
         self.dataset_classes = self.num_classes
@@ -295,20 +302,26 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
-        if self.augment and trainer is not None and trainer.training:
+        if (self.augment or self.mix != "none") and trainer is not None and trainer.training:
             if isinstance(batch, list):  # a chunk of batches
                 return [self.on_after_batch_transfer(b, dataloader_idx) for b in batch]
             x, y, idx = batch
-            fill = (0.0 - self.mean) / self.std  # a black pixel after normalisation
-            batch = (random_shift_flip(x, self.shift, fill, self.flip), y, idx)
+            if self.augment:
+                fill = (0.0 - self.mean) / self.std  # a black pixel after normalisation
+                x = random_shift_flip(x, self.shift, fill, self.flip)
+            if self.mix != "none":  # a mixed image has no single label: hidden
+                x = mix_batch(x, self.mix, self.mix_alpha)[0]
+                y = torch.full_like(y, UNLABELLED)
+            batch = (x, y, idx)
         return batch
 
     def describe(self) -> str:
         """One line for the log: sizes of the splits and of the labelled subset."""
         unlabelled = len(self.x_train) - len(self.labelled)
         subset = f" classes {self.classes}," if self.classes is not None else ""
+        mixed = f", {self.mix} α={self.mix_alpha:g} (labels hidden)" if self.mix != "none" else ""
         return (
             f"{self.name}:{subset} train {len(self.x_train)} ({len(self.labelled)} labelled"
             + (f", {unlabelled} as transfer set" if self.transfer and unlabelled else "")
-            + f"), val {len(self.x_val)}, test {len(self.x_test)}"
+            + f"){mixed}, val {len(self.x_val)}, test {len(self.x_test)}"
         )
