@@ -163,9 +163,15 @@ class MagnitudePruning(Callback):
         self.final_reached = False
         #: (epoch, sparsity) of every mask update, for the report
         self.history: list[tuple[int, float]] = []
+        #: the network's weights before training (the dense reference starts from them)
+        self.initial_state: dict[str, torch.Tensor] | None = None
 
     def _model(self, pl_module: L.LightningModule) -> nn.Module:
         return getattr(pl_module, self.attr)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.initial_state is None:  # before a checkpoint is restored
+            self.initial_state = copy.deepcopy(self._model(pl_module).state_dict())
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -440,9 +446,11 @@ class Compression:
                 log.info("compress: the dense reference, same initialisation and budget")
                 L.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
                 dense = build_model(self.cfg.student.model, data, "student.model")
+                if self.pruning.initial_state is not None:  # e.g. student.init_from_teacher
+                    dense.load_state_dict(self.pruning.initial_state)
                 results["stages"].append(self._train("student_dense", run_dir, dense, data,
                                                      teacher, latency))
-                dense_source = "the student_dense stage (same init, no pruning)"
+                dense_source = "the student_dense stage (same initial weights, no pruning)"
             else:
                 dense_source = None
         else:  # after: one shot, then distil with the mask fixed

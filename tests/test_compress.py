@@ -140,6 +140,10 @@ def store(tmp_path_factory):
     return f"paths.teacher_store={tmp_path_factory.mktemp('teachers')}"
 
 
+#: whole runs of 4 batches per epoch (limit_train_batches counts chunks of steps_per_call)
+RUN = ("baseline=false", "steps_per_call=1")
+
+
 def _sparse_checkpoint(path: str) -> float:
     state = load_weights(path)
     assert not any(k.endswith(("weight_orig", "weight_mask")) for k in state)
@@ -150,7 +154,7 @@ def _sparse_checkpoint(path: str) -> float:
 def test_run_prune_during(fast_cfg, tmp_path, store):
     cfg = fast_cfg("compress=prune", "compress.prune.amount=0.8", "trainer.max_epochs=2",
                    "compress.prune.start_epoch=0", "compress.prune.end_epoch=1",
-                   "trainer.limit_test_batches=null", "baseline=false", store)
+                   "trainer.limit_test_batches=null", *RUN, store)
     results = run(cfg)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     report = saved["compress"]
@@ -177,7 +181,7 @@ def test_run_prune_during(fast_cfg, tmp_path, store):
 def test_run_prune_after(fast_cfg, tmp_path, store):
     cfg = fast_cfg("compress=prune", "compress.prune.schedule=after", "trainer.max_epochs=1",
                    "compress.prune.amount=0.5", "compress.prune.finetune_epochs=1",
-                   "compress.quantize=null", "baseline=false", store)
+                   "compress.quantize=null", *RUN, store)
     results = run(cfg)
     report = results["compress"]
     assert set(report["models"]) == {"dense", "pruned"}
