@@ -29,6 +29,7 @@ MODES: dict[str, str] = {
     "born_again": "kdlab.modes.chain:run_born_again",
     "takd": "kdlab.modes.chain:run_takd",
     "multi_teacher": "kdlab.modes.multi_teacher:run",
+    "transfer": "kdlab.modes.transfer:run",
 }
 
 
