@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.fit import StageResult
+from kdlab.module import freeze
 from kdlab.report import describe_model
 
 
@@ -34,3 +36,9 @@ def stage_entry(stage: str, name: str, model: nn.Module, result: StageResult,
                 "per_epoch": speed,
                 "median": statistics.median(speed[1:] or speed) if speed else None},
             **describe_model(model, *latency), **extra}
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen (eval mode, no gradients) copy of a trained stage's network, to teach the next
+    stage while the original stays as it is."""
+    return freeze(copy.deepcopy(model))

@@ -18,7 +18,6 @@ on the data of ``data`` (with its transfer set), with ``optimizer``, ``scheduler
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -36,9 +35,8 @@ from kdlab.errors import KdlabError
 from kdlab.evaluate import evaluate_model
 from kdlab.fit import fit_stage
 from kdlab.modes.offline import train_baseline
-from kdlab.module import freeze
 from kdlab.report import describe_model
-from kdlab.stages import latency_args, model_name, stage_entry
+from kdlab.stages import frozen_copy, latency_args, model_name, stage_entry
 from kdlab.teachers import get_teacher, stored_model, teacher_key
 
 log = logging.getLogger(__name__)
@@ -64,11 +62,6 @@ def distil(cfg: DictConfig, run_dir: Path, stage: str, model_cfg: DictConfig,
     result = fit_stage(cfg, stage, run_dir / stage, model, data, cfg.optimizer,
                        cfg.get("scheduler"), teacher=teacher, strategy=strategy)
     return model, stage_entry(stage, model_name(model_cfg), model, result, latency)
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A frozen (eval mode, no gradients) copy of ``model`` to teach the next stage."""
-    return freeze(copy.deepcopy(model))
 
 
 @torch.no_grad()

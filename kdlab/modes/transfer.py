@@ -22,7 +22,6 @@ Models are Strong Semi-Supervised Learners" (SimCLRv2).
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,8 @@ from kdlab.build import build_datamodule, build_model, build_strategy
 from kdlab.errors import KdlabError
 from kdlab.evaluate import evaluate_model
 from kdlab.fit import fit_stage
-from kdlab.module import freeze
 from kdlab.report import describe_model
-from kdlab.stages import latency_args, model_name, stage_entry
+from kdlab.stages import frozen_copy, latency_args, model_name, stage_entry
 from kdlab.teachers import get_teacher
 from kdlab.transplant import init_from_teacher
 
@@ -157,7 +155,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     entries.append(stage_entry("finetune", model_name(cfg.teacher.model), teacher, result,
                                latency, task=f"classes {target}, {labels} labels",
                                finetune=str(mode.finetune), copied=len(init["copied"])))
-    teacher = freeze(copy.deepcopy(teacher))
+    teacher = frozen_copy(teacher)
 
     # 3. distil into the student on the target images (labels + transfer set)
     distil_cfg = task_cfg(cfg, target, labels)
