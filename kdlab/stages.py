@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
+from kdlab.evaluate import evaluate_model
 from kdlab.fit import StageResult
 from kdlab.module import freeze
 from kdlab.report import describe_model
@@ -42,3 +43,13 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen (eval mode, no gradients) copy of a trained stage's network, to teach the next
     stage while the original stays as it is."""
     return freeze(copy.deepcopy(model))
+
+
+def evaluated_entry(cfg: DictConfig, stage: str, name: str, model: nn.Module,
+                    data: InMemoryDataModule, **extra: Any) -> dict[str, Any]:
+    """The entry of a network that this stage did not train (a given or stored teacher, an
+    ensemble): evaluated on ``data``'s validation and test splits, with parameters and CPU
+    latency (plus ``extra`` keys)."""
+    return {"stage": stage, "model": name, **extra,
+            "metrics": evaluate_model(model, data, cfg),
+            **describe_model(model, *latency_args(cfg, data))}

@@ -32,12 +32,10 @@ from torch import nn
 from kdlab.build import build_datamodule, build_model, build_strategy
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.errors import KdlabError
-from kdlab.evaluate import evaluate_model
 from kdlab.fit import fit_stage
-from kdlab.modes.offline import train_baseline
-from kdlab.report import describe_model
-from kdlab.stages import frozen_copy, latency_args, model_name, stage_entry
-from kdlab.teachers import get_teacher, stored_model, teacher_key
+from kdlab.modes.offline import single_teacher, train_baseline
+from kdlab.stages import evaluated_entry, frozen_copy, latency_args, model_name, stage_entry
+from kdlab.teachers import stored_model, teacher_key
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +144,8 @@ def _assistant(cfg: DictConfig, run_dir: Path, stage: str, node: DictConfig,
         info = stored_model(cfg, key, identity, model, train, f"TAKD {stage}")
     else:
         info = {"source": "trained", "stored": False, "metrics": train()}
-    entry = trained.get("entry") or {
-        "stage": stage, "model": model_name(node),
-        "metrics": evaluate_model(frozen_copy(model), data, cfg),
-        **describe_model(model, *latency)}
+    entry = trained.get("entry") or evaluated_entry(cfg, stage, model_name(node),
+                                                    frozen_copy(model), data)
     entry["source"] = {k: v for k, v in info.items() if k != "metrics"}
     return model, entry
 
@@ -168,10 +164,7 @@ def run_takd(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data = build_datamodule(cfg, transfer=True)
     data.setup()
     latency = latency_args(cfg, data)
-    teacher, source = get_teacher(cfg, run_dir)
-    entries = [{"stage": "teacher", "model": model_name(cfg.teacher.model), "source": source,
-                "metrics": evaluate_model(teacher, data, cfg),
-                **describe_model(teacher, *latency)}]
+    teacher, entries = single_teacher(cfg, run_dir, data, latency)
     identity: dict[str, Any] = ({"ckpt": str(cfg.teacher.ckpt)} if cfg.teacher.ckpt
                                 else {"key": teacher_key(cfg)})
     current = teacher

@@ -14,10 +14,9 @@ from torch import nn
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.ensemble import TeacherEnsemble
 from kdlab.errors import KdlabError
-from kdlab.evaluate import evaluate_model
 from kdlab.modes import offline
 from kdlab.module import freeze
-from kdlab.report import describe_model
+from kdlab.stages import evaluated_entry
 
 
 def teacher_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -58,10 +57,9 @@ def ensemble_teacher(cfg: DictConfig, run_dir: Path, data: InMemoryDataModule,
         members, combine=str(cfg.mode.combine),
         weights=list(cfg.mode.weights) if cfg.mode.get("weights") is not None else None,
         temperature=float(cfg.distill.get("temperature", 1.0) or 1.0)))
-    entries.append({"stage": "teacher", "model": f"ensemble of {len(members)} ({cfg.mode.combine})",
-                    "members": [e["model"] for e in entries],
-                    "metrics": evaluate_model(ensemble, data, cfg),
-                    **describe_model(ensemble, *latency)})
+    entries.append(evaluated_entry(cfg, "teacher",
+                                   f"ensemble of {len(members)} ({cfg.mode.combine})", ensemble,
+                                   data, members=[e["model"] for e in entries]))
     return ensemble, entries
 
 

@@ -16,10 +16,8 @@ from torch import nn
 from kdlab.build import build_datamodule, build_model, build_strategy
 from kdlab.compress import Compression
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.evaluate import evaluate_model
 from kdlab.fit import fit_stage
-from kdlab.report import describe_model
-from kdlab.stages import latency_args, model_name, stage_entry
+from kdlab.stages import evaluated_entry, latency_args, model_name, stage_entry
 from kdlab.teachers import get_teacher
 from kdlab.transplant import init_from_teacher
 
@@ -32,9 +30,8 @@ def single_teacher(cfg: DictConfig, run_dir: Path, data: InMemoryDataModule,
                    latency: tuple) -> tuple[nn.Module, list[dict[str, Any]]]:
     """The frozen teacher of ``teacher`` (given, or from the store) and its entry."""
     teacher, source = get_teacher(cfg, run_dir)
-    return teacher, [{"stage": "teacher", "model": model_name(cfg.teacher.model),
-                      "source": source, "metrics": evaluate_model(teacher, data, cfg),
-                      **describe_model(teacher, *latency)}]
+    return teacher, [evaluated_entry(cfg, "teacher", model_name(cfg.teacher.model), teacher,
+                                     data, source=source)]
 
 
 def run(cfg: DictConfig, run_dir: Path, teachers: TeacherSource = single_teacher

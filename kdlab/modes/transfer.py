@@ -33,10 +33,8 @@ from torch import nn
 
 from kdlab.build import build_datamodule, build_model, build_strategy
 from kdlab.errors import KdlabError
-from kdlab.evaluate import evaluate_model
 from kdlab.fit import fit_stage
-from kdlab.report import describe_model
-from kdlab.stages import frozen_copy, latency_args, model_name, stage_entry
+from kdlab.stages import evaluated_entry, frozen_copy, latency_args, model_name, stage_entry
 from kdlab.teachers import get_teacher
 from kdlab.transplant import init_from_teacher
 
@@ -128,10 +126,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     source_data = build_datamodule(source_cfg, transfer=False)
     source_data.setup()
     pretrained, info = get_teacher(source_cfg, run_dir / "pretrain")
-    entries.append({"stage": "pretrain", "model": model_name(cfg.teacher.model), "source": info,
-                    "task": f"classes {list(mode.source_classes)}, all labels",
-                    "metrics": evaluate_model(pretrained, source_data, cfg),
-                    **describe_model(pretrained, *latency_args(cfg, source_data))})
+    entries.append(evaluated_entry(cfg, "pretrain", model_name(cfg.teacher.model), pretrained,
+                                   source_data, source=info,
+                                   task=f"classes {list(mode.source_classes)}, all labels"))
 
     # 2. fine-tune on the target labels: new head, full or linear probe
     lr = mode.get("finetune_lr")
