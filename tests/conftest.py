@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,14 @@ def fast_cfg(tmp_path):
         return make_cfg(tmp or tmp_path, [*FAST, *overrides])
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def multirun_2x2(tmp_path_factory):
+    """``kdlab-train -m distill=none,kd seed=1,2`` run once in a subprocess (FAST settings):
+    ``(folder, completed process)``; the four runs are in ``folder/multiruns/*/*``."""
+    folder = tmp_path_factory.mktemp("multirun")
+    args = [sys.executable, "-m", "kdlab.train", "-m", "distill=none,kd", "seed=1,2",
+            f"paths.log_dir={folder}", *FAST]
+    proc = subprocess.run(args, cwd=folder, capture_output=True, text=True, timeout=600)
+    return folder, proc

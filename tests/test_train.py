@@ -1,8 +1,6 @@
 """Whole runs: fast_dev_run for each strategy, results.json, multirun, kdlab-eval."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -55,10 +53,8 @@ def test_run_writes_results_json_with_all_three_roles(tmp_path):
         results["student"]["metrics"]["test/acc"])
 
 
-def test_multirun_shares_one_teacher(tmp_path):
-    args = [sys.executable, "-m", "kdlab.train", "-m", "distill=none,kd", "seed=1,2",
-            f"paths.log_dir={tmp_path}", *FAST]
-    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+def test_multirun_shares_one_teacher(multirun_2x2):
+    tmp_path, proc = multirun_2x2
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = sorted(tmp_path.glob("multiruns/*/*/results.json"))
     assert len(results) == 4
