@@ -51,6 +51,22 @@ def test_run_writes_results_json_with_all_three_roles(tmp_path):
     evaluated = evaluate(eval_cfg)
     assert evaluated["student"]["metrics"]["test/acc"] == pytest.approx(
         results["student"]["metrics"]["test/acc"])
+    # … beside the run's stored teacher, with its footprint and the teacher ÷ student ratios
+    teacher, student = evaluated["teacher"], evaluated["student"]
+    assert teacher["metrics"]["test/acc"] == pytest.approx(
+        results["teacher"]["metrics"]["test/acc"])
+    assert (teacher["params"], student["params"]) == (
+        results["teacher"]["params"], results["student"]["params"])
+    assert set(student["latency_ms_by_batch"]) == {1, 128}
+    assert student["flops_per_sample"] > 0 and student["checkpoint_bytes"] > 0
+    ratio = evaluated["ratios"]
+    assert ratio["compression_params"] == pytest.approx(teacher["params"] / student["params"])
+    assert ratio["flops_reduction"] == pytest.approx(
+        teacher["flops_per_sample"] / student["flops_per_sample"])
+    assert ratio["accuracy_gap_points"] == pytest.approx(
+        100 * (teacher["metrics"]["test/acc"] - student["metrics"]["test/acc"]))
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["ratios"]["compression_params"] == pytest.approx(ratio["compression_params"])
 
 
 def test_multirun_shares_one_teacher(multirun_2x2):

@@ -1,0 +1,71 @@
+"""What a deployed network costs: FLOPs, weight size, CPU latency per batch size, and the
+teacher/student ratios ``kdlab-eval`` reports."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdlab.models import count_parameters
+from kdlab.report import cpu_latency_ms
+
+
+@torch.no_grad()
+def flops_per_sample(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Floating-point operations of one eval-mode forward pass of one sample, as counted by
+    torch's ``FlopCounterMode`` (a multiply-add is 2 FLOPs; matmuls and convolutions only)."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, *input_shape, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of the model's ``state_dict`` saved with ``torch.save`` (what a deployment ships)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def footprint(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 128),
+              repeats: int = 20, channels_last: bool = False) -> dict[str, Any]:
+    """Parameters, FLOPs per sample, state_dict bytes and the median CPU latency (ms) of one
+    forward pass at each batch size, with the thread count it was measured with."""
+    return {
+        "params": count_parameters(model),
+        "flops_per_sample": flops_per_sample(model, input_shape),
+        "state_dict_bytes": state_dict_bytes(model),
+        "latency_ms_by_batch": {
+            int(b): cpu_latency_ms(model, tuple(input_shape), batch_size=int(b), repeats=repeats,
+                                   channels_last=channels_last)
+            for b in batch_sizes},
+        "latency_threads": torch.get_num_threads(),
+    }
+
+
+def ratios(teacher: Mapping[str, Any], student: Mapping[str, Any]) -> dict[str, Any]:
+    """Teacher ÷ student: compression (parameters, bytes), FLOPs reduction, CPU speed-up per
+    batch size, and the accuracy the student gives up (points, test split)."""
+    out: dict[str, Any] = {
+        "compression_params": teacher["params"] / student["params"],
+        "compression_bytes": teacher["state_dict_bytes"] / student["state_dict_bytes"],
+        "flops_reduction": (teacher["flops_per_sample"] / student["flops_per_sample"]
+                            if student["flops_per_sample"] else None),
+        "speedup_by_batch": {
+            b: teacher["latency_ms_by_batch"][b] / student["latency_ms_by_batch"][b]
+            for b in student["latency_ms_by_batch"] if b in teacher["latency_ms_by_batch"]},
+    }
+    t_acc = teacher.get("metrics", {}).get("test/acc")
+    s_acc = student.get("metrics", {}).get("test/acc")
+    if t_acc is not None and s_acc is not None:
+        out["accuracy_gap_points"] = 100 * (t_acc - s_acc)
+    return out
