@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import netrc
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from kdlab.data.memory import InMemoryDataModule
 from kdlab.errors import KdlabError
 from kdlab.module import LoopOptions
 from kdlab.strategies.base import Strategy
+from kdlab.tracking import is_wandb, start_run, wandb_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +116,14 @@ def build_trainer(
     for name, node in (cfg.get("logger") or {}).items():
         if node is None or "_target_" not in node:
             continue
+        if is_wandb(node):  # one W&B run per job, shared by its stages (kdlab/tracking.py)
+            logger = _instantiate(node, f"logger.{name}", **wandb_kwargs(cfg, node, stage))
+            start_run(logger)
+            loggers.append(logger)
+            continue
         kwargs: dict[str, Any] = {"save_dir": str(stage_dir / "logs")}
         if "name" in node and node.name is None:
             kwargs["name"] = f"{cfg.task_name}-{stage}"
-        if str(node._target_).endswith("WandbLogger"):
-            kwargs.update(wandb_mode(node))
         loggers.append(_instantiate(node, f"logger.{name}", **kwargs))
     trainer_cfg = cfg.trainer.copy()
     with open_dict(trainer_cfg):
@@ -179,25 +181,6 @@ def loop_options(cfg: DictConfig) -> LoopOptions:
     return LoopOptions(steps_per_call=steps, accumulate_grad_batches=accumulate,
                        gradient_clip_val=float(clip) if clip is not None else None,
                        gradient_clip_algorithm=algorithm)
-
-
-def _wandb_has_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_mode(node: DictConfig) -> dict[str, str]:
-    """``{"mode": "offline"}`` (with a warning) when W&B would go online without an API key,
-    so a run never stops at a login prompt; ``{}`` otherwise."""
-    if node.get("mode", "online") != "online" or _wandb_has_key():
-        return {}
-    log.warning("logger=wandb: no W&B API key (WANDB_API_KEY or `wandb login`), so logging "
-                "offline; upload later with `wandb sync <run folder>/logs/wandb/offline-run-*`")
-    return {"mode": "offline"}
 
 
 def _is(node: DictConfig, cls: type) -> bool:

@@ -22,6 +22,7 @@ from kdlab.errors import KdlabError
 from kdlab.launch import apply_speed_settings
 from kdlab.modes import mode_runner
 from kdlab.report import markdown_table, print_table, write_json
+from kdlab.tracking import finish_run
 
 
 @friendly_errors
@@ -34,11 +35,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise KdlabError(f"ckpt_path={cfg.ckpt_path} does not exist: give a last.ckpt to resume")
     mode = str((cfg.get("mode") or {}).get("name", "offline"))
-    results = {"run_dir": str(run_dir), **mode_runner(mode)(cfg, run_dir)}
+    try:
+        results = {"run_dir": str(run_dir), **mode_runner(mode)(cfg, run_dir)}
+    except BaseException:
+        finish_run(None)  # a W&B run of this job ends as failed, not left open
+        raise
     results["wall_time_s"] = time.perf_counter() - start
     results["config"] = to_container(cfg)
     write_json(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(markdown_table(results) + "\n")
+    finish_run(results)
     label = results.get("strategy") if mode == "offline" else mode
     print_table(results, title=f"{cfg.task_name}: {label} "
                                f"({results['wall_time_s']:.0f} s) → {run_dir}")
