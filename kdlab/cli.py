@@ -79,6 +79,33 @@ def expand_strategy_lists(argv: Sequence[str]) -> list[str]:
     return out
 
 
+#: Hydra plugins behind config options: (option prefix, plugin module, pip extra)
+_PLUGINS = (("hparams_search=", "hydra_plugins.hydra_optuna_sweeper", "sweep"),
+            ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "sweep"),
+            ("hydra/launcher=local_parallel", "hydra_plugins.hydra_joblib_launcher", "sweep"),
+            ("hydra/launcher=joblib", "hydra_plugins.hydra_joblib_launcher", "sweep"),
+            ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "sweep"),
+            ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "sweep"))
+
+
+def check_plugins(argv: Sequence[str]) -> None:
+    """Fail in one line when an override needs a Hydra plugin that is not installed (Hydra's
+    own message lists its search path and does not say what to install)."""
+    import importlib.util
+
+    for arg in argv:
+        for prefix, module, extra in _PLUGINS:
+            if arg.startswith(prefix) and not arg.endswith("=null"):
+                try:
+                    found = importlib.util.find_spec(module) is not None
+                except ModuleNotFoundError:  # no hydra_plugins namespace at all
+                    found = False
+                if not found:
+                    package = module.split(".")[-1].replace("_", "-")
+                    raise KdlabError(f"{arg} needs the Hydra plugin {package}: "
+                                     f"pip install -e '.[{extra}]' (or pip install {package})")
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print ``kdlab: error: <message>`` on stderr and exit with ``code``."""
     logging.shutdown()
@@ -108,5 +135,6 @@ def guard_argv() -> None:
     try:
         sys.argv[1:] = expand_strategy_lists(sys.argv[1:])
         check_group_overrides(sys.argv[1:])
+        check_plugins(sys.argv[1:])
     except KdlabError as e:
         fail(str(e))

@@ -1,0 +1,65 @@
+"""Sweeps: the Optuna search's objective is the student's validation accuracy; parallel jobs
+(joblib) that start together train their shared teacher once; a missing plugin fails in one
+line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from kdlab.cli import check_plugins
+from kdlab.errors import KdlabError
+from tests.conftest import FAST
+
+
+def _train(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdlab.train", *args, *FAST,
+                           f"paths.log_dir={cwd}", "trainer.max_epochs=1"],
+                          cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_optuna_search_maximises_the_validation_accuracy(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = _train(["hparams_search=kd_optuna", "hydra.sweeper.n_trials=3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = [json.loads(p.read_text()) for p in tmp_path.glob("multiruns/*/*/results.json")]
+    assert len(trials) == 3
+    best = yaml.safe_load(next(tmp_path.glob("multiruns/*/optimization_results.yaml")).read_text())
+    values = [t["student"]["metrics"]["val/acc"] for t in trials]
+    assert best["best_value"] == pytest.approx(max(values))
+    winner = trials[values.index(max(values))]["config"]["distill"]
+    assert best["best_params"]["distill.temperature"] == pytest.approx(winner["temperature"])
+    assert best["best_params"]["distill.alpha"] == pytest.approx(winner["alpha"])
+    assert all("baseline" not in t for t in trials)
+    assert len({t["config"]["distill"]["temperature"] for t in trials}) == 3
+
+
+def test_parallel_jobs_train_their_teacher_once(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = _train(["-m", "hydra/launcher=local_parallel", "distill=kd", "seed=1,2",
+                   "baseline=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [json.loads(p.read_text()) for p in tmp_path.glob("multiruns/*/*/results.json")]
+    assert len(results) == 2
+    assert sorted(r["teacher"]["source"]["source"] for r in results) == ["store", "trained"]
+    assert len(list((tmp_path / "teachers").glob("*/teacher.pt"))) == 1
+
+
+def test_a_missing_plugin_is_named_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.") else real(name))
+    with pytest.raises(KdlabError, match=r"hparams_search=kd_optuna needs the Hydra plugin "
+                                         r"hydra-optuna-sweeper: pip install -e '\.\[sweep\]'"):
+        check_plugins(["distill=kd", "hparams_search=kd_optuna"])
+    with pytest.raises(KdlabError, match="hydra-submitit-launcher"):
+        check_plugins(["hydra/launcher=slurm"])
+    check_plugins(["distill=kd", "hparams_search=null"])  # nothing asked for
