@@ -9,6 +9,7 @@ trains its teacher once; concurrent jobs serialise on a file lock and reuse the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdlab.build import build_datamodule, build_model
+from kdlab.distributed import is_rank_zero
 from kdlab.errors import KdlabError
 from kdlab.files import locked, save_atomic
 from kdlab.fit import fit_stage
@@ -138,7 +140,10 @@ def stored_model(cfg: DictConfig, key: str, identity: dict[str, Any], model: nn.
     serialise on a lock and the first one trains. Returns where the weights came from."""
     store = Path(cfg.paths.teacher_store)
     weights = store / key / "teacher.pt"
-    with locked(store / f".{key}.lock"):
+    # under DDP only rank 0 locks and writes: the other ranks train in step with it (or read
+    # the stored entry); waiting on its lock would deadlock the process group
+    rank_zero = is_rank_zero()
+    with locked(store / f".{key}.lock") if rank_zero else contextlib.nullcontext():
         if weights.is_file():
             saved = torch.load(weights, map_location="cpu", weights_only=True)
             load_into(model, saved["state_dict"], f"teacher store entry {weights}")
@@ -147,6 +152,8 @@ def stored_model(cfg: DictConfig, key: str, identity: dict[str, Any], model: nn.
             return {"source": "store", "key": key, "path": str(weights),
                     "metrics": saved.get("metrics", {})}
         result = train()
+        if not rank_zero:
+            return {"source": "trained", "key": key, "stored": False, "metrics": result}
         if cfg.trainer.get("fast_dev_run"):
             log.warning("%s: trained with trainer.fast_dev_run, so not stored", label)
             return {"source": "trained", "key": key, "stored": False, "metrics": result}

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from kdlab.build import to_container
 from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
+from kdlab.distributed import is_rank_zero, use_job_command_for_ddp
 from kdlab.errors import KdlabError
 from kdlab.launch import apply_speed_settings
 from kdlab.modes import mode_runner
@@ -30,6 +31,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """One run of ``cfg.mode`` (:mod:`kdlab.modes`); returns the content of ``results.json``."""
     start = time.perf_counter()
     apply_speed_settings(bool(cfg.get("tune_allocator", True)))
+    use_job_command_for_ddp()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
@@ -42,6 +44,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     results["wall_time_s"] = time.perf_counter() - start
     results["config"] = to_container(cfg)
+    if not is_rank_zero():  # DDP: the other ranks ran every stage in step; rank 0 reports
+        return results
     write_json(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(markdown_table(results) + "\n")
     finish_run(results)

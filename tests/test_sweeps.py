@@ -63,3 +63,17 @@ def test_a_missing_plugin_is_named_with_the_install_command(monkeypatch):
     with pytest.raises(KdlabError, match="hydra-submitit-launcher"):
         check_plugins(["hydra/launcher=slurm"])
     check_plugins(["distill=kd", "hparams_search=null"])  # nothing asked for
+
+
+def test_slurm_launcher_runs_one_task_per_device():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from kdlab.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True, overrides=[
+            "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
