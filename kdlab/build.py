@@ -178,9 +178,17 @@ def loop_options(cfg: DictConfig) -> LoopOptions:
     algorithm = str(trainer.get("gradient_clip_algorithm") or "norm")
     if algorithm not in ("norm", "value"):
         raise KdlabError(f"trainer.gradient_clip_algorithm={algorithm} must be norm or value")
+    nonfinite = str(cfg.get("nonfinite_loss", "stop"))
+    if nonfinite not in NONFINITE_CHOICES:
+        raise KdlabError(f"nonfinite_loss={nonfinite} must be one of "
+                         f"{', '.join(NONFINITE_CHOICES)}")
     return LoopOptions(steps_per_call=steps, accumulate_grad_batches=accumulate,
                        gradient_clip_val=float(clip) if clip is not None else None,
-                       gradient_clip_algorithm=algorithm)
+                       gradient_clip_algorithm=algorithm, nonfinite_loss=nonfinite)
+
+
+#: what a NaN / infinite training loss does (LoopOptions.nonfinite_loss)
+NONFINITE_CHOICES = ("stop", "skip", "off")
 
 
 def _is(node: DictConfig, cls: type) -> bool:

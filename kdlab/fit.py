@@ -135,5 +135,7 @@ def fit_module(
     metrics.update(test[0] if test else {})
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["epochs"] = epochs
+    if getattr(module, "skipped_batches", 0):
+        metrics["skipped_batches"] = module.skipped_batches
     return StageResult(module=module, metrics=metrics, best_ckpt=best, last_ckpt=last,
                        samples_per_s=list(speed))

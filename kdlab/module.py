@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import operator
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from kdlab.taps import Taps
 TEACHER_PREFIX = "teacher."
 
 
+log = logging.getLogger(__name__)
+
 @dataclass(frozen=True)
 class LoopOptions:
     """How the training step runs its batches (kdlab owns the optimisation loop).
@@ -38,12 +42,17 @@ class LoopOptions:
             number) before one optimizer step.
         gradient_clip_val: clip gradients to this norm (or value) before each step; ``None``: no.
         gradient_clip_algorithm: ``norm`` or ``value``.
+        nonfinite_loss: what a NaN or infinite loss does: ``stop`` the run at that batch (a
+            :class:`~kdlab.errors.KdlabError` naming the term, the step and the last good
+            checkpoint, which stays as it was), ``skip`` the batch (no backward, no step;
+            counted in the stage's ``skipped_batches``), or ``off`` (no check).
     """
 
     steps_per_call: int = 1
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str = "norm"
+    nonfinite_loss: str = "stop"
 
 # the frozen teacher is in eval mode on purpose when training starts
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -112,6 +121,8 @@ class DistillationModule(L.LightningModule):
         self.loop = loop or LoopOptions()
         self.teacher_cache = teacher_cache
         self._micro_batches = 0  # batches since the last optimizer step (accumulation)
+        self._batches_seen = 0  # training batches of this fit, skipped ones included
+        self.skipped_batches = 0  # batches whose loss was not finite (nonfinite_loss: skip)
         self._scheduler_interval: str | None = None
         self._backward_fn: Callable[[torch.Tensor], None] | None = None  # set at train start
         #: whether training targets may be UNLABELLED (-1); False allows the plain mean CE
@@ -237,6 +248,10 @@ class DistillationModule(L.LightningModule):
             if 0 <= max_steps <= self.trainer.global_step:  # trainer.max_steps counts batches
                 break
             loss, terms = self.batch_loss(one)
+            self._batches_seen += 1
+            if self.loop.nonfinite_loss != "off" and not bool(torch.isfinite(loss)):
+                self._non_finite(terms, one)  # raises, or skips this batch
+                continue
             backward(loss / accumulate if accumulate > 1 else loss)
             self._micro_batches += 1
             if self._micro_batches == accumulate:
@@ -247,6 +262,8 @@ class DistillationModule(L.LightningModule):
                 break
             values.append(torch.stack([loss.detach(), *(v.detach() for v in terms.values())]))
             sizes.append(len(one[1]))
+        if not values:  # every batch of the chunk was skipped
+            return None
         # one weighted mean per term over the chunk: a few tensor ops, however many batches
         samples = sum(sizes)
         weights = torch.tensor(sizes, dtype=values[0].dtype, device=values[0].device) / samples
@@ -255,6 +272,37 @@ class DistillationModule(L.LightningModule):
             self.log(f"train/{name}", mean, on_step=True, on_epoch=True, batch_size=samples,
                      prog_bar=name == "loss")
         return means[0]
+
+    def _non_finite(self, terms: dict[str, torch.Tensor], batch: tuple[torch.Tensor, ...]) -> None:
+        """Stop the run (``nonfinite_loss: stop``) or count the skipped batch (``skip``)."""
+        bad = [f"{name} = {float(value):g}" for name, value in terms.items()
+               if not bool(torch.isfinite(value))]
+        where = (f"epoch {self.current_epoch}, optimizer step {self.trainer.global_step}, "
+                 f"batch {self._batches_seen}")
+        inputs = "" if bool(torch.isfinite(batch[0]).all()) else " (the batch's inputs are not " \
+                                                                "finite: check the data)"
+        if self.loop.nonfinite_loss == "skip":
+            self.skipped_batches += 1
+            if self.skipped_batches <= 3 or self.skipped_batches % 100 == 0:
+                log.warning("non-finite loss at %s: %s%s; batch skipped (%d so far)", where,
+                            ", ".join(bad), inputs, self.skipped_batches)
+            return
+        last = self._last_checkpoint()
+        ckpt = f"the last good checkpoint is {last} (left as it was)" if last else \
+            "no checkpoint was written before it"
+        raise KdlabError(f"non-finite loss at {where}: {', '.join(bad)}{inputs}; {ckpt}; lower "
+                         "optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0), or set "
+                         "nonfinite_loss=skip to skip such batches")
+
+    def _last_checkpoint(self) -> str:
+        """The newest checkpoint file of this fit ("" if none was written yet)."""
+        paths = []
+        for callback in self.trainer.checkpoint_callbacks:
+            for path in (getattr(callback, "last_model_path", ""),
+                         getattr(callback, "best_model_path", "")):
+                if path and os.path.isfile(path):
+                    paths.append(path)
+        return max(paths, key=os.path.getmtime, default="")
 
     def on_train_start(self) -> None:
         self._backward_fn = self._backward()

@@ -120,6 +120,6 @@ def test_wandb_without_api_key_logs_offline_instead_of_prompting(tmp_path, monke
     trainer = build_trainer(cfg, tmp_path / "stage", "student")
     logger = trainer.loggers[0]
     assert logger.experiment.settings.mode == "offline"
-    assert logger.experiment.name == "kdlab-student"
+    assert logger.experiment.name == "kdlab-kd-seed0"
     logger.experiment.finish()
-    assert list((tmp_path / "stage" / "logs" / "wandb").glob("offline-run-*"))
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))  # one per job, not stage
