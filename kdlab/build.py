@@ -32,7 +32,7 @@ def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
         cause = e.__cause__ or e.__context__
         if isinstance(cause, KdlabError):
             raise cause from None
-        detail = str(cause or e).splitlines()[0]
+        detail = " ".join(str(cause or e).split())[:300]  # hydra's first line ends in ':'
         if isinstance(cause, TypeError) and "unexpected keyword" in detail:
             raise KdlabError(f"{key}: {detail} (check the keys under {key})") from None
         raise KdlabError(f"{key} could not be built: {detail}") from None

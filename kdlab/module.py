@@ -389,6 +389,9 @@ class DistillationModule(L.LightningModule):
             raise KdlabError(f"the optimizer config does not fit its _target_: {e}; drop the "
                              "key it does not accept (e.g. ~optimizer.fused, or "
                              "~teacher.train.optimizer.fused for the teacher)") from None
+        except ValueError as e:  # torch's own checks: "Invalid learning rate: -1" …
+            raise KdlabError(f"optimizer (or teacher.train.optimizer): {e}; fix that "
+                             "hyper-parameter") from None
         if self.scheduler_factory is None:
             return optimizer
         kwargs, interval = {}, "epoch"

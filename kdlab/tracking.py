@@ -21,6 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from kdlab.errors import KdlabError
+
 log = logging.getLogger(__name__)
 
 #: metrics summarised by their best value rather than their last one
@@ -104,7 +106,16 @@ def wandb_kwargs(cfg: DictConfig, node: DictConfig, stage: str) -> dict[str, Any
 def start_run(logger: Any) -> None:
     """Open the logger's run now and summarise its accuracy keys (with the logger's prefix) by
     their maximum. (The resolved config reaches the run as the module's hyper-parameters.)"""
-    experiment = logger.experiment
+    try:
+        experiment = logger.experiment
+    except Exception as e:  # noqa: BLE001 - wandb's CommError / UsageError / timeouts
+        if not type(e).__module__.startswith("wandb"):
+            raise
+        detail = " ".join(str(e).split())[:200]
+        raise KdlabError(f"logger=wandb could not start a W&B run ({type(e).__name__}: "
+                         f"{detail}): check the network, WANDB_BASE_URL and the API key, or log "
+                         "offline with WANDB_MODE=offline (then `wandb sync`) or use "
+                         "logger=csv") from None
     prefix = getattr(logger, "_prefix", "")
     for key in MAX_SUMMARY:
         experiment.define_metric(f"{prefix}-{key}" if prefix else key, summary="max")

@@ -9,6 +9,7 @@ wall time and writes the report (:mod:`kdlab.report`).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     apply_speed_settings(bool(cfg.get("tune_allocator", True)))
     use_job_command_for_ddp()
-    run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = writable_folder(Path(cfg.paths.output_dir), "paths.output_dir")
+    check_latency(cfg)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise KdlabError(f"ckpt_path={cfg.ckpt_path} does not exist: give a last.ckpt to resume")
     mode = str((cfg.get("mode") or {}).get("name", "offline"))
@@ -53,6 +54,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print_table(results, title=f"{cfg.task_name}: {label} "
                                f"({results['wall_time_s']:.0f} s) → {run_dir}")
     return results
+
+
+def writable_folder(folder: Path, key: str) -> Path:
+    """``folder``, created if needed, after checking that a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".kdlab-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise KdlabError(f"{key}={folder} is not a writable folder ({e.strerror}): choose "
+                         "another one, e.g. paths.log_dir=./outputs") from None
+    return folder
+
+
+def check_latency(cfg: DictConfig) -> None:
+    """``latency.batch_size`` and ``latency.repeats`` are positive integers."""
+    for key in ("batch_size", "repeats"):
+        value = (cfg.get("latency") or {}).get(key, 1)
+        if not isinstance(value, int) or value < 1:
+            raise KdlabError(f"latency.{key}={value} must be a positive integer")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

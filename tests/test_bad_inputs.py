@@ -1,0 +1,179 @@
+"""The catalogue of bad inputs (docs/TROUBLESHOOTING.md): each one ends in a single
+``kdlab: error: …`` line naming the key or file and the fix, exit code 2, no results.json."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlab.cli import guard_argv
+from kdlab.train import run
+from tests.conftest import FAST, make_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = (ROOT / "docs" / "TROUBLESHOOTING.md").read_text()
+
+#: command-line overrides caught before Hydra composes anything
+CLI_CASES = [
+    (["distill=kdd"], r"distill=kdd is not an option of the 'distill' group \(did you mean kd"),
+    (["student=resnet18"], r"student=resnet18 is not an option .*choose one of: cnn, mlp"),
+    (["data=cifar10"], r"data=cifar10 is not an option .*choose one of: fashion_mnist"),
+    (["mode=mutal"], r"mode=mutal is not an option .*did you mean mutual"),
+    (["distill=[kd,atx]"], r"distill=\[\.\.\.\]: 'atx' is not a strategy \(did you mean at"),
+]
+
+#: config values caught when the run builds its parts
+CONFIG_CASES = [
+    (["distill=fitnets", "distill.student_layers=[stages.9]"],
+     r"distill.student_layers: 'stages.9' is not a module of CNN \(did you mean stages.1"),
+    (["distill=at", "distill.teacher_layers=[blocks.1]"],
+     r"distill.teacher_layers: 'blocks.1' is not a module of MLP; aliases: stages"),
+    (["+student.model.num_classes=5"],
+     r"student.model outputs 5 classes but data=fashion_mnist has 10: drop "),
+    (["student=mlp", "+student.model.input_shape=[1,32,32]"],
+     r"student.model does not accept fashion_mnist inputs of shape \[1, 28, 28\]"),
+    (["+student.model.width=3"], r"student.model: .*unexpected keyword argument 'width'"),
+    (["distill.temperature=0"], r"distill.temperature=0 must be > 0"),
+    (["distill=dkd", "distill.temperature=-1"], r"distill.temperature=-1 must be .*> 0"),
+    (["distill.alpha=1.5"], r"distill.alpha=1.5 must be in \[0, 1\]"),
+    (["distill=at", "distill.beta=-1"], r"distill.beta=-1 must be a finite number >= 0"),
+    (["distill=crd", "distill.nce_t=0"], r"distill.nce_t=0 must be a finite number > 0"),
+    (["distill=label_smoothing", "distill.epsilon=1.5"], r"distill.epsilon=1.5 must be in"),
+    (["distill=combo"], r"distill=combo has no member strategies: .*distill=\[kd,at\]"),
+    (["data.classes=[]"], r"data.classes=\[\] keeps fewer than 2 classes"),
+    (["data.classes=[0,0]"], r"data.classes=\[0, 0\] repeats class ids \[0\]"),
+    (["data.classes=[11,2]"], r"data.classes=\[11, 2\] has unknown class ids \[11\]"),
+    (["data.num_labels=5"], r"data.num_labels=5 is below the number of classes \(10\)"),
+    (["data.val_size=70000"], r"data.val_size=70000 leaves no training images"),
+    (["data.batch_size=0"], r"data.batch_size=0 must be positive"),
+    (["data.mix=cutmixx"], r"data.mix=cutmixx must be one of none, mixup, cutmix"),
+    (["ckpt_path=/nonexistent/last.ckpt"], r"ckpt_path=/nonexistent/last.ckpt does not exist"),
+    (["trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0 must be >= 1"),
+    (["trainer.gradient_clip_algorithm=foo"], r"gradient_clip_algorithm=foo must be norm or"),
+    (["trainer.max_epochs=-5"], r"trainer could not be built: `max_epochs` must be"),
+    (["steps_per_call=0"], r"steps_per_call=0 must be >= 1 \(or auto\)"),
+    (["nonfinite_loss=ignore"], r"nonfinite_loss=ignore must be one of stop, skip, off"),
+    (["optimizer.lr=-1"], r"optimizer \(or teacher.train.optimizer\): Invalid learning rate"),
+    (["latency.batch_size=0"], r"latency.batch_size=0 must be a positive integer"),
+    (["teacher_cache.dtype=float8"], r"teacher_cache.dtype=float8 must be one of float16"),
+    (["compress=prune", "compress.prune.amount=1.5"], r"compress.prune.amount=1.5 must be a"),
+    (["student.init_from_teacher=foo"], r"student.init_from_teacher=foo must be match, a "),
+    (["mode=takd", "mode.assistants=[]"], r"mode.assistants is empty: give at least one"),
+    (["mode=born_again", "mode.generations=0"], r"mode.generations=0 must be >= 1"),
+    (["mode=multi_teacher", "mode.teachers=[]"], r"mode.teachers lists 0 teacher\(s\): give "),
+    (["mode=mutual", "mode.models=[cnn]"], r"mode.models has 1 entry: a cohort needs >= 2"),
+    (["mode=transfer", "mode.finetune=foo"], r"mode.finetune=foo must be one of full, linear"),
+    (["logger.csv._target_=nope.Logger"], r"logger.csv could not be built: .*No module named"),
+    (["teacher.train_if_missing=false"], r"no stored teacher .*teacher.train_if_missing=false"),
+]
+
+
+def _failed_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.startswith("kdlab: error: ")]
+    assert len(lines) == 1, err[-1500:]
+    return lines[0]
+
+
+def _run_fails(cfg, capsys, tmp: Path) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(cfg)
+    assert exit_info.value.code == 2
+    assert not list(tmp.rglob("results.json"))
+    return _failed_line(capsys)
+
+
+@pytest.mark.parametrize("argv, pattern", CLI_CASES, ids=[" ".join(a) for a, _ in CLI_CASES])
+def test_command_line_case(argv, pattern, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["kdlab-train", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        guard_argv()
+    assert exit_info.value.code == 2
+    assert re.search(pattern, _failed_line(capsys))
+    assert f"`{' '.join(argv)}`" in DOC
+
+
+@pytest.mark.parametrize("overrides, pattern", CONFIG_CASES,
+                         ids=[" ".join(o) for o, _ in CONFIG_CASES])
+def test_config_case(overrides, pattern, tmp_path, capsys):
+    cfg = make_cfg(tmp_path, [*FAST, "trainer.fast_dev_run=true", *overrides])
+    line = _run_fails(cfg, capsys, tmp_path)
+    assert re.search(pattern, line), line
+    assert f"`{' '.join(overrides)}`" in DOC
+
+
+def test_teacher_checkpoint_of_another_architecture_lists_the_keys(tmp_path, capsys):
+    path = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), path)
+    cfg = make_cfg(tmp_path, [*FAST, f"teacher.ckpt={path}"])
+    line = _run_fails(cfg, capsys, tmp_path / "run")
+    assert f"teacher.ckpt={path} does not fit teacher.model — missing: " in line
+    assert "unexpected: bias, weight" in line and "use the teacher.model it was trained" in line
+
+
+class _Payload:
+    """Unpickling this would run code: ``weights_only=True`` must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_a_checkpoint_that_needs_code_execution_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    with path.open("wb") as f:
+        pickle.dump({"state_dict": _Payload()}, f)
+    line = _run_fails(make_cfg(tmp_path, [*FAST, f"teacher.ckpt={path}"]), capsys,
+                      tmp_path / "run")
+    assert f"teacher.ckpt={path} could not be loaded with weights_only=True" in line
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_missing_data_files_say_how_to_get_them(tmp_path, capsys, monkeypatch):
+    import kdlab.data.fashion_mnist as fm
+
+    monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "nowhere")
+    line = _run_fails(make_cfg(tmp_path, [*FAST, f"data.root={tmp_path}/empty"]), capsys,
+                      tmp_path / "run")
+    assert "Fashion-MNIST idx files not found in data.root=" in line
+    assert "apt-get install dataset-fashion-mnist" in line and "data.download=true" in line
+
+
+def test_an_unwritable_output_folder_is_named(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    cfg = make_cfg(tmp_path, [*FAST, f"paths.output_dir={tmp_path}/a_file/run"])
+    line = _run_fails(cfg, capsys, tmp_path)
+    assert f"paths.output_dir={tmp_path}/a_file/run is not a writable folder" in line
+
+
+def test_wandb_unreachable_fails_instead_of_hanging(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    line = _run_fails(make_cfg(tmp_path, [*FAST, "logger=wandb", "distill=none"]), capsys,
+                      tmp_path / "run")
+    assert "logger=wandb could not start a W&B run (CommError" in line
+    assert "WANDB_MODE=offline" in line
+
+
+def test_kdlab_eval_of_a_file_that_is_no_kdlab_checkpoint(tmp_path, capsys):
+    from kdlab.evaluate import evaluate
+
+    path = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate(make_cfg(tmp_path, [f"ckpt_path={path}"], config_name="eval"))
+    assert exit_info.value.code == 2
+    assert f"ckpt_path={path} is not a kdlab checkpoint (no stored config)" in \
+        _failed_line(capsys)
+
+
+def test_the_catalogue_has_at_least_25_cases():
+    assert len(CLI_CASES) + len(CONFIG_CASES) + 6 >= 25
