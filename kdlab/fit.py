@@ -19,6 +19,7 @@ from kdlab.callbacks import Throughput
 from kdlab.data.memory import UNLABELLED, InMemoryDataModule
 from kdlab.data.mix import check_stage
 from kdlab.module import DistillationModule
+from kdlab.resume import resume_checkpoint
 from kdlab.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ def fit_module(
     trainer = build_trainer(cfg, stage_dir, stage, max_epochs=max_epochs, loop=loop,
                             extra_callbacks=callbacks)
     log.info("[%s] %s", stage, data.describe())
+    ckpt_path = ckpt_path or resume_checkpoint(stage_dir)  # a killed run continues here
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     # read the checkpoint callback before testing: restoring the best checkpoint for the test
     # also restores the callback's state as it was when that checkpoint was written

@@ -185,11 +185,6 @@ class DistillationModule(L.LightningModule):
             if not name.startswith(TEACHER_PREFIX) and p.requires_grad:
                 yield p
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
-            del state[key]
-
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign=False):
         state = dict(state_dict)
         if self.teacher is not None:
@@ -303,6 +298,26 @@ class DistillationModule(L.LightningModule):
                 if path and os.path.isfile(path):
                     paths.append(path)
         return max(paths, key=os.path.getmtime, default="")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the teacher (it is never part of a student checkpoint) and keep the RNG state
+        (dropout masks, CRD's negatives …) so that a resumed run draws what the uninterrupted
+        one would have drawn."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["kdlab_rng"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("kdlab_rng")
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_train_start(self) -> None:
         self._backward_fn = self._backward()

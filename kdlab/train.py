@@ -24,6 +24,7 @@ from kdlab.errors import KdlabError
 from kdlab.launch import apply_speed_settings
 from kdlab.modes import mode_runner
 from kdlab.report import markdown_table, print_table, write_json
+from kdlab.resume import prepare_run, resume_marker_matches, select_last_run, set_resuming
 from kdlab.tracking import finish_run
 
 
@@ -33,10 +34,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     apply_speed_settings(bool(cfg.get("tune_allocator", True)))
     use_job_command_for_ddp()
+    select_last_run(cfg)  # ckpt_path=last: the newest unfinished run of this config
     run_dir = writable_folder(Path(cfg.paths.output_dir), "paths.output_dir")
     check_latency(cfg)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
-        raise KdlabError(f"ckpt_path={cfg.ckpt_path} does not exist: give a last.ckpt to resume")
+        raise KdlabError(f"ckpt_path={cfg.ckpt_path} does not exist: give a last.ckpt to resume, "
+                         "or ckpt_path=last")
+    if is_rank_zero():
+        prepare_run(cfg, run_dir)  # resume the run in this folder if it has the same config
+    else:
+        set_resuming(resume_marker_matches(cfg, run_dir))
     mode = str((cfg.get("mode") or {}).get("name", "offline"))
     try:
         results = {"run_dir": str(run_dir), **mode_runner(mode)(cfg, run_dir)}

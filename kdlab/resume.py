@@ -1,0 +1,120 @@
+"""Resume a killed run where it stopped: the same command in the same folder, or ``ckpt_path=last``.
+
+A run writes ``kdlab_run.json`` (a hash of its config, paths aside) in its folder when it
+starts. Launching the same config into a folder that holds that marker resumes it: every stage
+(teacher, student, baseline, generations, assistants …) whose ``checkpoints/last.ckpt`` exists
+continues from it — weights, optimizer, LR schedule, epoch and step counters, connectors, the
+checkpoint callbacks and the RNG state (:meth:`DistillationModule.on_save_checkpoint`) — and
+the loader's data order is a function of (seed, epoch), so on CPU with
+``trainer.deterministic=true`` the resumed run ends where an uninterrupted one does. A stage
+that had finished resumes at its last epoch and trains no further; a stored teacher is reused.
+
+With Hydra's timestamped run folders, ``ckpt_path=last`` finds the newest unfinished run of the
+same config under ``paths.log_dir`` and continues in its folder.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kdlab.errors import KdlabError
+from kdlab.report import write_json
+
+log = logging.getLogger(__name__)
+
+MARKER = "kdlab_run.json"
+#: config keys that say where a run writes, or how it shows progress, not what it computes
+VOLATILE = ("paths", "ckpt_path", "resume", "hydra")
+_resuming: contextvars.ContextVar[bool] = contextvars.ContextVar("kdlab_resuming", default=False)
+
+
+def run_key(cfg: DictConfig) -> str:
+    """A hash of the resolved config without the keys of :data:`VOLATILE` and progress bars."""
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    for key in VOLATILE:
+        config.pop(key, None)
+    config.get("trainer", {}).pop("enable_progress_bar", None)
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def find_unfinished(log_dir: Path, key: str) -> Path | None:
+    """The newest run folder under ``log_dir`` with this config and no ``results.json``."""
+    candidates = [p.parent for p in [*log_dir.glob(f"runs/*/{MARKER}"),
+                                     *log_dir.glob(f"multiruns/*/*/{MARKER}")]]
+    unfinished = [f for f in candidates if (_marker(f) or {}).get("key") == key
+                  and not (f / "results.json").exists()]
+    return max(unfinished, key=lambda f: (f / MARKER).stat().st_mtime, default=None)
+
+
+def select_last_run(cfg: DictConfig) -> None:
+    """``ckpt_path=last``: point ``paths.output_dir`` at the newest unfinished run of this
+    config under ``paths.log_dir`` (and clear ``ckpt_path``)."""
+    if cfg.get("ckpt_path") != "last":
+        return
+    folder = find_unfinished(Path(cfg.paths.log_dir), run_key(cfg))
+    if folder is None:
+        raise KdlabError(f"ckpt_path=last: no unfinished run of this config under "
+                         f"paths.log_dir={cfg.paths.log_dir} (a run is unfinished while it "
+                         "has no results.json); drop ckpt_path to start a new one")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(folder)
+        cfg.ckpt_path = None
+
+
+def prepare_run(cfg: DictConfig, run_dir: Path) -> bool:
+    """Decide whether this run resumes the one in ``run_dir`` (same config: yes, unless
+    ``resume=false``) and mark the folder with this config's key; returns it. A folder whose
+    marker names another config is refused while that run is unfinished; after it finished, the
+    folder is reused for a fresh run."""
+    key = run_key(cfg)
+    marker = _marker(run_dir)
+    resuming = False
+    if marker is not None and marker.get("key") == key:
+        resuming = bool(cfg.get("resume", True))
+        if resuming:
+            log.info("Resuming the run in %s (same config, key %s): each stage continues from "
+                     "its last.ckpt", run_dir, key)
+    elif marker is not None and not (run_dir / "results.json").exists():
+        raise KdlabError(f"paths.output_dir={run_dir} holds an unfinished run of another config "
+                         f"(key {marker.get('key')}, this one {key}): choose another folder, or "
+                         "delete that one")
+    write_json(run_dir / MARKER, {"key": key, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                  "resumed": resuming})
+    _resuming.set(resuming)
+    return resuming
+
+
+def resume_marker_matches(cfg: DictConfig, run_dir: Path) -> bool:
+    """For DDP ranks other than 0: whether rank 0 decided to resume (read from its marker)."""
+    marker = _marker(run_dir) or {}
+    return marker.get("key") == run_key(cfg) and bool(marker.get("resumed"))
+
+
+def set_resuming(value: bool) -> None:
+    """Set whether the stages of this run continue from their ``last.ckpt``."""
+    _resuming.set(value)
+
+
+def resume_checkpoint(stage_dir: Path) -> str | None:
+    """``stage_dir/checkpoints/last.ckpt`` when this run resumes and that file exists."""
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    if _resuming.get() and last.is_file():
+        log.info("Resuming %s from %s", stage_dir, last)
+        return str(last)
+    return None

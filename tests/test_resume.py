@@ -1,0 +1,120 @@
+"""Resume after kill -9: the same command, killed at random points several times, ends where
+an uninterrupted run does (CPU, deterministic=true) — weights, metrics, everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import FAST
+
+#: FAST with more batches per epoch and one optimizer step per Lightning step, so that kills
+#: land inside epochs of every stage (teacher, student, baseline)
+ARGS = [*FAST, "teacher.train.max_epochs=2", "trainer.max_epochs=3",
+        "trainer.limit_train_batches=40", "steps_per_call=1", "trainer.deterministic=true",
+        "student.model.dropout=0.3"]  # dropout: the RNG state must be restored too
+
+
+def _command(folder: Path, store: Path) -> list[str]:
+    return [sys.executable, "-m", "kdlab.train", *ARGS, f"hydra.run.dir={folder}",
+            f"paths.teacher_store={store}", f"paths.log_dir={folder.parent}"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _last_writes(folder: Path, seen: set) -> int:
+    """Add every (last.ckpt, mtime) not seen before to ``seen``; returns how many there are."""
+    for path in folder.rglob("last.ckpt"):
+        try:
+            seen.add((str(path), path.stat().st_mtime_ns))
+        except FileNotFoundError:  # replaced while we looked
+            pass
+    return len(seen)
+
+
+def _weights(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
+    reference = tmp_path / "reference"
+    done = subprocess.run(_command(reference, tmp_path / "store_a"), cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = json.loads((reference / "results.json").read_text())
+
+    rng = random.Random(int(os.environ.get("KDLAB_TEST_SEED", "0")))
+    folder, store = tmp_path / "killed", tmp_path / "store_b"
+    seen: set = set()
+    kills = 0
+    for attempt in range(3):  # kill -9 inside an epoch after a random number of epochs, 3 times
+        target = _last_writes(folder, seen) + rng.randint(1, 3)
+        log = (tmp_path / f"attempt{attempt}.log").open("w")
+        proc = subprocess.Popen(_command(folder, store), cwd=tmp_path, env=_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if _last_writes(folder, seen) >= target:
+                time.sleep(rng.uniform(0.05, 0.5))  # inside the next epoch
+                break
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        log.close()
+    assert kills >= 2, "the run finished before it could be killed: lengthen it"
+    logs = "".join((tmp_path / f"attempt{i}.log").read_text() for i in range(1, 3))
+    assert "Resuming " in logs and "checkpoints/last.ckpt" in logs  # a stage went on mid-way
+
+    final = subprocess.run(_command(folder, store), cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert "Resuming the run in" in final.stdout + final.stderr
+    resumed = json.loads((folder / "results.json").read_text())
+    for role in ("teacher", "student", "baseline"):
+        assert resumed[role]["metrics"]["test/acc"] == expected[role]["metrics"]["test/acc"], role
+        assert resumed[role]["metrics"]["val/acc"] == expected[role]["metrics"]["val/acc"], role
+    for role in ("student", "baseline"):
+        a, b = _weights(expected[role]["last_ckpt"]), _weights(resumed[role]["last_ckpt"])
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{role} weights differ after resume"
+
+
+def test_ckpt_path_last_finds_the_unfinished_run(fast_cfg, tmp_path):
+    from kdlab.errors import KdlabError
+    from kdlab.resume import MARKER, run_key, select_last_run
+
+    cfg = fast_cfg("ckpt_path=last")
+    with pytest.raises(KdlabError, match="ckpt_path=last: no unfinished run of this config"):
+        select_last_run(cfg)
+    old = tmp_path / "logs" / "runs" / "2026-01-01_00-00-00"
+    old.mkdir(parents=True)
+    (old / MARKER).write_text(json.dumps({"key": run_key(cfg)}))
+    select_last_run(cfg)
+    assert cfg.paths.output_dir == str(old) and cfg.ckpt_path is None
+
+
+def test_a_folder_of_another_unfinished_run_is_refused(fast_cfg, tmp_path):
+    from kdlab.errors import KdlabError
+    from kdlab.resume import prepare_run
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    assert prepare_run(fast_cfg("distill=kd"), folder) is False
+    assert prepare_run(fast_cfg("distill=kd"), folder) is True  # same config: resume
+    with pytest.raises(KdlabError, match="holds an unfinished run of another config"):
+        prepare_run(fast_cfg("distill=none"), folder)
+    (folder / "results.json").write_text("{}")  # finished: the folder may be reused
+    assert prepare_run(fast_cfg("distill=none"), folder) is False
