@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdlab.errors import KdlabError
@@ -114,7 +115,14 @@ def set_resuming(value: bool) -> None:
 def resume_checkpoint(stage_dir: Path) -> str | None:
     """``stage_dir/checkpoints/last.ckpt`` when this run resumes and that file exists."""
     last = stage_dir / "checkpoints" / "last.ckpt"
-    if _resuming.get() and last.is_file():
-        log.info("Resuming %s from %s", stage_dir, last)
-        return str(last)
-    return None
+    if not (_resuming.get() and last.is_file()):
+        return None
+    try:  # never resume from a damaged file silently (checkpoints are written atomically,
+        # so this takes a disk error or a hand-made copy)
+        torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch says, the fix is the same
+        raise KdlabError(f"{last} is truncated or corrupted ({type(e).__name__}): delete it to "
+                         f"train that stage from its start, or resume=false to start the run "
+                         "over") from None
+    log.info("Resuming %s from %s", stage_dir, last)
+    return str(last)

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from kdlab.errors import KdlabError
 from kdlab.files import locked, save_atomic
 from kdlab.fit import fit_stage
 from kdlab.module import freeze
+from kdlab.report import write_json
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +147,8 @@ def stored_model(cfg: DictConfig, key: str, identity: dict[str, Any], model: nn.
     # the stored entry); waiting on its lock would deadlock the process group
     rank_zero = is_rank_zero()
     with locked(store / f".{key}.lock") if rank_zero else contextlib.nullcontext():
-        if weights.is_file():
-            saved = torch.load(weights, map_location="cpu", weights_only=True)
+        saved = _load_entry(weights, rank_zero, label)
+        if saved is not None:
             load_into(model, saved["state_dict"], f"teacher store entry {weights}")
             log.info("%s: reusing %s from the store (trained once, %s)", label, key,
                      _accuracy(saved.get("metrics", {})))
@@ -159,11 +162,49 @@ def stored_model(cfg: DictConfig, key: str, identity: dict[str, Any], model: nn.
             return {"source": "trained", "key": key, "stored": False, "metrics": result}
         save_atomic({"state_dict": model.state_dict(), "identity": identity,
                      "metrics": result}, weights)
-        (store / key / "teacher.json").write_text(json.dumps(
-            {"key": key, "identity": identity, "metrics": result}, indent=2, default=str))
+        write_json(store / key / "teacher.json",
+                   {"key": key, "identity": identity, "metrics": result,
+                    "bytes": weights.stat().st_size, "sha256": sha256(weights)})
         log.info("%s: stored as %s (%s)", label, weights, _accuracy(result))
         return {"source": "trained", "key": key, "path": str(weights), "stored": True,
                 "metrics": result}
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_entry(weights: Path, rank_zero: bool, label: str) -> dict[str, Any] | None:
+    """A store entry's content, or ``None`` when there is none. An entry whose size or hash
+    differs from its ``teacher.json``, or that cannot be read, is reported by path, moved
+    aside (``teacher.pt.corrupt-<time>``) and trained again."""
+    if not weights.is_file():
+        return None
+    problem = None
+    try:
+        meta = json.loads((weights.parent / "teacher.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    if "bytes" in meta and weights.stat().st_size != meta["bytes"]:
+        problem = f"{weights.stat().st_size} bytes instead of {meta['bytes']} (truncated)"
+    elif "sha256" in meta and sha256(weights) != meta["sha256"]:
+        problem = "a SHA-256 that differs from teacher.json's (corrupted)"
+    if problem is None:
+        try:
+            return torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+            problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if rank_zero:
+        aside = weights.with_name(f"teacher.pt.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(weights, aside)
+        log.warning("%s: the store entry %s has %s; moved it to %s and training it again",
+                    label, weights, problem, aside)
+    return None
 
 
 def train_teacher(cfg: DictConfig, model: nn.Module, stage_dir: Path) -> dict[str, float]:
