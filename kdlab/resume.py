@@ -81,8 +81,8 @@ def select_last_run(cfg: DictConfig) -> None:
 def prepare_run(cfg: DictConfig, run_dir: Path) -> bool:
     """Decide whether this run resumes the one in ``run_dir`` (same config: yes, unless
     ``resume=false``) and mark the folder with this config's key; returns it. A folder whose
-    marker names another config is refused while that run is unfinished; after it finished, the
-    folder is reused for a fresh run."""
+    marker names another config is refused while that run is unfinished and has checkpoints;
+    after it finished (or if it failed before its first checkpoint) the folder is reused."""
     key = run_key(cfg)
     marker = _marker(run_dir)
     resuming = False
@@ -91,7 +91,8 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> bool:
         if resuming:
             log.info("Resuming the run in %s (same config, key %s): each stage continues from "
                      "its last.ckpt", run_dir, key)
-    elif marker is not None and not (run_dir / "results.json").exists():
+    elif marker is not None and not (run_dir / "results.json").exists() \
+            and next(run_dir.rglob("last.ckpt"), None) is not None:
         raise KdlabError(f"paths.output_dir={run_dir} holds an unfinished run of another config "
                          f"(key {marker.get('key')}, this one {key}): choose another folder, or "
                          "delete that one")

@@ -114,6 +114,9 @@ def test_a_folder_of_another_unfinished_run_is_refused(fast_cfg, tmp_path):
     folder.mkdir()
     assert prepare_run(fast_cfg("distill=kd"), folder) is False
     assert prepare_run(fast_cfg("distill=kd"), folder) is True  # same config: resume
+    assert prepare_run(fast_cfg("distill=at"), folder) is False  # no checkpoint yet: reused
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
     with pytest.raises(KdlabError, match="holds an unfinished run of another config"):
         prepare_run(fast_cfg("distill=none"), folder)
     (folder / "results.json").write_text("{}")  # finished: the folder may be reused
