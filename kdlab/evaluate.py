@@ -70,6 +70,40 @@ def load_run_config(ckpt_path: str) -> DictConfig:
     return OmegaConf.create(config)
 
 
+def checkpoint_student(run_cfg: DictConfig, ckpt_path: str, data: InMemoryDataModule,
+                       member: int | None = None) -> tuple[nn.Module, DictConfig]:
+    """The network a kdlab checkpoint holds, rebuilt from its stored config, and its model
+    config: the student, or member ``member`` (default 0) of a ``mode=mutual`` cohort, whose
+    checkpoints hold every member under ``student.<i>.``."""
+    mode = str((run_cfg.get("mode") or {}).get("name", "offline"))
+    if mode != "mutual":
+        if member not in (None, 0):
+            raise KdlabError(f"member={member}: {ckpt_path} is a {mode} run's checkpoint, not a "
+                             "cohort's; drop member")
+        model = build_model(run_cfg.student.model, data, "student.model")
+        load_into(model, load_weights(ckpt_path), f"ckpt_path={ckpt_path}")
+        return model, run_cfg.student.model
+    from kdlab.modes.mutual import member_configs
+
+    configs = member_configs(run_cfg)
+    index = 0 if member is None else int(member)
+    if not 0 <= index < len(configs):
+        raise KdlabError(f"member={index}: the cohort of {ckpt_path} has members "
+                         f"0..{len(configs) - 1}")
+    model = build_model(configs[index], data, f"member {index}")
+    prefix = f"student.{index}."
+    state = {k[len(prefix):]: v for k, v in load_weights_raw(ckpt_path).items()
+             if k.startswith(prefix)}
+    load_into(model, state, f"ckpt_path={ckpt_path} (member {index})")
+    return model, configs[index]
+
+
+def load_weights_raw(ckpt_path: str) -> dict[str, Any]:
+    """A checkpoint's ``state_dict`` as saved (``weights_only=True``)."""
+    obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    return dict(obj.get("state_dict", obj))
+
+
 def run_teacher(run_cfg: DictConfig, want: str) -> tuple[nn.Module | None, str]:
     """The teacher the checkpoint's run distilled from (its ``teacher.ckpt`` or its stored
     teacher; never trained here) and where it came from, or ``None`` when ``want`` is
@@ -119,9 +153,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             run_cfg[key] = OmegaConf.merge(run_cfg[key], cfg[key])
     run_cfg.channels_last = run_cfg.get("channels_last", False)
     data = build_datamodule(run_cfg, transfer=False)
-    model = build_model(run_cfg.student.model, data, "student.model")
-    load_into(model, load_weights(cfg.ckpt_path), f"ckpt_path={cfg.ckpt_path}")
-    student = _entry(model, run_cfg.student.model, data, run_cfg, cfg.latency)
+    model, model_cfg = checkpoint_student(run_cfg, cfg.ckpt_path, data, cfg.get("member"))
+    student = _entry(model, model_cfg, data, run_cfg, cfg.latency)
     student["checkpoint_bytes"] = Path(cfg.ckpt_path).stat().st_size
     result: dict[str, Any] = {"ckpt_path": str(cfg.ckpt_path), "student": student}
     teacher, source = run_teacher(run_cfg, str(cfg.get("with_teacher", "auto")))

@@ -21,12 +21,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kdlab.build import build_datamodule, build_model
+from kdlab.build import build_datamodule
 from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
 from kdlab.errors import KdlabError
-from kdlab.evaluate import load_run_config
+from kdlab.evaluate import checkpoint_student, load_run_config
 from kdlab.report import write_json
-from kdlab.teachers import load_into, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +151,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = load_run_config(cfg.ckpt_path)
     formats = choose_formats(cfg.get("formats", "auto"))
     data = build_datamodule(run_cfg, transfer=False)
-    model = build_model(run_cfg.student.model, data, "student.model")
-    load_into(model, load_weights(cfg.ckpt_path), f"ckpt_path={cfg.ckpt_path}")
+    model, model_cfg = checkpoint_student(run_cfg, cfg.ckpt_path, data, cfg.get("member"))
     data.setup("test")
     x = data.x_test[: int(cfg.check_samples)].cpu().contiguous()
     if len(x) < 3:
@@ -163,7 +161,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     files = export_model(model, x, out_dir, formats, float(cfg.atol))
     result = {
         "ckpt_path": str(cfg.ckpt_path),
-        "model": str(run_cfg.student.model._target_).rsplit(".", 1)[-1],
+        "model": str(model_cfg._target_).rsplit(".", 1)[-1],
         "input_shape": [None, *data.input_shape],
         "input_normalisation": {"scale": 1 / 255, "mean": float(data.mean),
                                 "std": float(data.std),

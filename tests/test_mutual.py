@@ -1,6 +1,7 @@
 """mode=mutual: Deep Mutual Learning's loss, gradient separation, whole runs, config errors."""
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -144,6 +145,23 @@ def test_members_of_different_models_have_their_own_metrics(fast_cfg):
     assert stages[0]["params"] != stages[1]["params"]
     assert stages[0]["metrics"]["test/acc"] != stages[1]["metrics"]["test/acc"]
     assert stages[0]["metrics"]["test/loss"] != stages[1]["metrics"]["test/loss"]
+
+    # kdlab-eval and kdlab-export read any member of the cohort's checkpoint
+    from kdlab.errors import KdlabError
+    from kdlab.evaluate import checkpoint_student, evaluate, load_run_config
+    from tests.conftest import make_cfg
+
+    ckpt = stages[1]["best_ckpt"]
+    out = Path(cfg.paths.output_dir).parent / "eval"
+    evaluated = evaluate(make_cfg(out, [f"ckpt_path={ckpt}", "member=1", "latency.repeats=1"],
+                                  config_name="eval"))
+    assert evaluated["student"]["model"] == "MLP"
+    assert evaluated["student"]["metrics"]["test/acc"] == pytest.approx(
+        stages[1]["metrics"]["test/acc"])
+    assert "mutual" in evaluated["teacher_skipped"]
+    run_cfg = load_run_config(ckpt)
+    with pytest.raises(KdlabError, match=r"member=2: the cohort of .* has members 0\.\.1"):
+        checkpoint_student(run_cfg, ckpt, build_datamodule(run_cfg, transfer=False), 2)
 
 
 @pytest.mark.parametrize("override,key", [
