@@ -19,6 +19,7 @@ so), and ``teacher_cache.enabled=true`` fails with the reason.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -30,7 +31,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kdlab.errors import KdlabError
-from kdlab.files import locked, save_atomic
+from kdlab.files import locked, save_atomic, sha256
+from kdlab.report import write_json
 from kdlab.strategies.base import Outputs
 from kdlab.taps import Taps
 
@@ -200,6 +202,8 @@ def prepare_cache(cfg: DictConfig, teacher: nn.Module | None, taps: Taps | None,
                 cache = _build(teacher, taps, x_train, channels_last, dtype, file)
                 save_atomic({"format": CACHE_FORMAT, "logits": cache.logits,
                              "features": cache.features}, file)
+                write_json(_sidecar(file), {"bytes": file.stat().st_size,
+                                            "sha256": sha256(file)})
                 log.info("Teacher cache: saved %s for reuse by later runs", file)
         return cache
     return _build(teacher, taps, x_train, channels_last, dtype, None)
@@ -225,10 +229,32 @@ def _build(teacher: nn.Module, taps: Taps | None, x: torch.Tensor, channels_last
     return cache
 
 
+def _sidecar(file: Path) -> Path:
+    return file.with_suffix(".json")
+
+
+def _damage(file: Path) -> str | None:
+    """What is wrong with a cache file against the size and SHA-256 recorded when it was saved
+    (``None`` when it matches, or when nothing was recorded)."""
+    try:
+        meta = json.loads(_sidecar(file).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if file.stat().st_size != meta.get("bytes"):
+        return f"{file.stat().st_size} bytes instead of {meta.get('bytes')} (truncated)"
+    if sha256(file) != meta.get("sha256"):
+        return "a SHA-256 that differs from the one recorded when it was saved (corrupted)"
+    return None
+
+
 def _load(file: Path, samples: int) -> TeacherCache | None:
     """A saved cache, memory-mapped; ``None`` when missing. A file that cannot be read or
     holds the wrong number of samples is reported and rebuilt."""
     if not file.is_file():
+        return None
+    damage = _damage(file)
+    if damage:
+        log.warning("Teacher cache: %s has %s; rebuilding it", file, damage)
         return None
     try:
         obj: Any = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

@@ -27,7 +27,7 @@ from torch import nn
 from kdlab.build import build_datamodule, build_model
 from kdlab.distributed import is_rank_zero
 from kdlab.errors import KdlabError
-from kdlab.files import locked, save_atomic
+from kdlab.files import locked, save_atomic, sha256
 from kdlab.fit import fit_stage
 from kdlab.module import freeze
 from kdlab.report import write_json
@@ -168,15 +168,6 @@ def stored_model(cfg: DictConfig, key: str, identity: dict[str, Any], model: nn.
         log.info("%s: stored as %s (%s)", label, weights, _accuracy(result))
         return {"source": "trained", "key": key, "path": str(weights), "stored": True,
                 "metrics": result}
-
-
-def sha256(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load_entry(weights: Path, rank_zero: bool, label: str) -> dict[str, Any] | None:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from kdlab.errors import KdlabError
+from kdlab.files import sha256
 from kdlab.resume import resume_checkpoint, set_resuming
-from kdlab.teachers import get_teacher, sha256
+from kdlab.teachers import get_teacher
 
 
 def _entry(tmp_path):

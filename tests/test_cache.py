@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -100,7 +101,23 @@ def test_a_corrupted_cache_file_is_reported_and_rebuilt(fast_cfg, caplog):
     first.path.write_bytes(first.path.read_bytes()[:100])  # truncated
     caplog.set_level(logging.INFO, logger="kdlab.cache")
     again = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
-    assert "unreadable" in caplog.text and str(first.path) in caplog.text
+    assert "(truncated)" in caplog.text and str(first.path) in caplog.text
     torch.testing.assert_close(again.logits.float(), first.logits.float())
     with pytest.raises(KdlabError, match="teacher_cache.dtype=int8"):
         prepare_cache(fast_cfg("teacher_cache.dtype=int8"), teacher, None, x, False, False)
+
+
+def test_a_cache_file_with_flipped_bytes_is_caught_by_its_hash(fast_cfg, caplog):
+    cfg = fast_cfg()
+    teacher, x = _teacher(), torch.randn(50, 1, 28, 28)
+    first = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
+    meta = json.loads(first.path.with_suffix(".json").read_text())
+    assert meta["bytes"] == first.path.stat().st_size
+    data = bytearray(first.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte of the stored logits changed
+    first.path.write_bytes(bytes(data))
+    caplog.set_level(logging.INFO, logger="kdlab.cache")
+    again = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
+    assert f"{first.path} has a SHA-256 that differs" in caplog.text and "rebuilding" in caplog.text
+    assert json.loads(first.path.with_suffix(".json").read_text()) == meta  # rebuilt whole
+    torch.testing.assert_close(again.logits.float(), first.logits.float())
