@@ -1,6 +1,6 @@
-"""trainer=ddp on 2 CPU processes (gloo), inside a Hydra multirun: one sweep, one results.json
-whose test accuracy equals a single-process evaluation of the same checkpoint; the teacher is
-trained under DDP and stored once."""
+"""trainer=ddp on 2 CPU processes (gloo), in a single run and inside a Hydra multirun: one
+run folder, one results.json whose test accuracy equals a single-process evaluation of the
+same checkpoint; the teacher is trained under DDP and stored once."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from kdlab.evaluate import evaluate
 from tests.conftest import FAST, make_cfg
 
 
-def test_ddp_two_cpu_processes_in_a_multirun(tmp_path):
-    args = [sys.executable, "-m", "kdlab.train", "-m", "trainer=ddp", "trainer.accelerator=cpu",
+@pytest.mark.parametrize("multirun", [True, False], ids=["multirun", "single-run"])
+def test_ddp_two_cpu_processes(tmp_path, multirun):
+    sweep = ["-m"] if multirun else [f"hydra.run.dir={tmp_path}/multiruns/single/0"]
+    args = [sys.executable, "-m", "kdlab.train", *sweep, "trainer=ddp", "trainer.accelerator=cpu",
             "trainer.devices=2", "seed=1", *FAST, "trainer.limit_test_batches=null",
             f"paths.log_dir={tmp_path}"]
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600,
