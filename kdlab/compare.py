@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.errors import KdlabError, close_matches
+from kdlab.report import markdown
 
 #: config keys that never define a group: where files went, the seed (aggregated over), the
 #: resume checkpoint, progress bars and the logger's folders
@@ -257,13 +258,6 @@ def write_csv(path: Path, keys: Sequence[str], rows: Sequence[Row], metric: str)
                              " ".join(str(p) for p in row.runs)])
 
 
-def markdown(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines) + "\n"
-
-
 def print_rich(headers: Sequence[str], body: Sequence[Sequence[str]], title: str) -> None:
     """The table in the terminal."""
     from rich.console import Console
@@ -295,7 +289,7 @@ def compare(paths: Sequence[str | Path], out: Path | None = None, by: Sequence[s
     print_rich(headers, body, title=f"{len(runs)} runs, {metric} (mean ± std over seeds)")
     files = [out / "compare.csv", out / "compare.md"]
     write_csv(files[0], keys, rows, metric)
-    files[1].write_text(markdown(headers, body))
+    files[1].write_text(markdown(headers, body) + "\n")
     if plots:
         from kdlab.compare_plots import plot_all
 

@@ -91,17 +91,11 @@ def checkpoint_student(run_cfg: DictConfig, ckpt_path: str, data: InMemoryDataMo
         raise KdlabError(f"member={index}: the cohort of {ckpt_path} has members "
                          f"0..{len(configs) - 1}")
     model = build_model(configs[index], data, f"member {index}")
-    prefix = f"student.{index}."
-    state = {k[len(prefix):]: v for k, v in load_weights_raw(ckpt_path).items()
+    prefix = f"{index}."  # load_weights has already dropped the checkpoint's "student."
+    state = {k[len(prefix):]: v for k, v in load_weights(ckpt_path).items()
              if k.startswith(prefix)}
     load_into(model, state, f"ckpt_path={ckpt_path} (member {index})")
     return model, configs[index]
-
-
-def load_weights_raw(ckpt_path: str) -> dict[str, Any]:
-    """A checkpoint's ``state_dict`` as saved (``weights_only=True``)."""
-    obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    return dict(obj.get("state_dict", obj))
 
 
 def run_teacher(run_cfg: DictConfig, want: str) -> tuple[nn.Module | None, str]:
