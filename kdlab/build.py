@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+import kdlab.resolvers  # noqa: F401 - registers ${scaled_lr:...}
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.errors import KdlabError
 from kdlab.module import LoopOptions
@@ -54,7 +55,12 @@ def build_model(model_cfg: DictConfig, data: InMemoryDataModule, key: str) -> nn
         kwargs["input_shape"] = list(data.input_shape)
     if "num_classes" not in model_cfg:
         kwargs["num_classes"] = data.num_classes
-    model = _instantiate(model_cfg, key, **kwargs)
+    try:
+        model = _instantiate(model_cfg, key, **kwargs)
+    except KdlabError as e:  # zoo errors say model.name=…: name the teacher's or student's
+        if str(e).startswith("model."):
+            raise KdlabError(f"{key.rsplit('.', 1)[0]}.{e}") from None
+        raise
     was_training = model.training
     model.eval()
     with torch.no_grad():

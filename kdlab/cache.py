@@ -149,7 +149,7 @@ def _per_sample_bytes(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
 
 
 def prepare_cache(cfg: DictConfig, teacher: nn.Module | None, taps: Taps | None,
-                  x_train: torch.Tensor, augment: bool, channels_last: bool,
+                  x_train: torch.Tensor | None, augment: bool, channels_last: bool,
                   mix: str = "none") -> TeacherCache | None:
     """The cache for this run per ``cfg.teacher_cache``, or ``None`` (live teacher). Random
     augmentation (``augment``) and batch mixing (``mix`` other than ``none``, see
@@ -181,6 +181,9 @@ def prepare_cache(cfg: DictConfig, teacher: nn.Module | None, taps: Taps | None,
     if augment:
         live("data.augment=true gives the student a new random view every step, which the "
              "teacher must see too")
+        return None
+    if x_train is None:
+        live("the data is read from disk batch by batch (the cache needs an in-memory dataset)")
         return None
     per_sample, has_features = _per_sample_bytes(teacher, taps, x_train, channels_last,
                                                  dtype.itemsize)

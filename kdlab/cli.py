@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import kdlab.resolvers  # noqa: F401 - registers ${scaled_lr:...}
 from kdlab.errors import KdlabError, close_matches
 
 #: the Hydra config folder: ``conf/`` at the top of the repository (install with ``pip -e``)
@@ -48,10 +49,23 @@ def check_group_overrides(argv: Sequence[str]) -> None:
             if choice not in options and choice not in ("null", ""):
                 raise KdlabError(f"{key}={choice} is not an option of the '{key}' group"
                                  f"{close_matches(choice, options)}; choose one of: "
-                                 f"{', '.join(options)}")
+                                 f"{', '.join(options)}{_zoo_hint(key, choice)}")
+
+
+def _zoo_hint(group: str, choice: str) -> str:
+    """For ``student=resnet8x4``: how to pick that zoo model instead."""
+    if group not in ("teacher", "student"):
+        return ""
+    from kdlab.models.zoo import available
+
+    if choice in available():
+        return f" ({choice} is a zoo model: {group}=zoo {group}.model.name={choice})"
+    return ""
 
 
 _NOT_MEMBERS = ("none", "combo")
+#: ``scheduler=null`` (a plain key before it became a group) means the group's ``none`` option
+NULL_GROUPS = {"scheduler=null": "scheduler=none"}
 
 
 def expand_strategy_lists(argv: Sequence[str]) -> list[str]:
@@ -133,7 +147,7 @@ def guard_argv() -> None:
         lambda record: "litlogger" not in str(record.msg)
     )
     try:
-        sys.argv[1:] = expand_strategy_lists(sys.argv[1:])
+        sys.argv[1:] = [NULL_GROUPS.get(arg, arg) for arg in expand_strategy_lists(sys.argv[1:])]
         check_group_overrides(sys.argv[1:])
         check_plugins(sys.argv[1:])
     except KdlabError as e:

@@ -25,7 +25,7 @@ from kdlab.data.memory import InMemoryDataModule
 from kdlab.errors import KdlabError
 from kdlab.footprint import footprint, ratios
 from kdlab.module import DistillationModule
-from kdlab.report import write_json
+from kdlab.report import model_name, write_json
 from kdlab.teachers import get_teacher, load_into, load_weights
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def run_teacher(run_cfg: DictConfig, want: str) -> tuple[nn.Module | None, str]:
 def _entry(model: nn.Module, model_cfg: DictConfig, data: InMemoryDataModule,
            run_cfg: DictConfig, latency: DictConfig) -> dict[str, Any]:
     sizes = [int(b) for b in latency.get("batch_sizes", [latency.batch_size])]
-    entry = {"model": str(model_cfg._target_).rsplit(".", 1)[-1],
+    entry = {"model": model_name(model_cfg),
              "metrics": evaluate_model(model, data, run_cfg),
              **footprint(model, data.input_shape, sizes, int(latency.repeats),
                          bool(run_cfg.channels_last))}

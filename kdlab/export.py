@@ -25,7 +25,7 @@ from kdlab.build import build_datamodule
 from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
 from kdlab.errors import KdlabError
 from kdlab.evaluate import checkpoint_student, load_run_config
-from kdlab.report import write_json
+from kdlab.report import model_name, write_json
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     files = export_model(model, x, out_dir, formats, float(cfg.atol))
     result = {
         "ckpt_path": str(cfg.ckpt_path),
-        "model": str(model_cfg._target_).rsplit(".", 1)[-1],
+        "model": model_name(model_cfg),
         "input_shape": [None, *data.input_shape],
         "input_normalisation": {"scale": 1 / 255, "mean": float(data.mean),
                                 "std": float(data.std),

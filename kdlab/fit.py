@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
@@ -16,7 +17,7 @@ from torch import nn
 from kdlab.build import build_trainer, loop_options, to_container
 from kdlab.cache import prepare_cache
 from kdlab.callbacks import Throughput
-from kdlab.data.memory import UNLABELLED, InMemoryDataModule
+from kdlab.data.memory import InMemoryDataModule
 from kdlab.data.mix import check_stage
 from kdlab.module import DistillationModule
 from kdlab.resume import resume_checkpoint
@@ -78,20 +79,20 @@ def fit_stage(
         student=student,
         num_classes=data.num_classes,
         optimizer=instantiate(optimizer),
-        scheduler=instantiate(scheduler) if scheduler is not None else None,
+        scheduler=instantiate(scheduler) if has_target(scheduler) else None,
         teacher=teacher,
         strategy=strategy,
         channels_last=bool(cfg.channels_last),
         hparams={"stage": stage, "config": to_container(cfg)},
-        example_input=data.x_train[:2],
+        example_input=data.example_input(2),
         num_train_samples=data.num_train_samples,
         loop=loop,
     )
-    module.has_unlabelled = bool((data.targets == UNLABELLED).any())
+    module.has_unlabelled = data.has_unlabelled
     if strategy is not None and strategy.needs_teacher:
         module.teacher_cache = prepare_cache(cfg, module.teacher, module.teacher_taps,
-                                             data.x_train, data.augment, bool(cfg.channels_last),
-                                             mix=data.mix)
+                                             getattr(data, "x_train", None), data.augment,
+                                             bool(cfg.channels_last), mix=data.mix)
     compile_models(cfg, module)
     return fit_module(cfg, stage, stage_dir, module, data, max_epochs=max_epochs,
                       ckpt_path=ckpt_path, callbacks=callbacks)
@@ -132,12 +133,35 @@ def fit_module(
             if callback.best_model_score is not None:
                 metrics[callback.monitor] = float(callback.best_model_score)
     epochs = trainer.current_epoch
+    last_acc = test_accuracy(module, data) if cfg.get("test_last") else None
     speed = next((c.history for c in trainer.callbacks if isinstance(c, Throughput)), [])
     test = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     metrics.update(test[0] if test else {})
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["epochs"] = epochs
+    if last_acc is not None:
+        metrics["last/test/acc"] = last_acc
     if getattr(module, "skipped_batches", 0):
         metrics["skipped_batches"] = module.skipped_batches
     return StageResult(module=module, metrics=metrics, best_ckpt=best, last_ckpt=last,
                        samples_per_s=list(speed))
+
+
+@torch.no_grad()
+def test_accuracy(module: DistillationModule, data: InMemoryDataModule) -> float:
+    """Test accuracy of ``module``'s current weights (after a fit: the last epoch's), computed
+    directly rather than through ``trainer.test`` so the loggers see one test per stage."""
+    was_training = module.training
+    module.eval()
+    correct = total = 0
+    for x, y, _ in data.test_dataloader():
+        x, y = x.to(module.device), y.to(module.device)
+        correct += int((module(x).argmax(-1) == y).sum())
+        total += len(y)
+    module.train(was_training)
+    return correct / max(total, 1)
+
+
+def has_target(node: DictConfig | None) -> bool:
+    """Whether a config node builds something (``scheduler=none`` is ``{_target_: null}``)."""
+    return node is not None and node.get("_target_") is not None

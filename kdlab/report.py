@@ -18,6 +18,12 @@ from kdlab.models import count_parameters
 ROLES = ("teacher", "student", "baseline")
 
 
+def model_name(model_cfg: Mapping[str, Any]) -> str:
+    """A model config's ``name`` (zoo models: ``resnet8x4`` …), else the class name of its
+    ``_target_`` (``CNN``, ``MLP`` …)."""
+    return str(model_cfg.get("name") or str(model_cfg["_target_"]).rsplit(".", 1)[-1])
+
+
 @torch.no_grad()
 def cpu_latency_ms(
     model: nn.Module,

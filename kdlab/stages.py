@@ -13,12 +13,7 @@ from kdlab.data.memory import InMemoryDataModule
 from kdlab.evaluate import evaluate_model
 from kdlab.fit import StageResult
 from kdlab.module import freeze
-from kdlab.report import describe_model
-
-
-def model_name(model_cfg: DictConfig) -> str:
-    """The class name of a model config's ``_target_`` (``CNN``, ``MLP`` …)."""
-    return str(model_cfg._target_).rsplit(".", 1)[-1]
+from kdlab.report import describe_model, model_name  # noqa: F401 - re-exported
 
 
 def latency_args(cfg: DictConfig, data: InMemoryDataModule) -> tuple:

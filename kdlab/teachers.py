@@ -36,10 +36,14 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = 3  # bumped when model code changes what a stored state dict means
 #: data options that change what a teacher is trained on (loader-only options are left out)
-_DATA_KEYS = ("_target_", "val_size", "split_seed", "batch_size", "shift", "flip", "classes")
+_DATA_KEYS = ("_target_", "val_size", "split_seed", "batch_size", "shift", "flip", "classes",
+              "input_shape", "num_classes", "train_size", "test_size", "noise", "seed",
+              "image_size", "train_dir")
 #: data keys left out of the identity while unset, so teachers stored before they existed keep
-#: their keys (a teacher of a class subset is another teacher than the full task's)
-_DATA_KEYS_IF_SET = ("classes",)
+#: their keys (a teacher of a class subset is another teacher than the full task's; synthetic
+#: data of another shape, size or seed is other data)
+_DATA_KEYS_IF_SET = ("classes", "input_shape", "num_classes", "train_size", "test_size", "noise",
+                     "seed", "image_size", "train_dir")
 
 
 def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -61,7 +65,8 @@ def teacher_key(cfg: DictConfig) -> str:
     """``<model>-<hash12>``: the teacher's folder name in the store."""
     identity = json.dumps(teacher_identity(cfg), sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    model = str(cfg.teacher.model._target_).rsplit(".", 1)[-1].lower()
+    model = str(cfg.teacher.model.get("name") or cfg.teacher.model._target_.rsplit(".", 1)[-1])
+    model = model.lower().replace("/", "_")
     return f"{model}-{digest}"
 
 
@@ -115,6 +120,10 @@ def _find_or_train(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str,
     data = build_datamodule(cfg, transfer=False, num_labels=None)
     L.seed_everything(int(cfg.teacher.seed), workers=True, verbose=False)  # the initial weights
     model = build_model(cfg.teacher.model, data, "teacher.model")
+    if cfg.teacher.ckpt == "pretrained":  # weights the model config loads itself
+        log.info("Teacher: pretrained weights of teacher.model (%s), not trained",
+                 cfg.teacher.model.get("weights") or "given by its constructor")
+        return model, {"source": "pretrained", "weights": cfg.teacher.model.get("weights")}
     if cfg.teacher.ckpt:
         load_into(model, load_weights(cfg.teacher.ckpt), f"teacher.ckpt={cfg.teacher.ckpt}")
         log.info("Teacher: loaded %s", cfg.teacher.ckpt)

@@ -21,14 +21,20 @@ DOC = (ROOT / "docs" / "TROUBLESHOOTING.md").read_text()
 #: command-line overrides caught before Hydra composes anything
 CLI_CASES = [
     (["distill=kdd"], r"distill=kdd is not an option of the 'distill' group \(did you mean kd"),
-    (["student=resnet18"], r"student=resnet18 is not an option .*choose one of: cnn, mlp"),
-    (["data=cifar10"], r"data=cifar10 is not an option .*choose one of: fashion_mnist"),
+    (["student=resnet18"], r"student=resnet18 is not an option .*choose one of: cnn, mlp, zoo "
+                           r"\(resnet18 is a zoo model: student=zoo student.model.name=resnet18\)"),
+    (["data=cifar_10"], r"data=cifar_10 is not an option .*did you mean cifar10.*choose one of: "
+                        r"cifar10, cifar100, fashion_mnist"),
     (["mode=mutal"], r"mode=mutal is not an option .*did you mean mutual"),
     (["distill=[kd,atx]"], r"distill=\[\.\.\.\]: 'atx' is not a strategy \(did you mean at"),
 ]
 
 #: config values caught when the run builds its parts
 CONFIG_CASES = [
+    (["student=zoo", "student.model.name=resnet8x5"],
+     r"student.model.name=resnet8x5 is not a kdlab model \(did you mean resnet8x4"),
+    (["data=cifar100"], r"cifar100 not found: data.root=data has no cifar-100-python/ .*"
+                        r"data=synthetic_cifar100"),
     (["distill=fitnets", "distill.student_layers=[stages.9]"],
      r"distill.student_layers: 'stages.9' is not a module of CNN \(did you mean stages.1"),
     (["distill=at", "distill.teacher_layers=[blocks.1]"],

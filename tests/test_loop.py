@@ -32,7 +32,7 @@ def test_gradient_accumulation_matches_a_batch_twice_as_large(fast_cfg, tmp_path
     # an MLP student: no batch norm, whose statistics would depend on the batch size
     common = ["distill=none", "student=mlp", "baseline=false", "trainer.max_epochs=1",
               "data.num_labels=null",
-              "scheduler=null", "steps_per_call=1", "optimizer.weight_decay=0"]
+              "scheduler=none", "steps_per_call=1", "optimizer.weight_decay=0"]
     big = run(fast_cfg(*common, "data.batch_size=32", "trainer.limit_train_batches=3",
                        tmp=tmp_path / "a"))
     small = run(fast_cfg(*common, "data.batch_size=16", "trainer.limit_train_batches=6",

@@ -86,16 +86,23 @@ def restrict_classes(x: torch.Tensor, y: torch.Tensor, classes: Sequence[int],
     return x[keep].contiguous(), relabel[y[keep]], keep
 
 
-def random_shift_flip(x: torch.Tensor, pad: int, fill: float, flip: bool) -> torch.Tensor:
-    """Per-sample random translation by up to ``pad`` pixels (padding with ``fill``) and, if
-    ``flip``, a random horizontal flip. Vectorised over the batch, on ``x``'s device."""
-    n, _, h, w = x.shape
+def random_shift_flip(x: torch.Tensor, pad: int, fill: float | torch.Tensor,
+                      flip: bool) -> torch.Tensor:
+    """Per-sample random translation by up to ``pad`` pixels (padding with ``fill``, a number or
+    one value per channel) and, if ``flip``, a random horizontal flip. With ``pad=4`` this is
+    CIFAR's ``RandomCrop(32, padding=4)``. Vectorised over the batch, on ``x``'s device."""
+    n, c, h, w = x.shape
     if flip:
         mask = torch.rand(n, device=x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     if pad <= 0:
         return x
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=fill)
+    if isinstance(fill, torch.Tensor) and fill.numel() > 1:
+        padded = fill.to(x.device, x.dtype).view(1, c, 1, 1).expand(
+            n, c, h + 2 * pad, w + 2 * pad).clone()
+        padded[:, :, pad:pad + h, pad:pad + w] = x
+    else:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=float(fill))
     dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
     dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
     rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])[:, :, None]  # n,h,1
@@ -105,10 +112,19 @@ def random_shift_flip(x: torch.Tensor, pad: int, fill: float, flip: bool) -> tor
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def channel_stats(mean: float | Sequence[float], std: float | Sequence[float]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` (a number, or one per channel) as tensors of shape ``(C, 1, 1)``."""
+    m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+    return m, s
+
+
 class InMemoryDataModule(L.LightningDataModule):
     """Base for in-memory image classification datamodules.
 
-    Subclasses set ``num_classes``, ``input_shape``, ``mean``, ``std`` and implement
+    Subclasses set ``num_classes``, ``input_shape``, ``mean``, ``std`` (numbers, or one per
+    channel) and implement
     :meth:`load` returning ``(x_train, y_train, x_test, y_test)`` with uint8 images ``(N, C, H,
     W)`` and integer labels.
 
@@ -139,8 +155,8 @@ class InMemoryDataModule(L.LightningDataModule):
     name = "in_memory"
     num_classes: int
     input_shape: tuple[int, int, int]
-    mean: float
-    std: float
+    mean: float | tuple[float, ...]
+    std: float | tuple[float, ...]
 
     def __init__(
         self,
@@ -261,7 +277,28 @@ class InMemoryDataModule(L.LightningDataModule):
         }
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float().div_(255.0).sub_(self.mean).div_(self.std).contiguous()
+        images = images.float().div_(255.0)
+        if isinstance(self.mean, (int, float)) and isinstance(self.std, (int, float)):
+            return images.sub_(self.mean).div_(self.std).contiguous()
+        mean, std = channel_stats(self.mean, self.std)
+        return images.sub_(mean).div_(std).contiguous()
+
+    @property
+    def black(self) -> float | torch.Tensor:
+        """The normalised value of a black pixel: a number, or one per channel."""
+        if isinstance(self.mean, (int, float)) and isinstance(self.std, (int, float)):
+            return (0.0 - self.mean) / self.std
+        mean, std = channel_stats(self.mean, self.std)
+        return ((0.0 - mean) / std).flatten()
+
+    def example_input(self, n: int = 2) -> torch.Tensor:
+        """``n`` training images (for probing feature shapes)."""
+        return self.x_train[:n]
+
+    @property
+    def has_unlabelled(self) -> bool:
+        """Whether the training split holds transfer-set samples without a label."""
+        return bool((self.targets == UNLABELLED).any())
 
     @property
     def num_train_samples(self) -> int:
@@ -307,7 +344,7 @@ class InMemoryDataModule(L.LightningDataModule):
                 return [self.on_after_batch_transfer(b, dataloader_idx) for b in batch]
             x, y, idx = batch
             if self.augment:
-                fill = (0.0 - self.mean) / self.std  # a black pixel after normalisation
+                fill = self.black  # a black pixel after normalisation
                 x = random_shift_flip(x, self.shift, fill, self.flip)
             if self.mix != "none":  # a mixed image has no single label: hidden
                 x = mix_batch(x, self.mix, self.mix_alpha)[0]

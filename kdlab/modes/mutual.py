@@ -32,10 +32,10 @@ from torch import nn
 from kdlab.build import build_datamodule, build_model, loop_options, to_container
 from kdlab.cli import CONF_DIR, group_options
 from kdlab.cohort import CohortModule, check_cohort
-from kdlab.data.memory import UNLABELLED, InMemoryDataModule
+from kdlab.data.memory import InMemoryDataModule
 from kdlab.errors import KdlabError
 from kdlab.evaluate import evaluate_model
-from kdlab.fit import StageResult, fit_module, fit_stage
+from kdlab.fit import StageResult, fit_module, fit_stage, has_target
 from kdlab.stages import latency_args, model_name, stage_entry
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,12 @@ def fit_cohort(cfg: DictConfig, stage_dir: Path, members: list[nn.Module],
         temperature=float(cfg.mode.get("temperature", 1.0)),
         kl_weight=float(cfg.mode.get("kl_weight", 1.0)),
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") is not None else None,
+        scheduler=instantiate(cfg.scheduler) if has_target(cfg.get("scheduler")) else None,
         channels_last=bool(cfg.channels_last),
         hparams={"stage": "cohort", "config": to_container(cfg)},
         loop=loop,
     )
-    module.has_unlabelled = bool((data.targets == UNLABELLED).any())
+    module.has_unlabelled = data.has_unlabelled
     checkpoints = _member_checkpoints(stage_dir, len(members))
     best = _BestCheckpoints(checkpoints)
     result = fit_module(cfg, "cohort", stage_dir, module, data, ckpt_path=cfg.ckpt_path,

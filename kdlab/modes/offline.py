@@ -51,6 +51,7 @@ def run(cfg: DictConfig, run_dir: Path, teachers: TeacherSource = single_teacher
     init = cfg.student.get("init_from_teacher")
     teacher = None
     if needs_teacher or init:
+        build_model(cfg.student.model, data, "student.model")  # a bad student fails first
         teacher, entries = teachers(cfg, run_dir, data, latency)
         results["teacher"] = entries[-1]
         results["stages"] += entries

@@ -88,7 +88,7 @@ def task_cfg(cfg: DictConfig, classes: list[int], num_labels: int | None,
         out.data.num_labels = num_labels
         if lr is not None:
             out.optimizer.lr = lr
-            if out.get("scheduler") is not None and "max_lr" in out.scheduler:
+            if out.get("scheduler") and "max_lr" in out.scheduler:
                 out.scheduler.max_lr = lr
     return out
 

@@ -1,0 +1,51 @@
+"""Config resolvers kdlab registers with OmegaConf.
+
+``${scaled_lr:BASE_LR,BASE_BATCH}`` is the linear scaling rule (Goyal et al. 2017): a recipe
+published for a global batch of ``BASE_BATCH`` gets
+``BASE_LR × data.batch_size × trainer.devices × trainer.num_nodes ×
+trainer.accumulate_grad_batches / BASE_BATCH``. The CIFAR and ImageNet recipes
+(``conf/experiment/``) write their learning rates this way, so changing the batch size or the
+number of GPUs keeps the recipe's LR per sample; the resolved value is in the run's saved
+config and in the log. Write a number instead of the resolver to opt out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from kdlab.errors import KdlabError
+
+
+def global_batch_size(root: Any) -> int:
+    """Samples per optimizer step over all processes: batch × devices × nodes × accumulation."""
+    trainer = root.get("trainer") or {}
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise KdlabError(f"trainer.devices={devices} must be a number of devices (or a list of "
+                         "them) for ${scaled_lr:...} to know the global batch size")
+    nodes = int(trainer.get("num_nodes", 1) or 1)
+    accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
+    return int(root.data.batch_size) * devices * nodes * accumulate
+
+
+def scaled_lr(base_lr: float, base_batch_size: int, *, _root_: Any) -> float:
+    """``base_lr`` scaled linearly from a global batch of ``base_batch_size`` to this run's."""
+    if float(base_batch_size) <= 0:
+        raise KdlabError(f"${{scaled_lr:{base_lr},{base_batch_size}}}: the base batch size "
+                         "must be positive")
+    return float(base_lr) * global_batch_size(_root_) / float(base_batch_size)
+
+
+def register() -> None:
+    """Register kdlab's resolvers (once per process)."""
+    if not OmegaConf.has_resolver("scaled_lr"):
+        OmegaConf.register_new_resolver("scaled_lr", scaled_lr)
+
+
+register()

@@ -1,0 +1,69 @@
+"""The reproduction recipes run end to end on synthetic data of their real shapes
+(``fast_dev_run``): zoo teacher and student, SGD + step schedule, scaled LR, last-epoch test."""
+
+import pytest
+import torch
+
+from kdlab.models import available, create
+from kdlab.train import run
+from tests.conftest import make_cfg
+
+SMALL = ["trainer.enable_progress_bar=false", "latency.repeats=1", "latency.batch_size=2",
+         "data.batch_size=8", "data.eval_batch_size=16", "data.train_size=64",
+         "data.val_size=16", "data.test_size=32"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cifar100_recipe_runs_kd_between_zoo_models(tmp_path):
+    cfg = make_cfg(tmp_path, ["experiment=cifar100", "data=synthetic_cifar100", *SMALL,
+                              "teacher.model.name=resnet14", "student.model.name=resnet8",
+                              "trainer.max_epochs=2", "trainer.limit_train_batches=2",
+                              "scheduler.milestones=[1]"])
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == pytest.approx(
+        0.05 * 8 / 64)
+    results = run(cfg)
+    student, teacher = results["student"], results["teacher"]
+    assert student["model"] == "resnet8" and teacher["model"] == "resnet14"
+    assert student["params"] == sum(p.numel() for p in create("resnet8", [3, 32, 32], 100)
+                                    .parameters())
+    metrics = student["metrics"]
+    assert 0 <= metrics["last/test/acc"] <= 1 and 0 <= metrics["test/acc"] <= 1
+    assert metrics["epochs"] == 2
+    # the stored teacher is keyed by its zoo name
+    assert teacher["source"]["key"].startswith("resnet14-")
+
+
+@pytest.mark.parametrize("distill", ["crd", "dkd", "fitnets", "reviewkd"])
+def test_feature_strategies_wire_into_zoo_models(distill, tmp_path):
+    cfg = make_cfg(tmp_path, ["experiment=cifar100", "data=synthetic_cifar100", *SMALL,
+                              "teacher.model.name=wrn_16_2", "student.model.name=shufflenetv1",
+                              f"distill={distill}", "trainer.fast_dev_run=true"])
+    results = run(cfg)
+    assert 0 <= results["student"]["metrics"]["test/acc"] <= 1
+
+
+def test_imagenet_recipe_runs_on_synthetic_images(tmp_path):
+    cfg = make_cfg(tmp_path, ["experiment=imagenet", "data=synthetic_imagenet", *SMALL,
+                              "data.input_shape=[3,64,64]", "data.num_classes=20",
+                              "teacher.model.weights=null", "trainer.fast_dev_run=true"])
+    assert cfg.optimizer.lr == pytest.approx(0.1 * 8 / 256)
+    assert list(cfg.scheduler.milestones) == [30, 60, 90]
+    results = run(cfg)
+    assert results["teacher"]["model"] == "resnet34" and results["student"]["model"] == "resnet18"
+    assert results["teacher"]["source"]["source"] == "pretrained"
+
+
+def test_unknown_zoo_name_fails_with_close_matches(tmp_path):
+    from kdlab.errors import KdlabError
+
+    with pytest.raises(KdlabError, match="model.name=resnet8x5 .*did you mean.*resnet8x4"):
+        create("resnet8x5", [3, 32, 32], 100)
+    assert {"resnet8x4", "wrn_40_2", "vgg13", "mobilenetv2", "shufflenetv2",
+            "resnet18"} <= set(available())
