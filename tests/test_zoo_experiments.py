@@ -67,3 +67,32 @@ def test_unknown_zoo_name_fails_with_close_matches(tmp_path):
         create("resnet8x5", [3, 32, 32], 100)
     assert {"resnet8x4", "wrn_40_2", "vgg13", "mobilenetv2", "shufflenetv2",
             "resnet18"} <= set(available())
+
+
+def test_image_folder_data_trains_a_teacher_and_distils_from_disk(tmp_path):
+    from tests.test_data_zoo import _image_folder
+
+    root = _image_folder(tmp_path / "images", classes=3, train=8, test=2)
+    cfg = make_cfg(tmp_path, ["data=imagenet", f"data.root={root}", "data.image_size=32",
+                              "data.resize=36", "data.val_size=6", "data.batch_size=6",
+                              "data.eval_batch_size=6", "data.num_workers=0",
+                              "teacher=zoo", "teacher.model.name=resnet8",
+                              "student=zoo", "student.model.name=resnet8",
+                              "teacher.train.max_epochs=1", "trainer.max_epochs=2",
+                              "baseline=false", "test_last=true",
+                              "trainer.enable_progress_bar=false", "latency.repeats=1",
+                              "latency.batch_size=2"])
+    results = run(cfg)
+    student = results["student"]["metrics"]
+    assert student["epochs"] == 2 and 0 <= student["last/test/acc"] <= 1
+    assert results["teacher"]["source"]["source"] == "trained"
+
+
+def test_timm_model_by_name_distils_with_feature_taps(tmp_path):
+    pytest.importorskip("timm")
+    cfg = make_cfg(tmp_path, ["experiment=cifar100", "data=synthetic_cifar100", *SMALL,
+                              "teacher.model.name=resnet8", "student.model.name=timm:resnet10t",
+                              "distill=fitnets", "trainer.fast_dev_run=true"])
+    results = run(cfg)
+    assert results["student"]["model"] == "timm:resnet10t"
+    assert 0 <= results["student"]["metrics"]["test/acc"] <= 1
