@@ -144,6 +144,11 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: Path, formats: list
     return report
 
 
+def _plain(value: float | tuple[float, ...]) -> float | list[float]:
+    """A normalisation constant for export.json: a number, or one per channel."""
+    return float(value) if isinstance(value, (int, float)) else [float(v) for v in value]
+
+
 @friendly_errors
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild the checkpoint's student, export it and check every file; write
@@ -163,9 +168,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "ckpt_path": str(cfg.ckpt_path),
         "model": model_name(model_cfg),
         "input_shape": [None, *data.input_shape],
-        "input_normalisation": {"scale": 1 / 255, "mean": float(data.mean),
-                                "std": float(data.std),
-                                "rule": "x = (pixels / 255 - mean) / std, float32, NCHW"},
+        "input_normalisation": {"scale": 1 / 255, "mean": _plain(data.mean),
+                                "std": _plain(data.std),
+                                "rule": "x = (pixels / 255 - mean) / std (per channel when "
+                                        "a list), float32, NCHW"},
         "checked_on": f"{len(x)} test images",
         "atol": float(cfg.atol),
         "files": files,

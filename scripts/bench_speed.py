@@ -142,7 +142,7 @@ def kdlab_epochs(workdir: Path, teacher_ckpt: Path, epochs: int,
     base = [
         f"paths.output_dir={out}", f"paths.teacher_store={workdir}/teachers",
         f"paths.log_dir={workdir}/logs", f"teacher.ckpt={teacher_ckpt}", "teacher=cnn",
-        "student=mlp", "data.num_labels=null", f"data.root={ROOT / 'data'}", "scheduler=null",
+        "student=mlp", "data.num_labels=null", f"data.root={ROOT / 'data'}", "scheduler=none",
         "baseline=false", f"trainer.max_epochs={epochs}", "latency.repeats=2",
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -96,3 +96,31 @@ def test_timm_model_by_name_distils_with_feature_taps(tmp_path):
     results = run(cfg)
     assert results["student"]["model"] == "timm:resnet10t"
     assert 0 <= results["student"]["metrics"]["test/acc"] <= 1
+
+
+def test_zoo_student_exports_with_per_channel_normalisation(tmp_path):
+    from kdlab.evaluate import evaluate
+    from kdlab.export import export
+    from tests.test_data_zoo import _fake_cifar100
+
+    _fake_cifar100(tmp_path / "data", n_train=120, n_test=40)
+    cfg = make_cfg(tmp_path, ["experiment=cifar100", f"data.root={tmp_path / 'data'}",
+                              "data.val_size=20", "data.batch_size=8", "data.eval_batch_size=20",
+                              "distill=none", "student.model.name=resnet8",
+                              "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                              "trainer.enable_progress_bar=false", "latency.repeats=1",
+                              "latency.batch_size=2"])
+    results = run(cfg)
+    ckpt = results["student"]["best_ckpt"]
+    evaluated = evaluate(make_cfg(tmp_path, [f"ckpt_path={ckpt}", "latency.repeats=1"],
+                                  config_name="eval"))
+    assert evaluated["student"]["metrics"]["test/acc"] == pytest.approx(
+        results["student"]["metrics"]["test/acc"])
+    out = tmp_path / "export"
+    exported = export(make_cfg(tmp_path, [f"ckpt_path={ckpt}", "check_samples=8",
+                                          "formats=[torchscript]", f"paths.output_dir={out}"],
+                               config_name="export"))
+    assert exported["files"]["torchscript"]["max_abs_diff"] <= 1e-4
+    assert exported["input_normalisation"]["mean"] == pytest.approx([0.5071, 0.4867, 0.4408])
+    assert exported["input_normalisation"]["std"] == pytest.approx([0.2675, 0.2565, 0.2761])
+    assert exported["input_shape"] == [None, 3, 32, 32]
