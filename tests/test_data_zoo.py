@@ -166,3 +166,14 @@ def test_scaled_lr_follows_the_global_batch(tmp_path):
     root = OmegaConf.create({"data": {"batch_size": 32},
                              "trainer": {"devices": [0, 1], "accumulate_grad_batches": 2}})
     assert scaled_lr(0.1, 256, _root_=root) == pytest.approx(0.1 * 128 / 256)
+
+
+def test_a_light_student_lr_leaves_the_cifar_teacher_alone(tmp_path):
+    """MobileNet/ShuffleNet students run at LR 0.01; their teacher is the one trained at 0.05."""
+    base = ["experiment=cifar100", "data=synthetic_cifar100", "teacher.model.name=vgg13"]
+    plain = make_cfg(tmp_path, base)
+    light = make_cfg(tmp_path, [*base, "student.model.name=mobilenetv2",
+                                "optimizer.lr=${scaled_lr:0.01,64}"])
+    assert light.optimizer.lr == pytest.approx(0.01)
+    assert light.teacher.train.optimizer.lr == pytest.approx(0.05)
+    assert teacher_key(plain) == teacher_key(light)
