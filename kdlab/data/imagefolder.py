@@ -45,29 +45,23 @@ def collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 class EpochSampler(Sampler[int]):
-    """Positions ``0..n-1`` shuffled with a generator seeded by ``(seed, epoch)`` (a resumed run
-    sees the same order); under data parallelism each rank takes every ``world_size``-th."""
+    """Positions ``0..n-1`` shuffled with a generator seeded by ``(seed, epoch)``, so a resumed
+    run sees the same order."""
 
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
+    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n // self.world_size if self.world_size > 1 else self.n
+        return self.n
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=generator)
-        else:
-            order = torch.arange(self.n)
-        if self.world_size > 1:
-            order = order[self.rank::self.world_size][: len(self)]
-        return iter(order.tolist())
+        if not self.shuffle:
+            return iter(range(self.n))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
 class Chunks:
@@ -197,10 +191,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
 
     def _loader(self, folder, indices, train: bool) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        sampler = EpochSampler(len(indices), shuffle=train, seed=self.shuffle_seed,
-                               rank=rank if train else 0, world_size=world if train else 1)
+        # under DDP, Lightning wraps this sampler in its DistributedSamplerWrapper (a plain
+        # DataLoader: trainer.use_distributed_sampler applies), which shards it across ranks
+        sampler = EpochSampler(len(indices), shuffle=train, seed=self.shuffle_seed)
         return DataLoader(_Indexed(folder, indices, self._transforms(train)),
                           batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=sampler, num_workers=self.num_workers, collate_fn=collate,
