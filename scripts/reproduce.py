@@ -154,6 +154,10 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _published(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def read_cell(folder: Path) -> dict[str, list[float]]:
     """Accuracies (%) over the finished seeds of one cell."""
     out: dict[str, list[float]] = {"best_val": [], "last": [], "teacher": []}
@@ -171,8 +175,8 @@ def read_cell(folder: Path) -> dict[str, list[float]]:
 
 def report(table: str, workdir: Path, methods: list[str], smoke: bool) -> str:
     spec = TABLES[table]
-    lines = ["Published | ours, best-validation checkpoint | ours, last epoch — test top-1 %, "
-             "mean ± std over the seeds run (n).", "",
+    lines = ["Columns: the published number; ours on the best-validation checkpoint; ours on "
+             "the last epoch's weights — test top-1 %, mean ± std over the seeds run (n).", "",
              "| teacher → student | method | published | ours (val-selected) | ours (last "
              "epoch) | n |", "|---|---|---|---|---|---|"]
     for row in spec["rows"]:
@@ -186,10 +190,10 @@ def report(table: str, workdir: Path, methods: list[str], smoke: bool) -> str:
             cells.append((method, published, cell))
         name = f"{row.teacher} → {row.student}"
         published_teacher = row.published.get("teacher")
-        lines.append(f"| {name} | teacher | {published_teacher if published_teacher else '—'} | "
+        lines.append(f"| {name} | teacher | {_published(published_teacher)} | "
                      f"{_stat(teacher_acc)} | — | {len(teacher_acc)} |")
         for method, published, cell in cells:
-            lines.append(f"| {name} | {method} | {published if published else '—'} | "
+            lines.append(f"| {name} | {method} | {_published(published)} | "
                          f"{_stat(cell['best_val'])} | {_stat(cell['last'])} | "
                          f"{len(cell['best_val'])} |")
     sources = "; ".join(f"{k}: {v}" for k, v in spec["sources"].items())
