@@ -1,6 +1,5 @@
 """Patient and consistent teaching (Beyer et al. 2022) against plain KD and cross-entropy on
-Fashion-MNIST with every label, and Deep Mutual Learning at the main job's 12 epochs: run the
-seeds and write their tables into docs/MODES.md.
+Fashion-MNIST with every label: run the seeds and write the table into docs/MODES.md.
 
     python scripts/bench_patient.py --teacher-store outputs/teachers          # 3 seeds (~1 h)
     python scripts/bench_patient.py --report-only --workdir /work/bench_out
@@ -11,9 +10,6 @@ Conditions (one run folder per seed, ``<workdir>/patient/e40/<cond>/s<seed>``):
   live teacher, 40 epochs; its ``baseline`` stage is cross-entropy with the same shift/flip;
 - ``kd``: plain KD (α = 0.9, T = 4, cached teacher), no augmentation, 40 epochs;
 - ``ce``: cross-entropy alone, no augmentation, 40 epochs.
-
-DML: ``mode=mutual data.num_labels=null trainer.max_epochs=12`` into
-``<workdir>/mutual_e12/seed<seed>``.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ CONDITIONS = {
     "kd": ["data.num_labels=null", "trainer.max_epochs=40", "baseline=false"],
     "ce": ["data.num_labels=null", "trainer.max_epochs=40", "distill=none"],
 }
-MUTUAL = ["mode=mutual", "data.num_labels=null", "trainer.max_epochs=12"]
 
 
 def launch(overrides: list[str], folder: Path, seed: int, store: Path) -> None:
@@ -84,24 +79,6 @@ def patient_table(workdir: Path, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def mutual_table(workdir: Path, seeds: list[int]) -> str:
-    lines = ["| network | test acc % (per seed) |", "|---|---|"]
-    paired = []
-    for stage in ("member0", "member1", "baseline"):
-        values = [v for s in seeds if (v := _acc(workdir / "mutual_e12" / f"seed{s}" /
-                                                 "results.json", stage)) is not None]
-        lines.append(f"| {stage} | {_cell(values)} |")
-    for s in seeds:
-        path = workdir / "mutual_e12" / f"seed{s}" / "results.json"
-        m, b = _acc(path, "member0"), _acc(path, "baseline")
-        if m is not None and b is not None:
-            paired.append(m - b)
-    if paired:
-        lines.append(f"| member0 − baseline (paired) | {statistics.mean(paired):+.2f} ("
-                     + ", ".join(f"{d:+.2f}" for d in paired) + ") |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
@@ -116,19 +93,12 @@ def main() -> None:
         for seed in args.seeds:
             for cond, overrides in CONDITIONS.items():
                 launch(overrides, workdir / "patient" / "e40" / cond / f"s{seed}", seed, store)
-        for seed in args.seeds:
-            launch(MUTUAL, workdir / "mutual_e12" / f"seed{seed}", seed, store)
     day = time.strftime("%Y-%m-%d")
     seeds = " ".join(map(str, args.seeds))
     replace_section(args.doc, "measured-patient",
                     f"`python scripts/bench_patient.py --seeds {seeds}` ({day}):\n\n"
                     + patient_table(workdir, args.seeds))
-    replace_section(args.doc, "measured-mutual_e12",
-                    f"`kdlab-train mode=mutual data.num_labels=null trainer.max_epochs=12 "
-                    f"seed=S` via `python scripts/bench_patient.py --seeds {seeds}` ({day}):\n\n"
-                    + mutual_table(workdir, args.seeds))
     print(patient_table(workdir, args.seeds))
-    print(mutual_table(workdir, args.seeds))
 
 
 if __name__ == "__main__":
