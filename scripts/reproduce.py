@@ -96,6 +96,8 @@ TABLES: dict[str, dict] = {
             Row("resnet34", "resnet18", {"teacher": 73.31, "vanilla": 69.76, "kd": 71.03,
                                          "dkd": 71.70, "crd": 71.17}),
         ],
+        "method_overrides": {"kd": ["distill.temperature=1.0", "distill.alpha=0.5"],
+                             "dkd": ["distill.temperature=1.0", "distill.beta=0.5"]},
     },
 }
 
@@ -121,13 +123,14 @@ SMOKE = {
 
 
 def run_cell(folder: Path, experiment: str, row: Row, method: str, seeds: list[int],
-             store: Path, smoke: bool, data_dir: Path | None) -> bool:
+             store: Path, smoke: bool, data_dir: Path | None,
+             method_overrides: list[str] = ()) -> bool:
     """One multirun over ``seeds``; True if every seed has a results.json."""
     if len(list(folder.glob("s*/results.json"))) >= len(seeds):
         return True
     command = ["kdlab-train", "-m", f"experiment={experiment}",
                f"teacher.model.name={row.teacher}", f"student.model.name={row.student}",
-               f"distill={METHODS[method]}", *row.overrides,
+               f"distill={METHODS[method]}", *method_overrides, *row.overrides,
                *(SMOKE[experiment] if smoke else []),
                f"seed={','.join(map(str, seeds))}", f"paths.teacher_store={store}",
                f"hydra.sweep.dir={folder}", "hydra.sweep.subdir=s${seed}",
@@ -241,7 +244,8 @@ def main() -> None:
                     print(f"  {pair}: no published {method} number, running it anyway",
                           flush=True)
                 ok = run_cell(workdir / table / pair / method, spec["experiment"], row, method,
-                              args.seeds, store, args.smoke, args.data_dir)
+                              args.seeds, store, args.smoke, args.data_dir,
+                              spec.get("method_overrides", {}).get(method, []))
                 failed += not ok
         text = report(table, workdir, args.methods, args.smoke)
         mode = "smoke" if args.smoke else "full"
