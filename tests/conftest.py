@@ -49,6 +49,17 @@ def fast_cfg(tmp_path):
     return _make
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny batches only lose to thread contention on a busy CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def multirun_2x2(tmp_path_factory):
     """``kdlab-train -m distill=none,kd seed=1,2`` run once in a subprocess (FAST settings):

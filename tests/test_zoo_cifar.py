@@ -61,13 +61,7 @@ ONE_UNIT_LOW = {"resnet14", "resnet44", "resnet110", "vgg8"}
 GRAYSCALE = ["resnet20", "resnet50_cifar", "wrn_16_2", "vgg8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny batches only lose to thread contention on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name: str, input_shape: tuple[int, int, int] = (3, 32, 32)) -> nn.Module:

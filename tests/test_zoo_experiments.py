@@ -2,7 +2,6 @@
 (``fast_dev_run``): zoo teacher and student, SGD + step schedule, scaled LR, last-epoch test."""
 
 import pytest
-import torch
 
 from kdlab.models import available, create
 from kdlab.train import run
@@ -13,12 +12,7 @@ SMALL = ["trainer.enable_progress_bar=false", "latency.repeats=1", "latency.batc
          "data.val_size=16", "data.test_size=32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cifar100_recipe_runs_kd_between_zoo_models(tmp_path):

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from kdlab.data.loader import chunked
 from kdlab.errors import KdlabError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,14 +78,7 @@ class Chunks:
         return -(-len(self.loader) // self.chunk)
 
     def __iter__(self) -> Iterator[list]:
-        chunk: list = []
-        for batch in self.loader:
-            chunk.append(batch)
-            if len(chunk) == self.chunk:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+        return chunked(self.loader, self.chunk)
 
 
 class ImageFolderDataModule(L.LightningDataModule):

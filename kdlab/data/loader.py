@@ -11,7 +11,8 @@ per-call overhead is then paid once per chunk instead of once per batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -87,11 +88,16 @@ class BatchLoader:
         if self.chunk == 1:
             yield from self.batches()
             return
-        chunk: list[Batch] = []
-        for batch in self.batches():
-            chunk.append(batch)
-            if len(chunk) == self.chunk:
-                yield chunk
-                chunk = []
-        if chunk:
+        yield from chunked(self.batches(), self.chunk)
+
+
+def chunked(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` consecutive items of ``batches`` (the last one may be shorter)."""
+    chunk: list[Any] = []
+    for batch in batches:
+        chunk.append(batch)
+        if len(chunk) == size:
             yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
