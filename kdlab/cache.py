@@ -70,12 +70,11 @@ class TeacherCache:
         return self
 
     def lookup(self, index: torch.Tensor) -> Outputs:
-        """The teacher's :class:`Outputs` for the samples ``index`` (positions in the split)."""
+        """The teacher's :class:`Outputs` for the samples ``index`` (positions in the split);
+        each field is gathered when a strategy first reads it."""
         if self.logits.device != index.device:
             self.to(index.device)
-        return CachedOutputs(self._logits32[index],
-                             {k: v[index].float() for k, v in self.features.items()},
-                             cache=self, index=index)
+        return CachedOutputs(self, index)
 
     def log_probs_table(self, temperature: float) -> torch.Tensor:
         """``log_softmax(logits / T)`` of every sample, computed once per temperature."""
@@ -87,13 +86,27 @@ class TeacherCache:
 
 
 class CachedOutputs(Outputs):
-    """:class:`Outputs` looked up in a :class:`TeacherCache`: ``log_probs`` is a gather from
-    the cache's per-temperature table instead of a softmax per batch."""
+    """:class:`Outputs` looked up in a :class:`TeacherCache`, gathered lazily: a strategy that
+    reads only ``log_probs`` (KD) pays one gather from the cache's per-temperature table, not a
+    gather of the logits and a softmax per batch."""
 
-    def __init__(self, logits: torch.Tensor, features: dict[str, torch.Tensor],
-                 cache: TeacherCache, index: torch.Tensor) -> None:
-        super().__init__(logits, features)
+    def __init__(self, cache: TeacherCache, index: torch.Tensor) -> None:  # noqa: D107
         self._cache, self._index = cache, index
+        self._logits: torch.Tensor | None = None
+        self._features: dict[str, torch.Tensor] | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:  # type: ignore[override]
+        if self._logits is None:
+            self._logits = self._cache._logits32[self._index]
+        return self._logits
+
+    @property
+    def features(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        if self._features is None:
+            self._features = {k: v[self._index].float()
+                              for k, v in self._cache.features.items()}
+        return self._features
 
     def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
         return self._cache.log_probs_table(float(temperature))[self._index]

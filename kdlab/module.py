@@ -125,6 +125,7 @@ class DistillationModule(L.LightningModule):
         self.skipped_batches = 0  # batches whose loss was not finite (nonfinite_loss: skip)
         self._scheduler_interval: str | None = None
         self._backward_fn: Callable[[torch.Tensor], None] | None = None  # set at train start
+        self._plain_step: list[nn.Parameter] | None = None  # set at train start
         #: whether training targets may be UNLABELLED (-1); False allows the plain mean CE
         self.has_unlabelled = True
         if strategy is not None and strategy.needs_teacher and teacher is None:
@@ -219,6 +220,10 @@ class DistillationModule(L.LightningModule):
             return dict(self.strategy.init_loss(student, teacher, batch))
         terms = {}
         if self.ce_weight > 0:
+            if not self.has_unlabelled:  # every target is a label: a fused CE may apply
+                fused = self.strategy.forward_with_ce(student, teacher, batch)
+                if fused is not None:
+                    return fused
             terms["ce"] = self._cross_entropy(student.logits, y)
         terms.update(self.strategy(student, teacher, batch))
         return terms
@@ -236,15 +241,18 @@ class DistillationModule(L.LightningModule):
         scheduler = self.lr_schedulers() if self._scheduler_interval == "step" else None
         accumulate = self.loop.accumulate_grad_batches
         backward = self._backward_fn or self._backward()
+        check = self.loop.nonfinite_loss != "off"
+        trainer = self.trainer
+        max_steps = trainer.max_steps
         names: list[str] | None = None
-        values, sizes = [], []
-        max_steps = self.trainer.max_steps
+        values: list[torch.Tensor] = []  # loss and terms of every batch, flat, stacked once
+        sizes: list[int] = []
         for one in batches:
-            if 0 <= max_steps <= self.trainer.global_step:  # trainer.max_steps counts batches
+            if max_steps >= 0 and trainer.global_step >= max_steps:  # counts batches here
                 break
             loss, terms = self.batch_loss(one)
             self._batches_seen += 1
-            if self.loop.nonfinite_loss != "off" and not bool(torch.isfinite(loss)):
+            if check and not bool(torch.isfinite(loss)):
                 self._non_finite(terms, one)  # raises, or skips this batch
                 continue
             backward(loss / accumulate if accumulate > 1 else loss)
@@ -255,14 +263,16 @@ class DistillationModule(L.LightningModule):
                 names = list(terms)
             elif list(terms) != names:  # a pre-stage ended inside the chunk: log what we have
                 break
-            values.append(torch.stack([loss.detach(), *(v.detach() for v in terms.values())]))
+            values.append(loss.detach())
+            values.extend(v.detach() for v in terms.values())
             sizes.append(len(one[1]))
         if not values:  # every batch of the chunk was skipped
             return None
         # one weighted mean per term over the chunk: a few tensor ops, however many batches
         samples = sum(sizes)
-        weights = torch.tensor(sizes, dtype=values[0].dtype, device=values[0].device) / samples
-        means = (torch.stack(values) * weights[:, None]).sum(0)
+        stacked = torch.stack(values).view(len(sizes), -1)
+        weights = torch.tensor(sizes, dtype=stacked.dtype, device=stacked.device) / samples
+        means = (stacked * weights[:, None]).sum(0)
         for name, mean in zip(["loss", *names], means):
             self.log(f"train/{name}", mean, on_step=True, on_epoch=True, batch_size=samples,
                      prog_bar=name == "loss")
@@ -321,33 +331,55 @@ class DistillationModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._backward_fn = self._backward()
+        self._plain_step = self._plain_optimizer_step()
 
-    def _backward(self) -> Callable[[torch.Tensor], None]:
-        """``Tensor.backward`` when that is all Lightning's ``manual_backward`` would do — one
-        device, a precision without loss scaling, no ``on_before_backward`` /
-        ``on_after_backward`` hook overridden by a callback or this module — and
-        ``manual_backward`` otherwise. Its hook dispatch costs ~0.1 ms per batch on CPU."""
+    def _plain(self, hooks: tuple[str, ...]) -> bool:
+        """Whether Lightning's wrapper around an operation does nothing but call it: one
+        device, a precision without loss scaling, and none of ``hooks`` overridden by a
+        callback or this module."""
         trainer = self.trainer
-        hooks = ("on_before_backward", "on_after_backward")
         overridden = any(
             getattr(type(obj), hook) is not getattr(base, hook)
             for obj, base in [(self, L.LightningModule)]
             + [(callback, L.Callback) for callback in trainer.callbacks]
             for hook in hooks
         )
-        plain = (isinstance(trainer.strategy, SingleDeviceStrategy)
-                 and type(trainer.precision_plugin) in (Precision, MixedPrecision)
-                 and getattr(trainer.precision_plugin, "scaler", None) is None)
-        if plain and not overridden:
+        return (not overridden and isinstance(trainer.strategy, SingleDeviceStrategy)
+                and type(trainer.precision_plugin) in (Precision, MixedPrecision)
+                and getattr(trainer.precision_plugin, "scaler", None) is None)
+
+    def _backward(self) -> Callable[[torch.Tensor], None]:
+        """``Tensor.backward`` when that is all Lightning's ``manual_backward`` would do (see
+        :meth:`_plain`), ``manual_backward`` otherwise. Its hook dispatch costs ~0.1 ms per
+        batch on CPU."""
+        if self._plain(("on_before_backward", "on_after_backward")):
             return torch.Tensor.backward
         return self.manual_backward
+
+    def _plain_optimizer_step(self) -> list[nn.Parameter] | None:
+        """The optimizer's parameters when its step may skip Lightning's closure and hook
+        dispatch (one optimizer, no ``on_before_optimizer_step`` anywhere, see :meth:`_plain`):
+        the step is then the bare ``optimizer.step()`` between Lightning's step counters, and
+        zeroing the gradients a loop over these parameters. ``None``: go through Lightning."""
+        optimizers = self.trainer.optimizers
+        if len(optimizers) != 1 or not self._plain(("on_before_optimizer_step",)):
+            return None
+        return [p for group in optimizers[0].param_groups for p in group["params"]]
 
     def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
         if self.loop.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.loop.gradient_clip_val,
                                 gradient_clip_algorithm=self.loop.gradient_clip_algorithm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        params = self._plain_step
+        if params is None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:  # what LightningOptimizer.step amounts to when no hook or closure has work
+            optimizer._on_before_step()  # Lightning's step counter (global_step) and profiler
+            optimizer.optimizer.step()
+            optimizer._on_after_step()
+            for p in params:
+                p.grad = None
         self._micro_batches = 0
         if scheduler is not None:
             scheduler.step()

@@ -71,3 +71,46 @@ def test_fused_soft_target_gradient_equals_autograd_and_teacher_side_falls_back(
     t_var = log_pt.clone().requires_grad_(True)
     soft_target_kl(s, t_var, 3.0, 2.5).backward()
     assert t_var.grad is not None and t_var.grad.abs().sum() > 0
+
+
+def _kd_outputs(seed: int = 0, requires_grad: bool = False):
+    torch.manual_seed(seed)
+    s = torch.randn(8, 5, requires_grad=True)
+    t = torch.randn(8, 5, requires_grad=requires_grad)
+    y = torch.randint(0, 5, (8,))
+    from kdlab.strategies.base import Batch
+
+    return s, Outputs(s), Outputs(t), Batch(torch.empty(8, 1), y, torch.arange(8))
+
+
+def test_kd_with_ce_fused_equals_the_formula_in_value_and_gradient():
+    import torch.nn.functional as F
+
+    strategy = KD(temperature=3.0, alpha=0.7)
+    s, student, teacher, batch = _kd_outputs()
+    terms = strategy.forward_with_ce(student, teacher, batch)
+    assert list(terms) == ["ce", "kd"]
+    # two terms weighted differently, so a mix-up of the two gradients would show
+    (grad,) = torch.autograd.grad(2.0 * terms["ce"] + 5.0 * terms["kd"], s)
+    ce = 0.3 * F.cross_entropy(s, batch.targets)
+    log_pt = torch.log_softmax(teacher.logits / 3.0, 1)
+    kd = 0.7 * 9.0 * (log_pt.exp() * (log_pt - torch.log_softmax(s / 3.0, 1))).sum(1).mean()
+    (expected,) = torch.autograd.grad(2.0 * ce + 5.0 * kd, s)
+    assert terms["ce"].item() == pytest.approx(ce.item(), rel=1e-6)
+    assert terms["kd"].item() == pytest.approx(kd.item(), rel=1e-5)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_kd_with_ce_gives_a_gradient_in_the_logits_dtype():
+    strategy = KD(temperature=2.0, alpha=0.5)
+    _, _, teacher, batch = _kd_outputs()
+    s = torch.randn(8, 5).bfloat16().requires_grad_(True)
+    terms = strategy.forward_with_ce(Outputs(s), teacher, batch)
+    (terms["ce"] + terms["kd"]).backward()
+    assert s.grad.dtype == torch.bfloat16 and s.grad.abs().sum() > 0
+
+
+def test_kd_with_ce_falls_back_when_the_teacher_needs_a_gradient():
+    strategy = KD(temperature=2.0, alpha=0.5)
+    _, student, teacher, batch = _kd_outputs(requires_grad=True)
+    assert strategy.forward_with_ce(student, teacher, batch) is None

@@ -28,6 +28,41 @@ def test_chunked_steps_train_exactly_like_one_batch_per_step(fast_cfg, tmp_path)
     assert ckpt["global_step"] == 8  # optimizer steps, not calls
 
 
+def test_bare_optimizer_step_trains_like_lightnings_hooked_step(fast_cfg, tmp_path,
+                                                                monkeypatch):
+    """Without an on_before_optimizer_step hook the step skips Lightning's closure and hook
+    dispatch; with one (here on the module) it goes through Lightning. Same weights, same
+    global_step, and the hook sees every step."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    from kdlab.module import DistillationModule
+
+    lightning_steps, hooked = [], []
+    original = LightningOptimizer.step
+
+    def counting_step(self, *args, **kwargs):
+        lightning_steps.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LightningOptimizer, "step", counting_step)
+    common = ["distill=kd", "baseline=false", "trainer.max_epochs=1", "steps_per_call=3",
+              "trainer.limit_train_batches=2"]
+    bare = run(fast_cfg(*common, tmp=tmp_path / "a"))
+    assert lightning_steps == []
+    monkeypatch.setattr(DistillationModule, "on_before_optimizer_step",
+                        lambda self, optimizer: hooked.append(self.trainer.global_step),
+                        raising=False)
+    hooked_run = run(fast_cfg(*common, tmp=tmp_path / "b"))
+    # the teacher (trained in each run's own store) and the student: 6 steps each
+    assert len(lightning_steps) == len(hooked) == 12 and hooked[-6:] == [0, 1, 2, 3, 4, 5]
+    a = _weights(bare["student"]["last_ckpt"])
+    b = _weights(hooked_run["student"]["last_ckpt"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for result in (bare, hooked_run):
+        ckpt = torch.load(result["student"]["last_ckpt"], map_location="cpu", weights_only=True)
+        assert ckpt["global_step"] == 6
+
+
 def test_gradient_accumulation_matches_a_batch_twice_as_large(fast_cfg, tmp_path):
     # an MLP student: no batch norm, whose statistics would depend on the batch size
     common = ["distill=none", "student=mlp", "baseline=false", "trainer.max_epochs=1",
