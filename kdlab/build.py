@@ -152,19 +152,23 @@ def build_trainer(
 
 #: Trainer arguments that kdlab's training step implements itself (see :func:`loop_options`)
 LOOP_KEYS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
-#: ``steps_per_call: auto`` on one device (measured in docs/BENCHMARKS.md)
-AUTO_STEPS_PER_CALL = 32
+#: ``steps_per_call: auto`` for in-memory data on one device (measured in docs/BENCHMARKS.md)
+AUTO_STEPS_PER_CALL = 64
 
 
-def loop_options(cfg: DictConfig) -> LoopOptions:
-    """The training step's options from ``cfg.steps_per_call`` and ``cfg.trainer``."""
+def loop_options(cfg: DictConfig, in_memory: bool = True) -> LoopOptions:
+    """The training step's options from ``cfg.steps_per_call`` and ``cfg.trainer``.
+
+    ``steps_per_call: auto`` is :data:`AUTO_STEPS_PER_CALL` for data held in memory
+    (``in_memory``) on one device, and 1 under DDP (one backward per forward) or for data
+    streamed from disk, whose batches are large and slow next to Lightning's per-call overhead
+    (a chunk holds all of its batches at once)."""
     trainer = cfg.trainer
     value = cfg.get("steps_per_call", 1)
     distributed = str(trainer.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed")) \
         or trainer.get("devices", 1) not in (1, "1") or int(trainer.get("num_nodes", 1)) > 1
     if value == "auto":
-        # one backward per forward under DDP: chunks would call backward several times
-        steps = 1 if distributed else AUTO_STEPS_PER_CALL
+        steps = 1 if distributed or not in_memory else AUTO_STEPS_PER_CALL
     else:
         try:
             steps = int(value)

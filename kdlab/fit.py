@@ -74,7 +74,7 @@ def fit_stage(
     ``callbacks`` are added to the ones of ``cfg.callbacks`` for this stage."""
     data.setup()
     check_stage(data, strategy, stage)  # mixed batches need soft targets only
-    loop = loop_options(cfg)
+    loop = loop_options(cfg, in_memory=getattr(data, "in_memory", False))
     module = DistillationModule(
         student=student,
         num_classes=data.num_classes,

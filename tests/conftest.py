@@ -19,6 +19,7 @@ FAST = [
     "teacher.train.max_epochs=1",
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=4",
+    "steps_per_call=32",  # limit_train_batches counts chunks: keep 4 x 32 batches per epoch
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
     "trainer.enable_progress_bar=false",

@@ -121,8 +121,10 @@ def test_bad_loop_options_fail_naming_the_key(fast_cfg, overrides, message):
 def test_auto_steps_per_call_is_one_under_ddp(fast_cfg):
     from kdlab.build import AUTO_STEPS_PER_CALL, loop_options
 
-    assert loop_options(fast_cfg("steps_per_call=auto")).steps_per_call == AUTO_STEPS_PER_CALL
-    assert loop_options(fast_cfg("trainer=ddp")).steps_per_call == 1
+    auto = fast_cfg("steps_per_call=auto")
+    assert loop_options(auto).steps_per_call == AUTO_STEPS_PER_CALL
+    assert loop_options(auto, in_memory=False).steps_per_call == 1  # ImageFolder: streamed
+    assert loop_options(fast_cfg("trainer=ddp", "steps_per_call=auto")).steps_per_call == 1
 
 
 def test_throughput_is_reported_per_epoch(fast_cfg, tmp_path):

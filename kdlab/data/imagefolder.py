@@ -101,6 +101,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     """
 
     name = "imagefolder"
+    #: streamed from disk: ``steps_per_call: auto`` is 1 (a chunk would hold all its batches)
+    in_memory = False
 
     def __init__(self, root: str | None = None, train_dir: str = "train",
                  test_dir: str = "val", image_size: int = 224, resize: int = 256,

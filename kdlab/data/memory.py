@@ -153,6 +153,8 @@ class InMemoryDataModule(L.LightningDataModule):
     """
 
     name = "in_memory"
+    #: the whole split lives in memory (``steps_per_call: auto`` chunks its batches)
+    in_memory = True
     num_classes: int
     input_shape: tuple[int, int, int]
     mean: float | tuple[float, ...]

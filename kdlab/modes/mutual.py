@@ -111,7 +111,7 @@ def fit_cohort(cfg: DictConfig, stage_dir: Path, members: list[nn.Module],
     """Train ``members`` together and return one result per member: its own best-validation
     checkpoint, evaluated alone on the validation and test splits."""
     data.setup()
-    loop = loop_options(cfg)
+    loop = loop_options(cfg, in_memory=getattr(data, "in_memory", False))
     if cfg.get("compile", {}).get("student"):
         mode = cfg.compile.get("mode", "default")
         for member in members:
