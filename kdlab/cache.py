@@ -98,18 +98,18 @@ class CachedOutputs(Outputs):
     @property
     def logits(self) -> torch.Tensor:  # type: ignore[override]
         if self._logits is None:
-            self._logits = self._cache._logits32[self._index]
+            self._logits = self._cache._logits32.index_select(0, self._index)
         return self._logits
 
     @property
     def features(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
         if self._features is None:
-            self._features = {k: v[self._index].float()
+            self._features = {k: v.index_select(0, self._index).float()
                               for k, v in self._cache.features.items()}
         return self._features
 
     def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
-        return self._cache.log_probs_table(float(temperature))[self._index]
+        return self._cache.log_probs_table(float(temperature)).index_select(0, self._index)
 
 
 def compute_outputs(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
