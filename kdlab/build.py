@@ -160,15 +160,18 @@ def loop_options(cfg: DictConfig, in_memory: bool = True) -> LoopOptions:
     """The training step's options from ``cfg.steps_per_call`` and ``cfg.trainer``.
 
     ``steps_per_call: auto`` is :data:`AUTO_STEPS_PER_CALL` for data held in memory
-    (``in_memory``) on one device, and 1 under DDP (one backward per forward) or for data
-    streamed from disk, whose batches are large and slow next to Lightning's per-call overhead
-    (a chunk holds all of its batches at once)."""
+    (``in_memory``) on one device, and 1 under DDP (one backward per forward), with
+    ``trainer.fast_dev_run`` (one batch means one batch), or for data streamed from disk, whose
+    batches are large and slow next to Lightning's per-call overhead (a chunk holds all of its
+    batches at once)."""
     trainer = cfg.trainer
     value = cfg.get("steps_per_call", 1)
     distributed = str(trainer.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed")) \
         or trainer.get("devices", 1) not in (1, "1") or int(trainer.get("num_nodes", 1)) > 1
     if value == "auto":
-        steps = 1 if distributed or not in_memory else AUTO_STEPS_PER_CALL
+        # fast_dev_run means "one batch": a chunk would be AUTO_STEPS_PER_CALL of them
+        quick = bool(trainer.get("fast_dev_run"))
+        steps = 1 if distributed or not in_memory or quick else AUTO_STEPS_PER_CALL
     else:
         try:
             steps = int(value)

@@ -9,12 +9,21 @@ tensors) with the same batch size (128) and optimizer (AdamW, lr 3e-3, weight de
 schedule), distilling from the same 422k-parameter CNN teacher (KD, T = 4, alpha = 0.9).
 
 Measurement: ``--rounds`` rounds; in each round every loop runs ``--epochs`` epochs (the first a
-warm-up) in a fresh child process, loops interleaved, so that drift of this shared machine hits
-every loop alike. A loop's samples/s is the median over its measured epochs (training steps
-only, no validation); a ratio is the median over rounds of the ratio within the round. One child
-per loop, because glibc's allocator settings (which kdlab-train changes at start-up) and
-Lightning's ``PYTORCH_NVML_BASED_CUDA_CHECK`` are per process and cannot be undone: the raw and
-torchdistill loops run as a user's plain script would (default allocator, no Lightning import).
+warm-up) in a fresh child process, loops interleaved. A loop's samples/s is the median over its
+measured epochs (training steps only, no validation). One child per loop, because glibc's
+allocator settings (which kdlab-train changes at start-up) and Lightning's
+``PYTORCH_NVML_BASED_CUDA_CHECK`` are per process and cannot be undone: the raw and torchdistill
+rows run as a user's plain script would (default allocator, no Lightning import).
+
+Ratios against a raw loop are **paired**: this machine's speed drifts by ±25% within tens of
+seconds, more than the differences measured, so two loops timed in different processes a
+minute apart cannot be compared epoch for epoch. Every kdlab child therefore also runs the raw
+loop it is compared with (student-only for ``none`` and the cached rows, raw KD for the live
+row) for one epoch right after each of its own epochs, in the same process, and a ratio is the
+median over all measured epochs of the kdlab epoch's rate over its paired raw epoch's. That raw
+epoch runs under kdlab's process settings (tuned allocator, no NVML retry), which can only make
+it faster than in its own process: the paired ratios are conservative. Ratios between two
+separate rows (torchdistill) are the median over rounds of the ratio within the round.
 
 Rows:
 - raw student-only / raw KD: the plain loops a user would write (fp32, default memory format,
@@ -41,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,8 +141,31 @@ def torchdistill_epochs(x: torch.Tensor, y: torch.Tensor, epochs: int,
     return rates
 
 
+#: rates of the paired raw epochs of this process (filled by :func:`paired_raw_epoch`)
+PAIRED: list[float] = []
+
+
+def paired_raw_epoch(kind: str, workdir: str) -> Any:
+    """A Lightning callback that runs one epoch of the raw ``student`` or ``kd`` loop after
+    each training epoch of the kdlab run it is added to, appending its rate to :data:`PAIRED`
+    (the kdlab epoch's own clock stops at its last batch, before this runs)."""
+    import lightning as L
+
+    x, y = torch.load(Path(workdir) / "data.pt", weights_only=True)
+    teacher = None
+    if kind == "kd":
+        teacher = make_teacher()
+        teacher.load_state_dict(torch.load(Path(workdir) / "teacher.pt", weights_only=True))
+
+    class PairedRawEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            PAIRED.extend(raw_epochs(x, y, 1, teacher))
+
+    return PairedRawEpoch()
+
+
 def kdlab_epochs(workdir: Path, teacher_ckpt: Path, epochs: int,
-                 overrides: list[str]) -> list[float]:
+                 overrides: list[str], paired: str | None = None) -> list[float]:
     from hydra import compose, initialize_config_dir
 
     from kdlab.cli import CONF_DIR
@@ -145,6 +178,9 @@ def kdlab_epochs(workdir: Path, teacher_ckpt: Path, epochs: int,
         "student=mlp", "data.num_labels=null", f"data.root={ROOT / 'data'}", "scheduler=none",
         "baseline=false", f"trainer.max_epochs={epochs}", "latency.repeats=2",
     ]
+    if paired:
+        base += ["+callbacks.paired._target_=bench_speed.paired_raw_epoch",
+                 f"+callbacks.paired.kind={paired}", f"+callbacks.paired.workdir={workdir}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*base, *overrides])
     results = run(cfg)
@@ -168,33 +204,47 @@ KDLAB_ROWS: dict[str, list[str]] = {
     "kdlab_kd_cached_unfused": ["distill=kd", "optimizer.fused=false"],
     "kdlab_kd_cached_k1": ["distill=kd", "steps_per_call=1"],
 }
+#: the raw loop each kdlab row is paired with, epoch for epoch, in its own process
+PAIRED_WITH: dict[str, str] = {"kdlab_none": "student", "kdlab_kd_live": "kd",
+                               "kdlab_kd_cached": "student", "kdlab_kd_cached_unfused": "student",
+                               "kdlab_kd_cached_k1": "student"}
+#: ratios of a kdlab row to its paired raw epochs (median over measured epochs)
+PAIRED_RATIOS: dict[str, str] = {
+    "kd_live_vs_raw_kd": "kdlab_kd_live",
+    "kd_cached_vs_raw_student": "kdlab_kd_cached",
+    "none_vs_raw_student": "kdlab_none",
+    "kd_cached_unfused_vs_raw_student": "kdlab_kd_cached_unfused",
+    "kd_cached_k1_vs_raw_student": "kdlab_kd_cached_k1",
+}
+#: ratios between two rows run in separate processes (median over rounds)
 RATIOS: dict[str, tuple[str, str]] = {
-    "kd_live_vs_raw_kd": ("kdlab_kd_live", "raw_kd"),
-    "kd_cached_vs_raw_student": ("kdlab_kd_cached", "raw_student"),
-    "none_vs_raw_student": ("kdlab_none", "raw_student"),
     "kd_live_vs_torchdistill": ("kdlab_kd_live", "torchdistill_kd"),
     "kd_cached_vs_raw_kd": ("kdlab_kd_cached", "raw_kd"),
-    "kd_cached_unfused_vs_raw_student": ("kdlab_kd_cached_unfused", "raw_student"),
-    "kd_cached_k1_vs_raw_student": ("kdlab_kd_cached_k1", "raw_student"),
 }
 
 
-def child(row: str, workdir: Path, epochs: int, threads: int, extra: list[str]) -> list[float]:
-    """Run one loop in this (fresh) process; returns its per-epoch samples/s."""
+def child(row: str, workdir: Path, epochs: int, threads: int,
+          extra: list[str]) -> dict[str, list[float]]:
+    """Run one loop in this (fresh) process; returns its per-epoch samples/s (``rates``) and,
+    for a kdlab row, those of the raw epochs paired with them (``paired``)."""
     torch.set_num_threads(threads)
     if row in KDLAB_ROWS:
-        return kdlab_epochs(workdir, workdir / "teacher.pt", epochs, [*KDLAB_ROWS[row], *extra])
+        import bench_speed  # the module Hydra imports the paired callback from
+
+        rates = kdlab_epochs(workdir, workdir / "teacher.pt", epochs,
+                             [*KDLAB_ROWS[row], *extra], paired=PAIRED_WITH[row])
+        return {"rates": rates, "paired": bench_speed.PAIRED}
     x, y = torch.load(workdir / "data.pt", weights_only=True)
     teacher = make_teacher()
     teacher.load_state_dict(torch.load(workdir / "teacher.pt", weights_only=True))
     if row == "raw_student":
-        return raw_epochs(x, y, epochs, None)
+        return {"rates": raw_epochs(x, y, epochs, None)}
     if row == "raw_kd":
-        return raw_epochs(x, y, epochs, teacher)
-    return torchdistill_epochs(x, y, epochs, teacher) or []
+        return {"rates": raw_epochs(x, y, epochs, teacher)}
+    return {"rates": torchdistill_epochs(x, y, epochs, teacher) or []}
 
 
-def spawn(row: str, workdir: Path, args: argparse.Namespace) -> list[float]:
+def spawn(row: str, workdir: Path, args: argparse.Namespace) -> dict[str, list[float]]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("MALLOC_") and k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
     command = [sys.executable, __file__, "--child", row, "--workdir", str(workdir),
@@ -202,7 +252,7 @@ def spawn(row: str, workdir: Path, args: argparse.Namespace) -> list[float]:
                "--kdlab", *args.kdlab]
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines or not lines[-1].startswith("["):
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
         sys.exit(f"{row} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1])
 
@@ -236,20 +286,28 @@ def main() -> None:
               file=sys.stderr)
         args.rows.remove("torchdistill_kd")
     rates: dict[str, list[float]] = {row: [] for row in args.rows}
+    paired: dict[str, list[float]] = {row: [] for row in args.rows}
     per_round: list[dict[str, float]] = []
     for r in range(args.rounds):
         this_round = {}
         for row in args.rows:
-            measured = spawn(row, workdir, args)[1:] or []
+            out = spawn(row, workdir, args)
+            measured = out["rates"][1:]
             rates[row] += measured
+            paired[row] += out.get("paired", [])[1:]
             if measured:
                 this_round[row] = statistics.median(measured)
             print(f"round {r + 1}/{args.rounds} {row}: "
-                  + ", ".join(f"{v:,.0f}" for v in measured) + " samples/s",
-                  file=sys.stderr, flush=True)
+                  + ", ".join(f"{v:,.0f}" for v in measured) + " samples/s"
+                  + (" (paired raw: " + ", ".join(f"{v:,.0f}" for v in out["paired"][1:]) + ")"
+                     if out.get("paired") else ""), file=sys.stderr, flush=True)
         per_round.append(this_round)
     medians = {k: statistics.median(v) for k, v in rates.items() if v}
-    ratios = {}
+    ratios, per_epoch = {}, {}
+    for name, row in PAIRED_RATIOS.items():
+        if rates.get(row) and len(paired[row]) == len(rates[row]):
+            per_epoch[name] = [a / b for a, b in zip(rates[row], paired[row])]
+            ratios[name] = statistics.median(per_epoch[name])
     for name, (a, b) in RATIOS.items():
         values = [rnd[a] / rnd[b] for rnd in per_round if a in rnd and b in rnd]
         if values:
@@ -258,13 +316,23 @@ def main() -> None:
     lines = [f"Device: CPU ({platform.machine()}, {os.cpu_count()} cores), {args.threads} "
              f"threads, torch {torch.__version__}; {args.rounds} rounds × {args.epochs} epochs "
              "per loop (first epoch of each a warm-up).", "",
-             "| loop | samples/s (median) | measured epochs |", "|---|---|---|"]
+             "| loop | samples/s (median) | measured epochs | paired raw epochs (median) |",
+             "|---|---|---|---|"]
     for key, label in ROWS:
         if key in medians:
+            twin = f"{PAIRED_WITH[key]}: {statistics.median(paired[key]):,.0f}" \
+                if paired.get(key) else ""
             lines.append(f"| {label} | {medians[key]:,.0f} | "
-                         + ", ".join(f"{r:,.0f}" for r in rates[key]) + " |")
-    lines += ["", "| ratio (median over rounds) | value |", "|---|---|"]
-    lines += [f"| `{name}` | {value:.2f}× |" for name, value in ratios.items()]
+                         + ", ".join(f"{r:,.0f}" for r in rates[key]) + f" | {twin} |")
+    lines += ["", "| ratio | value | how |", "|---|---|---|"]
+    for name, value in ratios.items():
+        if name in per_epoch:
+            values = sorted(per_epoch[name])
+            how = (f"paired, median of {len(values)} epochs (range {values[0]:.2f}–"
+                   f"{values[-1]:.2f})")
+        else:
+            how = "separate processes, median over rounds"
+        lines.append(f"| `{name}` | {value:.2f}× | {how} |")
     print("\n".join(lines))
     if args.doc:
         from doc_section import replace_section
@@ -275,6 +343,8 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**ratios, "medians": medians, "rates": rates,
+                                         "paired_rates": {k: v for k, v in paired.items() if v},
+                                         "paired_ratios": per_epoch,
                                          "rounds": args.rounds, "epochs": args.epochs,
                                          "threads": args.threads}, indent=2) + "\n")
 

@@ -19,7 +19,8 @@ from tests.conftest import FAST, make_cfg
 def test_ddp_two_cpu_processes(tmp_path, multirun):
     sweep = ["-m"] if multirun else [f"hydra.run.dir={tmp_path}/multiruns/single/0"]
     args = [sys.executable, "-m", "kdlab.train", *sweep, "trainer=ddp", "trainer.accelerator=cpu",
-            "trainer.devices=2", "seed=1", *FAST, "trainer.limit_test_batches=null",
+            "trainer.devices=2", "seed=1", *FAST, "steps_per_call=auto",
+            "trainer.limit_test_batches=null",
             f"paths.log_dir={tmp_path}"]
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

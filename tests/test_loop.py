@@ -124,6 +124,8 @@ def test_auto_steps_per_call_is_one_under_ddp(fast_cfg):
     auto = fast_cfg("steps_per_call=auto")
     assert loop_options(auto).steps_per_call == AUTO_STEPS_PER_CALL
     assert loop_options(auto, in_memory=False).steps_per_call == 1  # ImageFolder: streamed
+    assert loop_options(fast_cfg("trainer.fast_dev_run=true", "steps_per_call=auto")
+                        ).steps_per_call == 1  # one batch, not one chunk
     assert loop_options(fast_cfg("trainer=ddp", "steps_per_call=auto")).steps_per_call == 1
 
 

@@ -151,7 +151,8 @@ def test_cli_distill_list_trains_with_every_member_term_logged(tmp_path):
 
     args = [sys.executable, "-m", "kdlab.train", "distill=[kd,at]", "distill.at.beta=500",
             f"paths.log_dir={tmp_path}", "baseline=false", "teacher.train.max_epochs=1",
-            "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=3", "steps_per_call=32",
+            "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
             "latency.repeats=1", "data.batch_size=16", "data.eval_batch_size=64"]
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
