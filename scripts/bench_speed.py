@@ -15,15 +15,18 @@ allocator settings (which kdlab-train changes at start-up) and Lightning's
 ``PYTORCH_NVML_BASED_CUDA_CHECK`` are per process and cannot be undone: the raw and torchdistill
 rows run as a user's plain script would (default allocator, no Lightning import).
 
-Ratios against a raw loop are **paired**: this machine's speed drifts by ±25% within tens of
-seconds, more than the differences measured, so two loops timed in different processes a
-minute apart cannot be compared epoch for epoch. Every kdlab child therefore also runs the raw
-loop it is compared with (student-only for ``none`` and the cached rows, raw KD for the live
-row) for one epoch right after each of its own epochs, in the same process, and a ratio is the
-median over all measured epochs of the kdlab epoch's rate over its paired raw epoch's. That raw
-epoch runs under kdlab's process settings (tuned allocator, no NVML retry), which can only make
-it faster than in its own process: the paired ratios are conservative. Ratios between two
-separate rows (torchdistill) are the median over rounds of the ratio within the round.
+Ratios against a raw loop are **paired**: this machine's speed drifts by ±25% within seconds,
+more than the differences measured, so two loops timed in different processes a minute apart
+cannot be compared. Every kdlab child therefore also runs the raw loop it is compared with
+(student-only for ``none`` and the cached rows, raw KD for the live row) in the same process,
+interleaved at the finest grain Lightning allows: after each kdlab training step (a chunk of
+``steps_per_call`` batches) the raw loop trains on as many batches. Each is timed on its own,
+and a kdlab row's samples/s are its own time only (Lightning's loop, fetch and hooks included).
+A ratio is the median over the measured epochs of kdlab's rate over the raw rate of the same
+epoch. The raw loop runs under kdlab's process settings there (tuned allocator, no NVML retry),
+which can only make it faster than in its own process: the paired ratios are conservative.
+Ratios between two separate rows (torchdistill, raw KD) are the median over rounds of the ratio
+within the round.
 
 Rows:
 - raw student-only / raw KD: the plain loops a user would write (fp32, default memory format,
@@ -95,20 +98,29 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor) -> to
     return ALPHA * T * T * soft + (1 - ALPHA) * F.cross_entropy(student, y)
 
 
-def raw_epochs(x: torch.Tensor, y: torch.Tensor, epochs: int,
-               teacher: nn.Module | None) -> list[float]:
-    """The loop a user writes: shuffled index batches of in-memory tensors."""
-    student = make_student()
-    opt = optimizer(student)
-    if teacher is not None:
-        teacher.eval()
-    generator = torch.Generator().manual_seed(0)
-    rates = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        perm = torch.randperm(len(x), generator=generator)
-        for i in range(0, len(x), BATCH):
-            idx = perm[i : i + BATCH]
+class RawLoop:
+    """The loop a user writes: shuffled index batches of in-memory tensors, the teacher (if
+    any) in eval mode under ``inference_mode``. :meth:`steps` trains on the next ``n`` batches,
+    drawing a new permutation at each pass over the data."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, teacher: nn.Module | None) -> None:
+        self.x, self.y, self.teacher = x, y, teacher
+        self.student = make_student()
+        self.opt = optimizer(self.student)
+        if teacher is not None:
+            teacher.eval()
+        self.generator = torch.Generator().manual_seed(0)
+        self.perm, self.pos = torch.empty(0, dtype=torch.long), 0
+
+    def steps(self, n: int) -> int:
+        """Train on ``n`` batches; returns their samples."""
+        x, y, student, teacher, opt = self.x, self.y, self.student, self.teacher, self.opt
+        samples = 0
+        for _ in range(n):
+            if self.pos >= len(self.perm):
+                self.perm, self.pos = torch.randperm(len(x), generator=self.generator), 0
+            idx = self.perm[self.pos : self.pos + BATCH]
+            self.pos += BATCH
             xb, yb = x[idx], y[idx]
             out = student(xb)
             if teacher is None:
@@ -120,7 +132,19 @@ def raw_epochs(x: torch.Tensor, y: torch.Tensor, epochs: int,
             opt.zero_grad()
             loss.backward()
             opt.step()
-        rates.append(len(x) / (time.perf_counter() - start))
+            samples += len(idx)
+        return samples
+
+
+def raw_epochs(x: torch.Tensor, y: torch.Tensor, epochs: int,
+               teacher: nn.Module | None) -> list[float]:
+    """Samples/s of each of ``epochs`` epochs of the raw loop (:class:`RawLoop`)."""
+    loop = RawLoop(x, y, teacher)
+    rates = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        samples = loop.steps(-(-len(x) // BATCH))
+        rates.append(samples / (time.perf_counter() - start))
     return rates
 
 
@@ -141,27 +165,45 @@ def torchdistill_epochs(x: torch.Tensor, y: torch.Tensor, epochs: int,
     return rates
 
 
-#: rates of the paired raw epochs of this process (filled by :func:`paired_raw_epoch`)
-PAIRED: list[float] = []
+#: per epoch of this process's kdlab run: (kdlab samples/s, paired raw samples/s)
+PAIRED: list[tuple[float, float]] = []
 
 
-def paired_raw_epoch(kind: str, workdir: str) -> Any:
-    """A Lightning callback that runs one epoch of the raw ``student`` or ``kd`` loop after
-    each training epoch of the kdlab run it is added to, appending its rate to :data:`PAIRED`
-    (the kdlab epoch's own clock stops at its last batch, before this runs)."""
+def paired_raw_chunks(kind: str, workdir: str) -> Any:
+    """A Lightning callback that, after each training step of the kdlab run it is added to (a
+    chunk of ``steps_per_call`` batches), trains the raw ``student`` or ``kd`` loop on as many
+    batches. Each epoch it appends to :data:`PAIRED` the kdlab rate (time from the end of one
+    raw chunk to the end of the next kdlab step: Lightning's loop, fetch and hooks included)
+    and the raw rate, so both are timed in the same seconds of this drifting machine."""
     import lightning as L
+
+    from kdlab.callbacks import batch_size
 
     x, y = torch.load(Path(workdir) / "data.pt", weights_only=True)
     teacher = None
     if kind == "kd":
         teacher = make_teacher()
         teacher.load_state_dict(torch.load(Path(workdir) / "teacher.pt", weights_only=True))
+    raw = RawLoop(x, y, teacher)
 
-    class PairedRawEpoch(L.Callback):
+    class PairedRawChunks(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            self.seconds, self.samples = [0.0, 0.0], [0, 0]
+            self.mark = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule,
+                               outputs: Any, batch: Any, batch_idx: int) -> None:
+            now = time.perf_counter()
+            self.seconds[0] += now - self.mark
+            self.samples[0] += batch_size(batch)
+            self.samples[1] += raw.steps(len(batch) if isinstance(batch, list) else 1)
+            self.mark = time.perf_counter()
+            self.seconds[1] += self.mark - now
+
         def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-            PAIRED.extend(raw_epochs(x, y, 1, teacher))
+            PAIRED.append((self.samples[0] / self.seconds[0], self.samples[1] / self.seconds[1]))
 
-    return PairedRawEpoch()
+    return PairedRawChunks()
 
 
 def kdlab_epochs(workdir: Path, teacher_ckpt: Path, epochs: int,
@@ -179,7 +221,7 @@ def kdlab_epochs(workdir: Path, teacher_ckpt: Path, epochs: int,
         "baseline=false", f"trainer.max_epochs={epochs}", "latency.repeats=2",
     ]
     if paired:
-        base += ["+callbacks.paired._target_=bench_speed.paired_raw_epoch",
+        base += ["+callbacks.paired._target_=bench_speed.paired_raw_chunks",
                  f"+callbacks.paired.kind={paired}", f"+callbacks.paired.workdir={workdir}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*base, *overrides])
@@ -231,9 +273,10 @@ def child(row: str, workdir: Path, epochs: int, threads: int,
     if row in KDLAB_ROWS:
         import bench_speed  # the module Hydra imports the paired callback from
 
-        rates = kdlab_epochs(workdir, workdir / "teacher.pt", epochs,
-                             [*KDLAB_ROWS[row], *extra], paired=PAIRED_WITH[row])
-        return {"rates": rates, "paired": bench_speed.PAIRED}
+        kdlab_epochs(workdir, workdir / "teacher.pt", epochs, [*KDLAB_ROWS[row], *extra],
+                     paired=PAIRED_WITH[row])
+        return {"rates": [kdlab for kdlab, _ in bench_speed.PAIRED],
+                "paired": [raw for _, raw in bench_speed.PAIRED]}
     x, y = torch.load(workdir / "data.pt", weights_only=True)
     teacher = make_teacher()
     teacher.load_state_dict(torch.load(workdir / "teacher.pt", weights_only=True))
