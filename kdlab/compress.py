@@ -55,6 +55,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from kdlab.build import build_model, build_strategy
+from kdlab.cache import INFERENCE_BATCH
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.errors import KdlabError
 from kdlab.fit import fit_stage
@@ -301,7 +302,7 @@ def disk_size(model: nn.Module, sparse: bool = False) -> dict[str, int]:
 
 @torch.no_grad()
 def cpu_accuracy(model: nn.Module, data: InMemoryDataModule, channels_last: bool,
-                 batch_size: int = 1000) -> float:
+                 batch_size: int = INFERENCE_BATCH) -> float:
     """Test accuracy of ``model`` on the CPU over the whole test split of ``data``."""
     model = model.cpu().eval()
     correct = 0

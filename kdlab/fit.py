@@ -19,6 +19,7 @@ from kdlab.cache import prepare_cache
 from kdlab.callbacks import Throughput
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.data.mix import check_stage
+from kdlab.launch import release_free_memory
 from kdlab.module import DistillationModule
 from kdlab.resume import resume_checkpoint
 from kdlab.strategies.base import Strategy
@@ -137,6 +138,7 @@ def fit_module(
     speed = next((c.history for c in trainer.callbacks if isinstance(c, Throughput)), [])
     test = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     metrics.update(test[0] if test else {})
+    release_free_memory()  # the stage's freed activations, before the next stage allocates
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["epochs"] = epochs
     if last_acc is not None:

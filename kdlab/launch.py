@@ -17,6 +17,7 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 TRIM_THRESHOLD = 256 * 1024 * 1024
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _tuned = False
+_malloc_trim = None  # glibc's malloc_trim once looked up, False where there is none
 
 
 def tune_allocator() -> bool:
@@ -49,6 +50,28 @@ def tune_allocator() -> bool:
         log.info("glibc allocator: mmap threshold 32 MiB, trim threshold 256 MiB "
                  "(tune_allocator=false, or any MALLOC_* variable, leaves it alone)")
     return ok
+
+
+def release_free_memory() -> bool:
+    """Hand the allocator's free memory back to the OS (glibc's ``malloc_trim(0)``, which also
+    releases free pages inside the heap, not only at its top).
+
+    With :func:`tune_allocator`'s thresholds, memory freed by a finished stage (teacher
+    training, the teacher-output cache pass) otherwise stays in the process as free heap:
+    300 MB after three teacher epochs on the main job. Called between stages; takes
+    milliseconds. Returns whether it ran (``False`` off glibc)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                pass
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 def skip_failing_nvml_check() -> bool:

@@ -224,10 +224,6 @@ class DistillationModule(L.LightningModule):
             return dict(strategy.init_loss(student, teacher, batch))
         terms = {}
         if self.ce_weight > 0:
-            if not self.has_unlabelled:  # every target is a label: a fused CE may apply
-                fused = strategy.forward_with_ce(student, teacher, batch)
-                if fused is not None:
-                    return fused
             terms["ce"] = self._cross_entropy(student.logits, y)
         terms.update(strategy(student, teacher, batch))
         return terms

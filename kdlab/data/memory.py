@@ -163,7 +163,7 @@ class InMemoryDataModule(L.LightningDataModule):
     def __init__(
         self,
         batch_size: int = 128,
-        eval_batch_size: int = 1000,
+        eval_batch_size: int = 256,
         val_size: int = 5000,
         split_seed: int = 0,
         num_labels: int | None = None,

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdlab.build import build_datamodule, build_model, build_strategy
+from kdlab.cache import INFERENCE_BATCH
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.errors import KdlabError
 from kdlab.fit import fit_stage
@@ -68,12 +69,12 @@ def ensemble_accuracy(models: list[nn.Module], data: InMemoryDataModule,
     """Test accuracy of the mean of the models' softmax outputs."""
     x, y = data.x_test, data.y_test
     correct = 0
-    for start in range(0, len(x), 1000):
-        xb = x[start:start + 1000]
+    for start in range(0, len(x), INFERENCE_BATCH):
+        xb = x[start:start + INFERENCE_BATCH]
         if channels_last and xb.dim() == 4:
             xb = xb.contiguous(memory_format=torch.channels_last)
         probs = sum(m.eval()(xb).softmax(-1) for m in models)
-        correct += int((probs.argmax(-1) == y[start:start + 1000]).sum())
+        correct += int((probs.argmax(-1) == y[start:start + INFERENCE_BATCH]).sum())
     return correct / len(x)
 
 

@@ -110,12 +110,3 @@ class Strategy(nn.Module):
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         raise NotImplementedError
-
-    def forward_with_ce(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms | None:
-        """The cross-entropy on the labels (``"ce"``, weighted by :attr:`ce_weight`) and the
-        terms of :meth:`forward` together, for a strategy that fuses them into fewer
-        operations (KD); ``None`` (the default): the training step adds the cross-entropy to
-        :meth:`forward`'s terms itself. Called only when every target of the batch is a label
-        and ``ce_weight > 0``; it must give the same values and gradients as the separate
-        path."""
-        return None

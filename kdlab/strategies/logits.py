@@ -34,44 +34,6 @@ class _SoftTargetKL(torch.autograd.Function):
         return (log_ps.exp() - p_t) * (grad * ctx.factor), None, None, None
 
 
-class _CrossEntropyAndSoftTargetKL(torch.autograd.Function):
-    """``ce_weight · CE(s, y)`` and ``kd_weight · KL(p_t ‖ softmax(s / T))``, both batch means,
-    as one autograd node with the closed-form gradient
-
-    ``∂/∂s = ce_weight / B · (softmax(s) − onehot(y)) + kd_weight / (T · B) · (p_s − p_t)``.
-
-    Every target must be a class index (no unlabelled ``-1``). One node instead of the
-    cross-entropy's two, the weighting multiplications, the sum and :class:`_SoftTargetKL`.
-    Measured interleaved with the separate path in one process (128×10 logits, an MLP student)
-    it costs the same, not less: eager per-operation overhead dominates either way.
-    """
-
-    @staticmethod
-    def forward(ctx, student_logits, targets, teacher_log_probs, temperature,  # noqa: ANN001
-                ce_weight, kd_weight):
-        batch = student_logits.shape[0]
-        logits = student_logits.float()
-        log_p = torch.log_softmax(logits, dim=1)
-        log_ps = torch.log_softmax(logits / temperature, dim=1)
-        p_t = teacher_log_probs.exp()
-        ce = F.nll_loss(log_p, targets) * ce_weight
-        kd = torch.vdot(p_t.reshape(-1), (teacher_log_probs - log_ps).reshape(-1)) \
-            * (kd_weight / batch)
-        ctx.save_for_backward(log_p, log_ps, p_t, targets)
-        ctx.factors = (ce_weight / batch, kd_weight / (temperature * batch))
-        ctx.dtype = student_logits.dtype
-        return ce, kd
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kd):  # noqa: ANN001
-        log_p, log_ps, p_t, targets = ctx.saved_tensors
-        ce_factor, kd_factor = ctx.factors
-        grad = log_p.exp().scatter_add_(1, targets[:, None],
-                                        log_p.new_full((len(targets), 1), -1.0))
-        grad.mul_(grad_ce * ce_factor).add_((log_ps.exp() - p_t).mul_(grad_kd * kd_factor))
-        return grad.to(ctx.dtype), None, None, None, None, None
-
-
 def soft_target_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor,
                    temperature: float, scale: float = 1.0) -> torch.Tensor:
     """``scale · KL(p_teacher ‖ softmax(student_logits / T))``, batch mean, where
@@ -133,20 +95,6 @@ class KD(Strategy):
         t = self.temperature
         return {"kd": soft_target_kl(student.logits, teacher.log_probs(t), t,
                                      self.alpha * t * t)}
-
-    def forward_with_ce(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms | None:
-        """``ce`` and ``kd`` from one fused autograd node (same values and gradients as the
-        cross-entropy plus :meth:`forward`); ``None`` when the teacher side needs a gradient
-        (online distillation), so that autograd reaches it."""
-        t = self.temperature
-        log_pt = teacher.log_probs(t)
-        if log_pt.requires_grad and torch.is_grad_enabled():
-            return None
-        ce, kd = _CrossEntropyAndSoftTargetKL.apply(student.logits, batch.targets, log_pt, t,
-                                                    self.ce_weight, self.alpha * t * t)
-        return {"ce": ce, "kd": kd}
-
-
 
 
 class DKD(Strategy):
