@@ -152,7 +152,6 @@ def compute_outputs(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
     teacher.train(was_training)
     if logits is None:  # no samples
         return torch.empty(0), {}
-    release_free_memory()
     return logits, features
 
 
@@ -253,6 +252,7 @@ def _build(teacher: nn.Module, taps: Taps | None, x: torch.Tensor, channels_last
            dtype: torch.dtype, file: Path | None) -> TeacherCache:
     start = time.perf_counter()
     logits, features = compute_outputs(teacher, taps, x, channels_last=channels_last)
+    release_free_memory()  # the pass's freed activations
     stored = {"logits": logits, **features}
     if dtype != torch.float32:
         for name, value in stored.items():
