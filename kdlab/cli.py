@@ -7,22 +7,13 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import kdlab.resolvers  # noqa: F401 - registers ${scaled_lr:...}
-from kdlab.errors import KdlabError, close_matches
+from kdlab.util.config import CONF_DIR, group_options
+from kdlab.util.errors import KdlabError, close_matches
 
-#: the Hydra config folder: ``conf/`` at the top of the repository (install with ``pip -e``)
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp",
                      "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
-
-
-def group_options(group: str) -> list[str]:
-    """The option names of a config group (``conf/<group>/*.yaml``, nested ones as ``a/b``)."""
-    folder = CONF_DIR / group
-    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
 
 
 def check_group_overrides(argv: Sequence[str]) -> None:

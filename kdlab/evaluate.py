@@ -4,7 +4,7 @@ A kdlab checkpoint stores its run's resolved config, so ``kdlab-eval`` rebuilds 
 the data from it; any key can still be overridden (``data.root=…``, ``trainer=gpu``). The run's
 teacher (its ``teacher.ckpt`` or stored teacher) is evaluated beside it, and the report gives
 accuracy, parameters, FLOPs, weight size and CPU latency of both with the teacher ÷ student
-ratios (:mod:`kdlab.footprint`)."""
+ratios (:mod:`kdlab.util.measure`)."""
 
 from __future__ import annotations
 
@@ -14,122 +14,25 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
-import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdlab.build import build_datamodule, build_model
 from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.errors import KdlabError
-from kdlab.footprint import footprint, ratios
-from kdlab.module import DistillationModule
-from kdlab.report import model_name, write_json
-from kdlab.teachers import get_teacher, load_into, load_weights
+from kdlab.engine.build import build_datamodule
+from kdlab.modes.checkpoints import checkpoint_student, load_run_config, run_teacher
+from kdlab.modes.runner import evaluate as evaluate_on
+from kdlab.util.measure import footprint, ratios
+from kdlab.util.report import model_name, write_json
 
 log = logging.getLogger(__name__)
-
-
-def evaluate_model(
-    model: nn.Module, data: InMemoryDataModule, cfg: DictConfig, splits=("val", "test")
-) -> dict[str, float]:
-    """Accuracy and loss of ``model`` on the given splits (``val/acc``, ``test/acc`` …)."""
-    module = DistillationModule(
-        student=model,
-        num_classes=data.num_classes,
-        optimizer=torch.optim.SGD,
-        channels_last=bool(cfg.get("channels_last", False)),
-    )
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.get("accelerator", "auto"),
-        devices=1,
-        precision=cfg.trainer.get("precision", "32-true"),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    metrics: dict[str, float] = {}
-    if "val" in splits:
-        metrics.update(trainer.validate(module, datamodule=data, verbose=False)[0])
-    if "test" in splits:
-        metrics.update(trainer.test(module, datamodule=data, verbose=False)[0])
-    return {k: float(v) for k, v in metrics.items()}
-
-
-def load_run_config(ckpt_path: str) -> DictConfig:
-    """The resolved config stored in a kdlab checkpoint."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise KdlabError(f"ckpt_path={ckpt_path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    config = ckpt.get("hyper_parameters", {}).get("config")
-    if not config:
-        raise KdlabError(f"ckpt_path={ckpt_path} is not a kdlab checkpoint (no stored config)")
-    return OmegaConf.create(config)
-
-
-def checkpoint_student(run_cfg: DictConfig, ckpt_path: str, data: InMemoryDataModule,
-                       member: int | None = None) -> tuple[nn.Module, DictConfig]:
-    """The network a kdlab checkpoint holds, rebuilt from its stored config, and its model
-    config: the student, or member ``member`` (default 0) of a ``mode=mutual`` cohort, whose
-    checkpoints hold every member under ``student.<i>.``."""
-    mode = str((run_cfg.get("mode") or {}).get("name", "offline"))
-    if mode != "mutual":
-        if member not in (None, 0):
-            raise KdlabError(f"member={member}: {ckpt_path} is a {mode} run's checkpoint, not a "
-                             "cohort's; drop member")
-        model = build_model(run_cfg.student.model, data, "student.model")
-        load_into(model, load_weights(ckpt_path), f"ckpt_path={ckpt_path}")
-        return model, run_cfg.student.model
-    from kdlab.modes.mutual import member_configs
-
-    configs = member_configs(run_cfg)
-    index = 0 if member is None else int(member)
-    if not 0 <= index < len(configs):
-        raise KdlabError(f"member={index}: the cohort of {ckpt_path} has members "
-                         f"0..{len(configs) - 1}")
-    model = build_model(configs[index], data, f"member {index}")
-    prefix = f"{index}."  # load_weights has already dropped the checkpoint's "student."
-    state = {k[len(prefix):]: v for k, v in load_weights(ckpt_path).items()
-             if k.startswith(prefix)}
-    load_into(model, state, f"ckpt_path={ckpt_path} (member {index})")
-    return model, configs[index]
-
-
-def run_teacher(run_cfg: DictConfig, want: str) -> tuple[nn.Module | None, str]:
-    """The teacher the checkpoint's run distilled from (its ``teacher.ckpt`` or its stored
-    teacher; never trained here) and where it came from, or ``None`` when ``want`` is
-    ``false``, or ``auto`` and there is no single stored teacher for this run."""
-    if want in ("false", "False", "none"):
-        return None, "not asked for (with_teacher=false)"
-    mode = str((run_cfg.get("mode") or {}).get("name", "offline"))
-    problem = None
-    if mode != "offline":
-        problem = f"the run's mode is {mode}, not offline (no single teacher)"
-    elif (run_cfg.get("distill") or {}).get("_target_") is None:
-        problem = "the run distilled nothing (distill=none)"
-    if problem is None:
-        cfg = run_cfg.copy()
-        with open_dict(cfg):
-            cfg.teacher.train_if_missing = False
-        try:
-            model, info = get_teacher(cfg, Path(cfg.paths.output_dir))
-            return model, str(info.get("path") or info.get("key") or info["source"])
-        except KdlabError as e:
-            problem = str(e)
-    if want in ("true", "True"):
-        raise KdlabError(f"with_teacher=true but the teacher cannot be evaluated: {problem}")
-    log.info("kdlab-eval: no teacher row (%s)", problem)
-    return None, problem
 
 
 def _entry(model: nn.Module, model_cfg: DictConfig, data: InMemoryDataModule,
            run_cfg: DictConfig, latency: DictConfig) -> dict[str, Any]:
     sizes = [int(b) for b in latency.get("batch_sizes", [latency.batch_size])]
     entry = {"model": model_name(model_cfg),
-             "metrics": evaluate_model(model, data, run_cfg),
+             "metrics": evaluate_on(run_cfg, model, data),
              **footprint(model, data.input_shape, sizes, int(latency.repeats),
                          bool(run_cfg.channels_last))}
     entry["latency_ms"] = entry["latency_ms_by_batch"][max(sizes)]

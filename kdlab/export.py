@@ -21,11 +21,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kdlab.build import build_datamodule
 from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
-from kdlab.errors import KdlabError
-from kdlab.evaluate import checkpoint_student, load_run_config
-from kdlab.report import model_name, write_json
+from kdlab.engine.build import build_datamodule
+from kdlab.modes.checkpoints import checkpoint_student, load_run_config
+from kdlab.util.errors import KdlabError
+from kdlab.util.report import model_name, write_json
 
 log = logging.getLogger(__name__)
 

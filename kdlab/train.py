@@ -1,10 +1,10 @@
 """``kdlab-train``: compose the config, run its mode, write ``results.json``.
 
-The default mode (:mod:`kdlab.modes.offline`) gets a teacher (:mod:`kdlab.teachers`), distils a
-student and trains the same student without the teacher under the same budget
-(:func:`kdlab.fit.fit_stage` → :class:`kdlab.module.DistillationModule`); the other modes of
-:mod:`kdlab.modes` chain, combine or replace those stages. :func:`run` adds the config and the
-wall time and writes the report (:mod:`kdlab.report`).
+The default mode (:mod:`kdlab.modes.offline`) gets a teacher, distils a student and trains the
+same student without the teacher under the same budget; the other modes of :mod:`kdlab.modes`
+chain, combine or replace those stages. Each stage is run by the engine
+(:func:`kdlab.engine.fit.fit_stage` → :class:`kdlab.engine.module.DistillationModule`).
+:func:`run` adds the config and the wall time and writes the report (:mod:`kdlab.util.report`).
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from kdlab.build import to_container
 from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
-from kdlab.distributed import is_rank_zero, use_job_command_for_ddp
-from kdlab.errors import KdlabError
-from kdlab.launch import apply_speed_settings
+from kdlab.engine.build import to_container
 from kdlab.modes import mode_runner
-from kdlab.report import markdown_table, print_table, write_json
-from kdlab.resume import prepare_run, resume_marker_matches, select_last_run, set_resuming
-from kdlab.tracking import finish_run
+from kdlab.modes.resume import prepare_run, resume_marker_matches, select_last_run, set_resuming
+from kdlab.util.distributed import is_rank_zero, use_job_command_for_ddp
+from kdlab.util.errors import KdlabError
+from kdlab.util.report import markdown_table, print_table, write_json
+from kdlab.util.runtime import apply_speed_settings
+from kdlab.util.tracking import finish_run
 
 
-@friendly_errors
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """One run of ``cfg.mode`` (:mod:`kdlab.modes`); returns the content of ``results.json``."""
+def execute(cfg: DictConfig) -> dict[str, Any]:
+    """One run of ``cfg.mode`` (:mod:`kdlab.modes`); returns the content of ``results.json``.
+    A user's mistake raises :class:`KdlabError` (:func:`run` turns it into one line and exit
+    code 2, as the command line does)."""
     start = time.perf_counter()
     apply_speed_settings(bool(cfg.get("tune_allocator", True)))
     use_job_command_for_ddp()
@@ -61,6 +62,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print_table(results, title=f"{cfg.task_name}: {label} "
                                f"({results['wall_time_s']:.0f} s) → {run_dir}")
     return results
+
+
+#: :func:`execute` as the command line runs it: a :class:`KdlabError` is printed as one line on
+#: stderr and the process exits with code 2
+run = friendly_errors(execute)
 
 
 def writable_folder(folder: Path, key: str) -> Path:

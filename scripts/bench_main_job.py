@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from doc_section import replace_section  # noqa: E402
 
-from kdlab.report import markdown_table  # noqa: E402
+from kdlab.util.report import markdown_table  # noqa: E402
 
 
 def run_job(workdir: Path, overrides: list[str]) -> tuple[dict, float, float]:

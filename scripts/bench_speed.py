@@ -177,7 +177,7 @@ def paired_raw_chunks(kind: str, workdir: str) -> Any:
     and the raw rate, so both are timed in the same seconds of this drifting machine."""
     import lightning as L
 
-    from kdlab.callbacks import batch_size
+    from kdlab.engine.callbacks import batch_size
 
     x, y = torch.load(Path(workdir) / "data.pt", weights_only=True)
     teacher = None

@@ -76,8 +76,8 @@ class Timers:
 
 def instrument_kdlab(timers: Timers) -> None:
     """Time kdlab's parts (class-level wrappers; this process runs one kdlab fit)."""
-    from kdlab.callbacks import Throughput
-    from kdlab.module import DistillationModule
+    from kdlab.engine.callbacks import Throughput
+    from kdlab.engine.module import DistillationModule
 
     for name in KDLAB_PARTS:
         setattr(DistillationModule, name, timers.wrap(name, getattr(DistillationModule, name)))

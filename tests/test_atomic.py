@@ -9,10 +9,10 @@ import logging
 import pytest
 import torch
 
-from kdlab.errors import KdlabError
-from kdlab.files import sha256
-from kdlab.resume import resume_checkpoint, set_resuming
-from kdlab.teachers import get_teacher
+from kdlab.engine.teachers import get_teacher
+from kdlab.modes.resume import resume_checkpoint, set_resuming
+from kdlab.util.errors import KdlabError
+from kdlab.util.files import sha256
 
 
 def _entry(tmp_path):

@@ -8,11 +8,11 @@ import logging
 import pytest
 import torch
 
-from kdlab.cache import TeacherCache, cache_key, compute_outputs, prepare_cache
-from kdlab.errors import KdlabError
+from kdlab.engine.cache import TeacherCache, cache_key, compute_outputs, prepare_cache
+from kdlab.engine.taps import Taps
 from kdlab.models import CNN
-from kdlab.taps import Taps
 from kdlab.train import run
+from kdlab.util.errors import KdlabError
 
 
 def _teacher() -> CNN:
@@ -56,7 +56,7 @@ KD = ["distill=kd", "baseline=false", "trainer.max_epochs=1", "steps_per_call=1"
 
 def test_a_cached_run_ends_where_a_live_run_does_and_the_cache_is_reused(
         fast_cfg, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="kdlab.cache")
+    caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
     live = run(fast_cfg(*KD, "teacher_cache.enabled=false"))
     assert "Teacher cache: off" in caplog.text
     caplog.clear()
@@ -76,7 +76,7 @@ def test_a_cached_run_ends_where_a_live_run_does_and_the_cache_is_reused(
 
 def test_augmentation_runs_the_teacher_live_or_fails_when_the_cache_is_required(
         fast_cfg, caplog, capsys):
-    caplog.set_level(logging.INFO, logger="kdlab.cache")
+    caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
     run(fast_cfg(*KD, "data.augment=true", "trainer.fast_dev_run=true"))
     assert "Teacher cache: off" in caplog.text and "data.augment=true" in caplog.text
     with pytest.raises(SystemExit) as exit_info:
@@ -99,7 +99,7 @@ def test_a_corrupted_cache_file_is_reported_and_rebuilt(fast_cfg, caplog):
     teacher, x = _teacher(), torch.randn(50, 1, 28, 28)
     first = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
     first.path.write_bytes(first.path.read_bytes()[:100])  # truncated
-    caplog.set_level(logging.INFO, logger="kdlab.cache")
+    caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
     again = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
     assert "(truncated)" in caplog.text and str(first.path) in caplog.text
     torch.testing.assert_close(again.logits.float(), first.logits.float())
@@ -116,7 +116,7 @@ def test_a_cache_file_with_flipped_bytes_is_caught_by_its_hash(fast_cfg, caplog)
     data = bytearray(first.path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte of the stored logits changed
     first.path.write_bytes(bytes(data))
-    caplog.set_level(logging.INFO, logger="kdlab.cache")
+    caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
     again = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
     assert f"{first.path} has a SHA-256 that differs" in caplog.text and "rebuilding" in caplog.text
     assert json.loads(first.path.with_suffix(".json").read_text()) == meta  # rebuilt whole

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kdlab.compare import cli, compare, group_keys, load_runs
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 
 def _write_run(folder: Path, distill: str, seed: int, acc: float, temperature: float = 4.0,

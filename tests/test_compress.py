@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.compress import (
+from kdlab.engine.teachers import load_into, load_weights
+from kdlab.models import CNN
+from kdlab.modes.compress import (
     Compression,
     compression_report,
     cubic_sparsity,
@@ -17,10 +19,8 @@ from kdlab.compress import (
     quantize_dynamic_int8,
     sparsity,
 )
-from kdlab.errors import KdlabError
-from kdlab.models import CNN
-from kdlab.teachers import load_into, load_weights
 from kdlab.train import run
+from kdlab.util.errors import KdlabError
 
 
 def student() -> CNN:

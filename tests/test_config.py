@@ -6,9 +6,9 @@ import sys
 import pytest
 from hydra.utils import instantiate
 
-from kdlab.build import build_datamodule, build_model, build_strategy
 from kdlab.cli import CONF_DIR, check_group_overrides, group_options
-from kdlab.errors import KdlabError
+from kdlab.engine.build import build_datamodule, build_model, build_strategy
+from kdlab.util.errors import KdlabError
 from tests.conftest import make_cfg
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
@@ -109,7 +109,7 @@ def test_unknown_model_argument_names_the_key(tmp_path):
 
 
 def test_wandb_without_api_key_logs_offline_instead_of_prompting(tmp_path, monkeypatch):
-    from kdlab.build import build_trainer
+    from kdlab.engine.build import build_trainer
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

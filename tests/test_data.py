@@ -5,7 +5,7 @@ import torch
 
 from kdlab.data import UNLABELLED, FashionMNISTDataModule
 from kdlab.data.memory import random_shift_flip, stratified_subset
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kdlab.build import build_datamodule, build_model
 from kdlab.data import UNLABELLED, FashionMNISTDataModule, memory
-from kdlab.errors import KdlabError
-from kdlab.teachers import teacher_key
+from kdlab.engine.build import build_datamodule, build_model
+from kdlab.engine.teachers import teacher_key
+from kdlab.util.errors import KdlabError
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_models_get_k_outputs_and_teacher_key_depends_on_classes(fast_cfg):
 
 def test_teacher_identity_without_classes_is_unchanged(fast_cfg):
     """Teachers stored before ``data.classes`` existed keep their store key."""
-    from kdlab.teachers import teacher_identity
+    from kdlab.engine.teachers import teacher_identity
 
     assert "classes" not in teacher_identity(fast_cfg())["data"]
     assert teacher_identity(fast_cfg("data.classes=[1,2]"))["data"]["classes"] == [1, 2]

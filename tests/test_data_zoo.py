@@ -15,9 +15,9 @@ from kdlab.data import (
 )
 from kdlab.data.imagefolder import Chunks
 from kdlab.data.memory import random_shift_flip
-from kdlab.errors import KdlabError
-from kdlab.resolvers import scaled_lr
-from kdlab.teachers import teacher_key
+from kdlab.engine.teachers import teacher_key
+from kdlab.util.errors import KdlabError
+from kdlab.util.resolvers import scaled_lr
 from tests.conftest import make_cfg
 
 
@@ -100,7 +100,7 @@ def test_teacher_store_keys_tell_synthetic_datasets_apart(tmp_path):
     # Fashion-MNIST teachers keep the keys they were stored under
     fashion = make_cfg(tmp_path, [])
     assert "input_shape" not in str(fashion.data) or True
-    from kdlab.teachers import teacher_identity
+    from kdlab.engine.teachers import teacher_identity
     assert set(teacher_identity(fashion)["data"]) == {"_target_", "val_size", "split_seed",
                                                       "batch_size", "shift", "flip"}
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kdlab import export as export_mod
-from kdlab.errors import KdlabError
 from kdlab.export import choose_formats, export, export_model
+from kdlab.util.errors import KdlabError
 from tests.conftest import make_cfg
 
 

@@ -1,4 +1,4 @@
-"""kdlab.footprint (FLOPs, size, latency, ratios) and kdlab-eval's teacher choice."""
+"""kdlab.util.measure (FLOPs, size, latency, ratios) and kdlab-eval's teacher choice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.footprint import flops_per_sample, footprint, ratios, state_dict_bytes
+from kdlab.util.measure import flops_per_sample, footprint, ratios, state_dict_bytes
 from tests.conftest import make_cfg
 
 

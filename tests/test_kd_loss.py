@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from kdlab.errors import KdlabError
 from kdlab.strategies import KD, Outputs, kd_loss
+from kdlab.util.errors import KdlabError
 
 
 def _softmax(values, temperature):

@@ -20,13 +20,13 @@ def _python(code: str, **env: str) -> str:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_allocator_is_tuned_once_unless_the_user_set_malloc_variables():
-    code = "from kdlab.launch import tune_allocator as t; print(t(), t())"
+    code = "from kdlab.util.runtime import tune_allocator as t; print(t(), t())"
     assert _python(code) == "True True"
     assert _python(code, MALLOC_TRIM_THRESHOLD_="131072") == "False False"
 
 
 def test_failing_nvml_check_is_switched_off_and_a_working_one_kept():
-    code = ("import ctypes, os; from kdlab.launch import skip_failing_nvml_check as s\n"
+    code = ("import ctypes, os; from kdlab.util.runtime import skip_failing_nvml_check as s\n"
             "try:\n    ctypes.CDLL('libnvidia-ml.so.1'); nvml = True\n"
             "except OSError:\n    nvml = False\n"
             "print(nvml, s(), os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'])")
@@ -44,7 +44,7 @@ def test_free_memory_held_inside_the_heap_is_returned_between_stages():
     (the heap can only shrink from its top); release_free_memory hands them back."""
     code = (
         "import torch\n"
-        "from kdlab.launch import release_free_memory, tune_allocator\n"
+        "from kdlab.util.runtime import release_free_memory, tune_allocator\n"
         "tune_allocator()\n"
         "def rss():\n"
         "    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"

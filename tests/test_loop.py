@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdlab.errors import KdlabError
 from kdlab.train import run
+from kdlab.util.errors import KdlabError
 
 
 def _weights(path: str) -> dict[str, torch.Tensor]:
@@ -35,7 +35,7 @@ def test_bare_optimizer_step_trains_like_lightnings_hooked_step(fast_cfg, tmp_pa
     global_step, and the hook sees every step."""
     from lightning.pytorch.core.optimizer import LightningOptimizer
 
-    from kdlab.module import DistillationModule
+    from kdlab.engine.module import DistillationModule
 
     lightning_steps, hooked = [], []
     original = LightningOptimizer.step
@@ -79,7 +79,7 @@ def test_gradient_accumulation_matches_a_batch_twice_as_large(fast_cfg, tmp_path
 
 
 def test_gradient_clipping_is_applied_before_each_step(fast_cfg, tmp_path, monkeypatch):
-    from kdlab.module import DistillationModule
+    from kdlab.engine.module import DistillationModule
 
     seen = []
     original = DistillationModule.clip_gradients
@@ -112,14 +112,14 @@ def test_max_steps_counts_batches_inside_chunks(fast_cfg, tmp_path):
     (["trainer.gradient_clip_algorithm=foo"], "trainer.gradient_clip_algorithm=foo"),
 ])
 def test_bad_loop_options_fail_naming_the_key(fast_cfg, overrides, message):
-    from kdlab.build import loop_options
+    from kdlab.engine.build import loop_options
 
     with pytest.raises(KdlabError, match=message.replace("(", r"\(")):
         loop_options(fast_cfg(*overrides))
 
 
 def test_auto_steps_per_call_is_one_under_ddp(fast_cfg):
-    from kdlab.build import AUTO_STEPS_PER_CALL, loop_options
+    from kdlab.engine.build import AUTO_STEPS_PER_CALL, loop_options
 
     auto = fast_cfg("steps_per_call=auto")
     assert loop_options(auto).steps_per_call == AUTO_STEPS_PER_CALL

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.cache import prepare_cache
 from kdlab.data import UNLABELLED, FashionMNISTDataModule
 from kdlab.data.mix import check_stage, mix_batch
-from kdlab.errors import KdlabError
-from kdlab.module import DistillationModule
+from kdlab.engine.cache import prepare_cache
+from kdlab.engine.module import DistillationModule
 from kdlab.strategies import KD
 from kdlab.train import run
+from kdlab.util.errors import KdlabError
 
 
 def test_mixup_is_the_convex_combination_with_the_drawn_lambda():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from kdlab.build import build_datamodule, build_model, build_strategy, build_trainer
-from kdlab.fit import fit_stage
-from kdlab.module import DistillationModule
+from kdlab.engine.build import build_datamodule, build_model, build_strategy, build_trainer
+from kdlab.engine.fit import fit_stage
+from kdlab.engine.module import DistillationModule
 
 
 def _setup(cfg):

@@ -1,12 +1,12 @@
-"""Multi-teacher distillation (kdlab/ensemble.py, kdlab/modes/multi_teacher.py)."""
+"""Multi-teacher distillation (kdlab/modes/ensemble.py, kdlab/modes/multi_teacher.py)."""
 
 import pytest
 import torch
 from torch import nn
 
-from kdlab.ensemble import TeacherEnsemble
-from kdlab.errors import KdlabError
+from kdlab.modes.ensemble import TeacherEnsemble
 from kdlab.train import run
+from kdlab.util.errors import KdlabError
 
 
 class Fixed(nn.Module):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.build import build_datamodule, build_model
-from kdlab.cohort import CohortModule
-from kdlab.errors import KdlabError
+from kdlab.engine.build import build_datamodule, build_model
+from kdlab.modes.cohort import CohortModule
 from kdlab.modes.mutual import MEMBER_SEED_STRIDE, member_configs
 from kdlab.train import run
+from kdlab.util.errors import KdlabError
 
 #: a whole run in a few seconds: one epoch of 4 batches, tiny evaluation and latency
 QUICK = ["trainer.max_epochs=1", "steps_per_call=2", "trainer.limit_train_batches=2",
@@ -147,8 +147,9 @@ def test_members_of_different_models_have_their_own_metrics(fast_cfg):
     assert stages[0]["metrics"]["test/loss"] != stages[1]["metrics"]["test/loss"]
 
     # kdlab-eval and kdlab-export read any member of the cohort's checkpoint
-    from kdlab.errors import KdlabError
-    from kdlab.evaluate import checkpoint_student, evaluate, load_run_config
+    from kdlab.evaluate import evaluate
+    from kdlab.modes.checkpoints import checkpoint_student, load_run_config
+    from kdlab.util.errors import KdlabError
     from tests.conftest import make_cfg
 
     ckpt = stages[1]["best_ckpt"]

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from kdlab.build import loop_options
-from kdlab.errors import KdlabError
+from kdlab.engine.build import loop_options
 from kdlab.strategies.base import Strategy
 from kdlab.train import run
+from kdlab.util.errors import KdlabError
 
 
 class NaNAfter(Strategy):

@@ -93,8 +93,8 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
 
 
 def test_ckpt_path_last_finds_the_unfinished_run(fast_cfg, tmp_path):
-    from kdlab.errors import KdlabError
-    from kdlab.resume import MARKER, run_key, select_last_run
+    from kdlab.modes.resume import MARKER, run_key, select_last_run
+    from kdlab.util.errors import KdlabError
 
     cfg = fast_cfg("ckpt_path=last")
     with pytest.raises(KdlabError, match="ckpt_path=last: no unfinished run of this config"):
@@ -107,8 +107,8 @@ def test_ckpt_path_last_finds_the_unfinished_run(fast_cfg, tmp_path):
 
 
 def test_a_folder_of_another_unfinished_run_is_refused(fast_cfg, tmp_path):
-    from kdlab.errors import KdlabError
-    from kdlab.resume import prepare_run
+    from kdlab.modes.resume import prepare_run
+    from kdlab.util.errors import KdlabError
 
     folder = tmp_path / "run"
     folder.mkdir()

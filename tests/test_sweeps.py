@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from kdlab.cli import check_plugins
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 from tests.conftest import FAST
 
 

@@ -5,9 +5,9 @@ import logging
 import pytest
 import torch
 
-import kdlab.teachers as teachers
-from kdlab.errors import KdlabError
-from kdlab.teachers import get_teacher, teacher_key
+import kdlab.engine.teachers as teachers
+from kdlab.engine.teachers import get_teacher, teacher_key
+from kdlab.util.errors import KdlabError
 
 
 def test_store_trains_once_then_reuses(fast_cfg, tmp_path, monkeypatch, caplog):
@@ -19,7 +19,7 @@ def test_store_trains_once_then_reuses(fast_cfg, tmp_path, monkeypatch, caplog):
     first, info = get_teacher(cfg, tmp_path / "run1")
     assert info["source"] == "trained" and info["stored"] and len(calls) == 1
     assert not first.training and not any(p.requires_grad for p in first.parameters())
-    with caplog.at_level(logging.INFO, logger="kdlab.teachers"):
+    with caplog.at_level(logging.INFO, logger="kdlab.engine.teachers"):
         second, info2 = get_teacher(fast_cfg("seed=5", "distill.temperature=2"), tmp_path / "r2")
     assert info2["source"] == "store" and len(calls) == 1
     assert "reusing" in caplog.text

@@ -2,9 +2,9 @@
 
 import torch
 
-from kdlab.build import build_model, build_strategy
 from kdlab.data.memory import UNLABELLED
-from kdlab.module import DistillationModule
+from kdlab.engine.build import build_model, build_strategy
+from kdlab.engine.module import DistillationModule
 from kdlab.train import run
 from tests.conftest import make_cfg
 

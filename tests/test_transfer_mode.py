@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.errors import KdlabError
 from kdlab.modes import mode_runner, transfer
 from kdlab.train import run
+from kdlab.util.errors import KdlabError
 
 SMALL = ["student=mlp", "student.model.hidden=[16]", "trainer.max_epochs=1",
          "mode=transfer", "mode.finetune_epochs=1", "mode.student_finetune_epochs=1",

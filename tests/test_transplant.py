@@ -1,12 +1,12 @@
-"""Student initialised from the teacher (kdlab/transplant.py)."""
+"""Student initialised from the teacher (kdlab/models/transplant.py)."""
 
 import pytest
 import torch
 
-from kdlab.errors import KdlabError
 from kdlab.models import CNN
+from kdlab.models.transplant import init_from_teacher
 from kdlab.train import run
-from kdlab.transplant import init_from_teacher
+from kdlab.util.errors import KdlabError
 
 SHAPE = [1, 28, 28]
 

@@ -55,7 +55,7 @@ def test_imagenet_recipe_runs_on_synthetic_images(tmp_path):
 
 
 def test_unknown_zoo_name_fails_with_close_matches(tmp_path):
-    from kdlab.errors import KdlabError
+    from kdlab.util.errors import KdlabError
 
     with pytest.raises(KdlabError, match="model.name=resnet8x5 .*did you mean.*resnet8x4"):
         create("resnet8x5", [3, 32, 32], 100)

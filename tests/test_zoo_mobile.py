@@ -12,10 +12,10 @@ import torch
 import torchvision
 from torch import nn
 
-from kdlab.errors import KdlabError
 from kdlab.models import mobilenetv2, shufflenet
 from kdlab.models.hub import MODELS as HUB
 from kdlab.models.hub import TimmModel, TorchvisionModel
+from kdlab.util.errors import KdlabError
 
 CIFAR = {**mobilenetv2.MODELS, **shufflenet.MODELS}
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 
 def _unpickle(path: Path) -> dict:

@@ -9,7 +9,7 @@ import torch
 
 from kdlab.data.idx import find_idx, read_idx
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 #: where Debian's ``dataset-fashion-mnist`` package installs the idx files
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -26,7 +26,7 @@ import torch
 
 from kdlab.data.loader import BatchLoader
 from kdlab.data.mix import check_mix, mix_batch
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 UNLABELLED = -1  #: target value of a transfer-set sample whose label is hidden
 #: the normalised splits of the last dataset set up, shared by datamodules (read-only tensors)

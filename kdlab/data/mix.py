@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 
 def synthetic_images(n: int, input_shape: Sequence[int], num_classes: int, seed: int,

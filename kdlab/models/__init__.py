@@ -5,10 +5,6 @@ and names the layers feature strategies read in ``taps()``. Zoo models by name:
 from kdlab.models.cnn import CNN
 from kdlab.models.mlp import MLP
 from kdlab.models.zoo import available, create
+from kdlab.util.measure import count_parameters
 
 __all__ = ["CNN", "MLP", "available", "count_parameters", "create"]
-
-
-def count_parameters(model) -> int:
-    """Number of parameters of ``model`` (trainable or not)."""
-    return sum(p.numel() for p in model.parameters())

@@ -33,7 +33,7 @@ import torch
 import torchvision
 from torch import nn
 
-from kdlab.errors import KdlabError, close_matches
+from kdlab.util.errors import KdlabError, close_matches
 
 #: module types that never end a feature stage
 _NOT_A_STAGE = (

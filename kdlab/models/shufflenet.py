@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 #: stem width of both CIFAR ShuffleNets (a 1×1 convolution, no downsampling)
 STEM = 24

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from kdlab.errors import KdlabError, close_matches
+from kdlab.util.errors import KdlabError, close_matches
 
 #: the modules whose ``MODELS`` dicts make up the registry, in the order they are listed
 FAMILIES = ("resnet_cifar", "wrn", "vgg", "mobilenetv2", "shufflenet", "hub")

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 #: mode name → ``module:function`` (imported when used)
 MODES: dict[str, str] = {

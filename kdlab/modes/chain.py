@@ -29,14 +29,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdlab.build import build_datamodule, build_model, build_strategy
-from kdlab.cache import INFERENCE_BATCH
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.errors import KdlabError
-from kdlab.fit import fit_stage
+from kdlab.engine.build import build_datamodule, build_model, build_strategy
+from kdlab.engine.cache import INFERENCE_BATCH
+from kdlab.engine.fit import fit_stage
+from kdlab.engine.teachers import stored_model, teacher_key
 from kdlab.modes.offline import single_teacher, train_baseline
-from kdlab.stages import evaluated_entry, frozen_copy, latency_args, model_name, stage_entry
-from kdlab.teachers import stored_model, teacher_key
+from kdlab.modes.runner import evaluated_entry, frozen_copy, latency_args, model_name, stage_entry
+from kdlab.util.errors import KdlabError
 
 log = logging.getLogger(__name__)
 

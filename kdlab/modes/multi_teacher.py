@@ -1,5 +1,5 @@
 """Multi-teacher distillation: the student learns from several teachers' combined soft targets
-(:class:`kdlab.ensemble.TeacherEnsemble`), each teacher found or trained through the teacher
+(:class:`kdlab.modes.ensemble.TeacherEnsemble`), each teacher found or trained through the teacher
 store like the single teacher of the offline mode; the report gives every teacher's own
 accuracy, the combined teacher's, the student's and the baseline's."""
 
@@ -12,11 +12,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.ensemble import TeacherEnsemble
-from kdlab.errors import KdlabError
+from kdlab.engine.module import freeze
 from kdlab.modes import offline
-from kdlab.module import freeze
-from kdlab.stages import evaluated_entry
+from kdlab.modes.ensemble import TeacherEnsemble
+from kdlab.modes.runner import evaluated_entry
+from kdlab.util.errors import KdlabError
 
 
 def teacher_configs(cfg: DictConfig) -> list[DictConfig]:

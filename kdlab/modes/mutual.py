@@ -1,7 +1,7 @@
 """Deep Mutual Learning (Zhang et al., CVPR 2018): a cohort trained together, no teacher.
 
 ``kdlab-train mode=mutual`` trains ``mode.members`` copies of ``student.model`` (or one network
-per entry of ``mode.models``) with :class:`kdlab.cohort.CohortModule`, then evaluates every
+per entry of ``mode.models``) with :class:`kdlab.modes.cohort.CohortModule`, then evaluates every
 member from its own best-validation checkpoint and, with ``baseline: true``, trains member 0's
 network alone with cross-entropy under the same budget.
 
@@ -29,14 +29,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from kdlab.build import build_datamodule, build_model, loop_options, to_container
-from kdlab.cli import CONF_DIR, group_options
-from kdlab.cohort import CohortModule, check_cohort
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.errors import KdlabError
-from kdlab.evaluate import evaluate_model
-from kdlab.fit import StageResult, fit_module, fit_stage, has_target
-from kdlab.stages import latency_args, model_name, stage_entry
+from kdlab.engine.build import build_datamodule, build_model, loop_options, to_container
+from kdlab.engine.fit import StageResult, fit_module, fit_stage, has_target
+from kdlab.modes.cohort import CohortModule, check_cohort
+from kdlab.modes.runner import evaluate, latency_args, model_name, stage_entry
+from kdlab.util.config import CONF_DIR, group_options
+from kdlab.util.errors import KdlabError
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def fit_cohort(cfg: DictConfig, stage_dir: Path, members: list[nn.Module],
         ckpt = result.best_ckpt if i == 0 else best.paths.get(i)
         if ckpt:
             _load_member(member, i, ckpt)
-        metrics = evaluate_model(member, data, cfg)
+        metrics = evaluate(cfg, member, data)
         metrics["epochs"] = result.metrics.get("epochs", 0)
         results.append(dataclasses.replace(result, metrics=metrics, best_ckpt=ckpt))
     return results

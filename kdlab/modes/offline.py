@@ -13,13 +13,13 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdlab.build import build_datamodule, build_model, build_strategy
-from kdlab.compress import Compression
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.fit import fit_stage
-from kdlab.stages import evaluated_entry, latency_args, model_name, stage_entry
-from kdlab.teachers import get_teacher
-from kdlab.transplant import init_from_teacher
+from kdlab.engine.build import build_datamodule, build_model, build_strategy
+from kdlab.engine.fit import fit_stage
+from kdlab.engine.teachers import get_teacher
+from kdlab.models.transplant import init_from_teacher
+from kdlab.modes.compress import Compression
+from kdlab.modes.runner import evaluated_entry, latency_args, model_name, stage_entry
 
 log = logging.getLogger(__name__)
 TeacherSource = Callable[[DictConfig, Path, InMemoryDataModule, tuple],
@@ -40,7 +40,7 @@ def run(cfg: DictConfig, run_dir: Path, teachers: TeacherSource = single_teacher
     returns the frozen teacher and the stage entries describing it (the last one is the
     teacher the student learns from)."""
     strategy = build_strategy(cfg)
-    compress = Compression(cfg)  # compress=none: does nothing (kdlab/compress.py)
+    compress = Compression(cfg)  # compress=none: does nothing (kdlab/modes/compress.py)
     needs_teacher = strategy is not None and strategy.needs_teacher
     data = build_datamodule(cfg, transfer=needs_teacher)
     data.setup()

@@ -31,12 +31,12 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from kdlab.build import build_datamodule, build_model, build_strategy
-from kdlab.errors import KdlabError
-from kdlab.fit import fit_stage
-from kdlab.stages import evaluated_entry, frozen_copy, latency_args, model_name, stage_entry
-from kdlab.teachers import get_teacher
-from kdlab.transplant import init_from_teacher
+from kdlab.engine.build import build_datamodule, build_model, build_strategy
+from kdlab.engine.fit import fit_stage
+from kdlab.engine.teachers import get_teacher
+from kdlab.models.transplant import init_from_teacher
+from kdlab.modes.runner import evaluated_entry, frozen_copy, latency_args, model_name, stage_entry
+from kdlab.util.errors import KdlabError
 
 log = logging.getLogger(__name__)
 FINETUNE = ("full", "linear")

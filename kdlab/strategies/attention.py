@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import Layers, check_number, layers_arg
+from kdlab.util.errors import KdlabError
 
 
 def pair_last(

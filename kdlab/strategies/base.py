@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kdlab.data.memory import UNLABELLED
-from kdlab.taps import resolve_paths
+from kdlab.models.paths import resolve_paths
 
 #: named, weighted loss terms returned by a strategy
 Terms = dict[str, torch.Tensor]
@@ -25,7 +25,7 @@ class Outputs:
 
     def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
         """``log_softmax(logits / temperature)`` over classes. Cached teacher outputs answer
-        from a per-temperature table computed once (see :mod:`kdlab.cache`)."""
+        from a per-temperature table computed once (see :mod:`kdlab.engine.cache`)."""
         return torch.log_softmax(self.logits / temperature, dim=1)
 
 

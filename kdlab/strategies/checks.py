@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 #: a layer argument: a module path or model alias, or a list of them
 Layers = Sequence[str] | str

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
+from kdlab.util.errors import KdlabError
 
 
 class Composite(Strategy):

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import check_number, layers_arg
+from kdlab.util.errors import KdlabError
 
 
 def random_unit_rows(rows: int, dim: int) -> torch.Tensor:

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.attention import (
     check_maps,
     common_size,
@@ -24,6 +23,7 @@ from kdlab.strategies.attention import (
 )
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import Layers, check_number, layers_arg
+from kdlab.util.errors import KdlabError
 
 
 # -- FSP -----------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import Layers, check_epochs, check_number, layers_arg
+from kdlab.util.errors import KdlabError
 
 # -- shared helpers --------------------------------------------------------------------------------
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import check_number
+from kdlab.util.errors import KdlabError
 
 
 class _SoftTargetKL(torch.autograd.Function):

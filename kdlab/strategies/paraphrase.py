@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import check_epochs, check_number
+from kdlab.util.errors import KdlabError
 
 #: negative slope of the LeakyReLU after every paraphraser / translator layer (authors' code)
 LEAKY_SLOPE = 0.1

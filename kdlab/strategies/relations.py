@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import check_number, layers_arg
+from kdlab.util.errors import KdlabError
 
 #: guards divisions and logarithms
 EPS = 1e-12

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import check_epochs, check_number
+from kdlab.util.errors import KdlabError
 
 #: output sizes of the pooled levels of the hierarchical context loss (each kept only when
 #: smaller than the map)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.attention import AT, NST
+from kdlab.util.errors import KdlabError
 from tests.strategies.harness import connect as _connect
 
 

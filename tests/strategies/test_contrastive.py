@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.errors import KdlabError
+from kdlab.engine.module import DistillationModule
 from kdlab.models import CNN
-from kdlab.module import DistillationModule
 from kdlab.strategies import Batch, Outputs
 from kdlab.strategies.contrastive import CRD
+from kdlab.util.errors import KdlabError
 
 
 def _crd(num_samples: int, dim: int = 3, **kwargs) -> CRD:

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from kdlab.errors import KdlabError
+from kdlab.engine.module import DistillationModule
 from kdlab.models import CNN
-from kdlab.module import DistillationModule
 from kdlab.strategies.base import Batch, Outputs
 from kdlab.strategies.controls import LabelSmoothing, PseudoLabels
+from kdlab.util.errors import KdlabError
 
 STUDENT = [[1.0, 2.0, 0.5], [0.3, -1.0, 2.0], [-0.5, 0.2, 0.4], [0.0, 1.0, -1.0]]
 TEACHER = [[0.1, 3.0, 0.0], [2.0, 0.5, 1.0], [0.0, 0.0, 4.0], [1.0, 0.0, -1.0]]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.flow import FSP, KDSVD, top_singular
+from kdlab.util.errors import KdlabError
 from tests.strategies.harness import connect as _connect
 
 
@@ -77,8 +77,8 @@ def test_fsp_connectors_project_unequal_student_widths_and_train():
 
 
 def test_fsp_builds_connectors_from_the_probed_cnn_pair_and_runs_its_pre_stage():
+    from kdlab.engine.module import DistillationModule
     from kdlab.models import CNN
-    from kdlab.module import DistillationModule
 
     torch.manual_seed(0)
     student = CNN([1, 28, 28], 10, channels=[8, 16, 16], hidden=16)

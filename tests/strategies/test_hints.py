@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.errors import KdlabError
 from kdlab.models import CNN
 from kdlab.strategies.base import Batch, Outputs
 from kdlab.strategies.hints import AB, OFD, VID, FitNets, as_map, resize_to
+from kdlab.util.errors import KdlabError
 
 BATCH = Batch(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), torch.arange(2))
 

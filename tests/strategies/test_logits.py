@@ -9,9 +9,9 @@ import statistics
 import pytest
 import torch
 
-from kdlab.errors import KdlabError
 from kdlab.strategies.base import Batch, Outputs
 from kdlab.strategies.logits import DIST, DKD, LSKD, kd_loss
+from kdlab.util.errors import KdlabError
 
 STUDENT = [[1.0, 2.0, 0.5, -0.3], [0.3, -1.0, 2.0, 0.1], [-0.5, 0.2, 0.4, 1.5]]
 TEACHER = [[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 1.0, 3.0], [1.0, -2.0, 0.5, 0.7]]

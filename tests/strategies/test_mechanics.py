@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 from kdlab.cli import expand_strategy_lists
-from kdlab.errors import KdlabError
+from kdlab.engine.module import DistillationModule
+from kdlab.engine.taps import Taps
 from kdlab.models import CNN, MLP
-from kdlab.module import DistillationModule
+from kdlab.models.paths import resolve_paths
 from kdlab.strategies import KD, Batch, Composite, Outputs, Strategy
-from kdlab.taps import Taps, resolve_paths
+from kdlab.util.errors import KdlabError
 from tests.conftest import make_cfg
 
 

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from kdlab.errors import KdlabError
+from kdlab.engine.module import DistillationModule
 from kdlab.models import CNN
-from kdlab.module import DistillationModule
 from kdlab.strategies import Batch, Outputs
 from kdlab.strategies.paraphrase import FT, factor_transfer_loss
+from kdlab.util.errors import KdlabError
 
 
 def _ft(student_shape, teacher_shape, **kwargs) -> FT:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.errors import KdlabError
+from kdlab.engine.module import DistillationModule
 from kdlab.models import CNN
-from kdlab.module import DistillationModule
 from kdlab.strategies import Batch, Outputs
 from kdlab.strategies.relations import CC, PKT, RKD, SP
+from kdlab.util.errors import KdlabError
 
 
 # -- helpers: plain-python linear algebra ---------------------------------------------------------

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.errors import KdlabError
 from kdlab.strategies import Batch, Outputs
 from kdlab.strategies.review import ABF, ReviewKD, hcl_loss
+from kdlab.util.errors import KdlabError
 
 
 def _mse(a, b):

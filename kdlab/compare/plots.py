@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kdlab.compare import Row, mean_std  # noqa: E402
+from kdlab.compare.runs import Row, mean_std  # noqa: E402
 
 TEACHER = "teacher"
 

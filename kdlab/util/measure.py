@@ -1,9 +1,11 @@
-"""What a deployed network costs: FLOPs, weight size, CPU latency per batch size, and the
+"""What a network costs: parameters, FLOPs, weight size, CPU latency per batch size, and the
 teacher/student ratios ``kdlab-eval`` reports."""
 
 from __future__ import annotations
 
 import io
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,8 +13,56 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdlab.models import count_parameters
-from kdlab.report import cpu_latency_ms
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def cpu_latency_ms(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int = 128,
+    repeats: int = 20,
+    warmup: int = 3,
+    channels_last: bool = False,
+) -> float:
+    """Median wall time in milliseconds of one eval-mode forward pass of a ``batch_size`` batch
+    on the CPU, with the process's current thread count. ``model`` is left where it was."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model = model.cpu().eval()
+    x = torch.randn(batch_size, *input_shape)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+    model.to(device).train(was_training)
+    return 1000.0 * statistics.median(times)
+
+
+def describe_model(
+    model: nn.Module, input_shape: tuple[int, ...], latency: Mapping[str, Any], channels_last: bool
+) -> dict[str, Any]:
+    """Parameter count and CPU latency of ``model``."""
+    return {
+        "params": count_parameters(model),
+        "latency_ms": cpu_latency_ms(
+            model,
+            input_shape,
+            batch_size=int(latency["batch_size"]),
+            repeats=int(latency["repeats"]),
+            channels_last=channels_last,
+        ),
+        "latency_batch_size": int(latency["batch_size"]),
+        "latency_threads": torch.get_num_threads(),
+    }
 
 
 @torch.no_grad()

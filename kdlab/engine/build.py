@@ -15,12 +15,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-import kdlab.resolvers  # noqa: F401 - registers ${scaled_lr:...}
+import kdlab.util.config  # noqa: F401 - registers ${scaled_lr:...}
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.errors import KdlabError
-from kdlab.module import LoopOptions
+from kdlab.engine.module import LoopOptions
 from kdlab.strategies.base import Strategy
-from kdlab.tracking import is_wandb, start_run, wandb_kwargs
+from kdlab.util.errors import KdlabError
+from kdlab.util.tracking import is_wandb, start_run, wandb_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def build_trainer(
     for name, node in (cfg.get("logger") or {}).items():
         if node is None or "_target_" not in node:
             continue
-        if is_wandb(node):  # one W&B run per job, shared by its stages (kdlab/tracking.py)
+        if is_wandb(node):  # one W&B run per job, shared by its stages (kdlab/util/tracking.py)
             logger = _instantiate(node, f"logger.{name}", **wandb_kwargs(cfg, node, stage))
             start_run(logger)
             loggers.append(logger)

@@ -22,9 +22,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.data.memory import UNLABELLED
-from kdlab.errors import KdlabError
+from kdlab.engine.taps import Taps
 from kdlab.strategies.base import Batch, Outputs, Strategy
-from kdlab.taps import Taps
+from kdlab.util.errors import KdlabError
 
 TEACHER_PREFIX = "teacher."
 
@@ -44,7 +44,7 @@ class LoopOptions:
         gradient_clip_val: clip gradients to this norm (or value) before each step; ``None``: no.
         gradient_clip_algorithm: ``norm`` or ``value``.
         nonfinite_loss: what a NaN or infinite loss does: ``stop`` the run at that batch (a
-            :class:`~kdlab.errors.KdlabError` naming the term, the step and the last good
+            :class:`~kdlab.util.errors.KdlabError` naming the term, the step and the last good
             checkpoint, which stays as it was), ``skip`` the batch (no backward, no step;
             counted in the stage's ``skipped_batches``), or ``off`` (no check).
     """
@@ -95,7 +95,7 @@ class DistillationModule(L.LightningModule):
         num_train_samples: size of the training split (memory banks of contrastive methods).
         loop: steps per call, gradient accumulation and clipping (see :class:`LoopOptions`).
         teacher_cache: precomputed teacher outputs looked up by sample index instead of running
-            the teacher (see :mod:`kdlab.cache`), or ``None`` for a live teacher.
+            the teacher (see :mod:`kdlab.engine.cache`), or ``None`` for a live teacher.
 
     Optimisation is manual (``automatic_optimization = False``): each training step runs the
     batches of its chunk one by one — forward, loss, backward, optimizer step, scheduler step —

@@ -54,13 +54,13 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.utils import prune
 
-from kdlab.build import build_model, build_strategy
-from kdlab.cache import INFERENCE_BATCH
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.errors import KdlabError
-from kdlab.fit import fit_stage
-from kdlab.report import cpu_latency_ms
-from kdlab.stages import model_name, stage_entry
+from kdlab.engine.build import build_model, build_strategy
+from kdlab.engine.cache import INFERENCE_BATCH
+from kdlab.engine.fit import fit_stage
+from kdlab.modes.runner import model_name, stage_entry
+from kdlab.util.errors import KdlabError
+from kdlab.util.measure import cpu_latency_ms
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ def cpu_accuracy(model: nn.Module, data: InMemoryDataModule, channels_last: bool
 
 class _Anchored(nn.Module):
     """Wraps a model without parameters (a fully quantised MLP) so that
-    :func:`kdlab.report.cpu_latency_ms` can read its device."""
+    :func:`kdlab.util.report.cpu_latency_ms` can read its device."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

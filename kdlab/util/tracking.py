@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def finish_run(results: Mapping[str, Any] | None) -> None:
     if results is None:
         wandb.finish(exit_code=1)
         return
-    from kdlab.report import HEADERS, table_rows
+    from kdlab.util.report import HEADERS, table_rows
 
     rows = table_rows(results)
     run.log({"comparison": wandb.Table(columns=HEADERS, data=rows)})

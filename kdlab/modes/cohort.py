@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from kdlab.errors import KdlabError
-from kdlab.module import DistillationModule
+from kdlab.engine.module import DistillationModule
+from kdlab.util.errors import KdlabError
 
 
 def check_cohort(members: int, temperature: float, kl_weight: float) -> None:

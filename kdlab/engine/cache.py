@@ -30,12 +30,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kdlab.errors import KdlabError
-from kdlab.files import locked, save_atomic, sha256
-from kdlab.launch import release_free_memory
-from kdlab.report import write_json
+from kdlab.engine.taps import Taps
 from kdlab.strategies.base import Outputs
-from kdlab.taps import Taps
+from kdlab.util.errors import KdlabError
+from kdlab.util.files import locked, save_atomic, sha256
+from kdlab.util.report import write_json
+from kdlab.util.runtime import release_free_memory
 
 log = logging.getLogger(__name__)
 

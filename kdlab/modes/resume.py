@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdlab.errors import KdlabError
-from kdlab.report import write_json
+from kdlab.util.errors import KdlabError
+from kdlab.util.report import write_json
 
 log = logging.getLogger(__name__)
 

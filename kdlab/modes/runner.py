@@ -10,15 +10,25 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.evaluate import evaluate_model
-from kdlab.fit import StageResult
-from kdlab.module import freeze
-from kdlab.report import describe_model, model_name  # noqa: F401 - re-exported
+from kdlab.engine.evaluate import evaluate_model
+from kdlab.engine.fit import StageResult
+from kdlab.engine.module import freeze
+from kdlab.util.measure import describe_model
+from kdlab.util.report import model_name  # noqa: F401 - re-exported
 
 
 def latency_args(cfg: DictConfig, data: InMemoryDataModule) -> tuple:
-    """The arguments :func:`kdlab.report.describe_model` needs after the model."""
+    """The arguments :func:`kdlab.util.report.describe_model` needs after the model."""
     return (data.input_shape, cfg.latency, bool(cfg.channels_last))
+
+
+def evaluate(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule) -> dict[str, float]:
+    """Validation and test accuracy and loss of ``model`` on ``data``, on the run's accelerator
+    and precision (``cfg.trainer``)."""
+    return evaluate_model(model, data, data.num_classes,
+                          accelerator=cfg.trainer.get("accelerator", "auto"),
+                          precision=cfg.trainer.get("precision", "32-true"),
+                          channels_last=bool(cfg.get("channels_last", False)))
 
 
 def stage_entry(stage: str, name: str, model: nn.Module, result: StageResult,
@@ -46,5 +56,5 @@ def evaluated_entry(cfg: DictConfig, stage: str, name: str, model: nn.Module,
     ensemble): evaluated on ``data``'s validation and test splits, with parameters and CPU
     latency (plus ``extra`` keys)."""
     return {"stage": stage, "model": name, **extra,
-            "metrics": evaluate_model(model, data, cfg),
+            "metrics": evaluate(cfg, model, data),
             **describe_model(model, *latency_args(cfg, data))}

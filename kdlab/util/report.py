@@ -1,19 +1,12 @@
-"""Measure what a comparison needs (parameters, CPU latency) and write the run's report."""
+"""The run's report: ``results.json`` and the comparison table (terminal and Markdown)."""
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import nn
-
-from kdlab.models import count_parameters
 
 ROLES = ("teacher", "student", "baseline")
 
@@ -22,52 +15,6 @@ def model_name(model_cfg: Mapping[str, Any]) -> str:
     """A model config's ``name`` (zoo models: ``resnet8x4`` …), else the class name of its
     ``_target_`` (``CNN``, ``MLP`` …)."""
     return str(model_cfg.get("name") or str(model_cfg["_target_"]).rsplit(".", 1)[-1])
-
-
-@torch.no_grad()
-def cpu_latency_ms(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    batch_size: int = 128,
-    repeats: int = 20,
-    warmup: int = 3,
-    channels_last: bool = False,
-) -> float:
-    """Median wall time in milliseconds of one eval-mode forward pass of a ``batch_size`` batch
-    on the CPU, with the process's current thread count. ``model`` is left where it was."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model = model.cpu().eval()
-    x = torch.randn(batch_size, *input_shape)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    model.to(device).train(was_training)
-    return 1000.0 * statistics.median(times)
-
-
-def describe_model(
-    model: nn.Module, input_shape: tuple[int, ...], latency: Mapping[str, Any], channels_last: bool
-) -> dict[str, Any]:
-    """Parameter count and CPU latency of ``model``."""
-    return {
-        "params": count_parameters(model),
-        "latency_ms": cpu_latency_ms(
-            model,
-            input_shape,
-            batch_size=int(latency["batch_size"]),
-            repeats=int(latency["repeats"]),
-            channels_last=channels_last,
-        ),
-        "latency_batch_size": int(latency["batch_size"]),
-        "latency_threads": torch.get_num_threads(),
-    }
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -14,15 +14,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 
-from kdlab.build import build_trainer, loop_options, to_container
-from kdlab.cache import prepare_cache
-from kdlab.callbacks import Throughput
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.data.mix import check_stage
-from kdlab.launch import release_free_memory
-from kdlab.module import DistillationModule
-from kdlab.resume import resume_checkpoint
+from kdlab.engine.build import build_trainer, loop_options, to_container
+from kdlab.engine.cache import prepare_cache
+from kdlab.engine.callbacks import Throughput
+from kdlab.engine.module import DistillationModule
+from kdlab.modes.resume import resume_checkpoint
 from kdlab.strategies.base import Strategy
+from kdlab.util.runtime import release_free_memory
 
 log = logging.getLogger(__name__)
 

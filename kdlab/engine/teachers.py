@@ -24,13 +24,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdlab.build import build_datamodule, build_model
-from kdlab.distributed import is_rank_zero
-from kdlab.errors import KdlabError
-from kdlab.files import locked, save_atomic, sha256
-from kdlab.fit import fit_stage
-from kdlab.module import freeze
-from kdlab.report import write_json
+from kdlab.engine.build import build_datamodule, build_model
+from kdlab.engine.fit import fit_stage
+from kdlab.engine.module import freeze
+from kdlab.util.distributed import is_rank_zero
+from kdlab.util.errors import KdlabError
+from kdlab.util.files import locked, save_atomic, sha256
+from kdlab.util.report import write_json
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 COMBINE = ("mean", "weighted", "confident")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 
 def global_batch_size(root: Any) -> int:

@@ -2,7 +2,7 @@
 
 Lightning's default DDP launcher starts the other ranks by running the same command again, so
 every rank runs all of ``kdlab-train`` and meets each stage's ``Trainer.fit`` in the same order.
-Three things follow, handled here and in :mod:`kdlab.teachers` / :mod:`kdlab.train`:
+Three things follow, handled here and in :mod:`kdlab.engine.teachers` / :mod:`kdlab.train`:
 
 - only rank 0 locks and writes the teacher store (another rank waiting on the lock while rank 0
   waits for it in the process group would deadlock); the other ranks train the same teacher in

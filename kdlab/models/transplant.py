@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlab.errors import KdlabError
+from kdlab.util.errors import KdlabError
 
 log = logging.getLogger(__name__)
 KEY = "student.init_from_teacher"

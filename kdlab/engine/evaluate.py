@@ -1,0 +1,31 @@
+"""Accuracy and loss of a trained network on the validation and test splits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import nn
+
+from kdlab.engine.module import DistillationModule
+
+
+def evaluate_model(model: nn.Module, data: LightningDataModule, num_classes: int,
+                   accelerator: str = "cpu", precision: str | int = "32-true",
+                   channels_last: bool = False, splits: Sequence[str] = ("val", "test"),
+                   ) -> dict[str, float]:
+    """``val/acc``, ``val/loss``, ``test/acc``, ``test/loss`` of ``model`` (for the ``splits``
+    asked for), through a Trainer on one device of ``accelerator`` at ``precision``."""
+    module = DistillationModule(student=model, num_classes=num_classes,
+                                optimizer=torch.optim.SGD, channels_last=channels_last)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    metrics: dict[str, float] = {}
+    if "val" in splits:
+        metrics.update(trainer.validate(module, datamodule=data, verbose=False)[0])
+    if "test" in splits:
+        metrics.update(trainer.test(module, datamodule=data, verbose=False)[0])
+    return {k: float(v) for k, v in metrics.items()}
