@@ -4,43 +4,129 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from kdlab.util.config import CONF_DIR, group_options
+from kdlab.util.config import config_groups, group_options
 from kdlab.util.errors import KdlabError, close_matches
 
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp",
                      "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+_MULTIRUN = ("-m", "--multirun")
 
 
-def check_group_overrides(argv: Sequence[str]) -> None:
-    """Fail early, in one line, on ``group=option`` overrides naming an option that does not
-    exist (Hydra's own message is several lines plus a search path)."""
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"}
-    skip = False
+def split_top_level(value: str, separator: str = ",") -> list[str]:
+    """``value`` split at the ``separator``s outside brackets, parentheses and quotes:
+    ``"[kd,at],kd"`` gives ``["[kd,at]", "kd"]``."""
+    parts, depth, quote, start = [], 0, "", 0
+    for k, char in enumerate(value):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[({":
+            depth += 1
+        elif char in "])}":
+            depth -= 1
+        elif char == separator and depth == 0:
+            parts.append(value[start:k])
+            start = k + 1
+    parts.append(value[start:])
+    return parts
+
+
+def overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], bool, list[Path]]:
+    """The ``key=value`` overrides of a command line, whether it is a multirun, and the
+    folders of a user's own configs it adds (``--config-dir DIR``,
+    ``hydra.searchpath=[file://DIR,…]``)."""
+    pairs: list[tuple[str, str]] = []
+    dirs: list[Path] = []
+    multirun = any(arg in _MULTIRUN for arg in argv)
+    skip = None
     for arg in argv:
-        if skip:
-            skip = False
+        if skip is not None:
+            if skip in ("--config-dir", "-cd"):
+                dirs.append(Path(arg))
+            skip = None
             continue
         if arg in _FLAGS_WITH_VALUE:
-            skip = True
+            skip = arg
+            continue
+        if arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
             continue
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        if key not in groups or "(" in value or value.startswith("["):
+        pairs.append((key, value))
+        if key.lstrip("+~") == "hydra.searchpath":
+            for entry in split_top_level(value.strip("[]")):
+                entry = entry.strip().strip("'\"")
+                if entry.startswith("file://"):
+                    dirs.append(Path(entry[len("file://"):]))
+                elif entry.startswith("pkg://"):
+                    dirs.extend(_package_dir(entry[len("pkg://"):]))
+                elif entry:
+                    dirs.append(Path(entry))
+        elif key == "hydra.mode" and value == "MULTIRUN":
+            multirun = True
+    return pairs, multirun, dirs
+
+
+def _package_dir(name: str) -> list[Path]:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name.replace("/", "."))
+    except ModuleNotFoundError:
+        return []
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """Fail early, in one line, on ``group=option`` overrides naming an option that does not
+    exist (in kdlab's configs or the user's ``--config-dir`` / ``hydra.searchpath``), and on a
+    comma list given without ``-m`` (Hydra's own messages are several lines)."""
+    pairs, multirun, dirs = overrides(argv)
+    groups = config_groups(dirs)
+    # a sweeper chosen in the config (hparams_search=…) runs comma lists as a multirun
+    sweeping = multirun or any(k.lstrip("+~") in ("hparams_search", "hydra/sweeper")
+                               for k, _ in pairs)
+    for key, value in pairs:
+        plain = key.lstrip("+~").split("@", 1)[0]
+        items = split_top_level(value)
+        if len(items) > 1 and not sweeping:
+            raise KdlabError(_comma_message(plain, value, items, plain in groups))
+        if plain not in groups:
             continue
-        options = group_options(key)
-        for choice in value.split(","):
-            choice = choice.strip()
-            if choice not in options and choice not in ("null", ""):
-                raise KdlabError(f"{key}={choice} is not an option of the '{key}' group"
-                                 f"{close_matches(choice, options)}; choose one of: "
-                                 f"{', '.join(options)}{_zoo_hint(key, choice)}")
+        options = group_options(plain, dirs)
+        if value == "null" and not key.startswith("~"):
+            alternative = f"{plain}=none" if "none" in options else f"~{plain}"
+            raise KdlabError(f"{plain}=null selects no option of the '{plain}' group, which Hydra "
+                             f"refuses: write {alternative}")
+        for item in items:
+            item = item.strip()
+            if "(" in item:  # a sweep function: choice(kd,dkd), glob(*) …
+                continue
+            choices = split_top_level(item[1:-1]) if item.startswith("[") else [item]
+            for choice in (c.strip() for c in choices):
+                if choice not in options and choice != "":
+                    raise KdlabError(f"{plain}={choice} is not an option of the '{plain}' group"
+                                     f"{close_matches(choice, options)}; choose one of: "
+                                     f"{', '.join(options)}{_zoo_hint(plain, choice)}")
+
+
+def _comma_message(key: str, value: str, items: list[str], group: bool) -> str:
+    first, second = items[0].strip(), items[1].strip()
+    if group:
+        return (f"{key}={value} is a comma list, which Hydra runs as a sweep: add -m for one run "
+                f"per option (kdlab-train -m {key}={value}); {key}=[{first},{second}] is one run "
+                f"that uses both" + (" (their losses summed)" if key == "distill" else ""))
+    return (f"{key}={value} is a comma list, which Hydra runs as a sweep: add -m for one run per "
+            f"value (kdlab-train -m {key}={value}), or quote it for a string "
+            f"({key}='{value}')")
 
 
 def _zoo_hint(group: str, choice: str) -> str:
@@ -52,36 +138,6 @@ def _zoo_hint(group: str, choice: str) -> str:
     if choice in available():
         return f" ({choice} is a zoo model: {group}=zoo {group}.model.name={choice})"
     return ""
-
-
-_NOT_MEMBERS = ("none", "combo")
-#: ``scheduler=null`` (a plain key before it became a group) means the group's ``none`` option
-NULL_GROUPS = {"scheduler=null": "scheduler=none"}
-
-
-def expand_strategy_lists(argv: Sequence[str]) -> list[str]:
-    """Rewrite ``distill=[kd,at]`` into Hydra overrides composing :class:`Composite`:
-    ``distill=combo +distill@distill.kd=kd +distill@distill.at=at``, so that each member's
-    options are ``distill.<member>.<key>``."""
-    out = []
-    for arg in argv:
-        match = re.fullmatch(r"distill=\[([\w\s,]+)\]", arg)
-        if not match:
-            out.append(arg)
-            continue
-        members = [m.strip() for m in match.group(1).split(",") if m.strip()]
-        valid = [o for o in group_options("distill") if o not in _NOT_MEMBERS]
-        for member in members:
-            if member not in valid:
-                raise KdlabError(f"distill=[...]: '{member}' is not a strategy"
-                                 f"{close_matches(member, valid)}; choose from: "
-                                 f"{', '.join(valid)}")
-        if len(set(members)) != len(members):
-            raise KdlabError(f"distill=[{','.join(members)}] names a strategy twice")
-        out.append("distill=combo")
-        out += [f"+distill@distill.{m}={m}" for m in members]
-        out.append(f"distill.name={'+'.join(members)}")
-    return out
 
 
 #: Hydra plugins behind config options: (option prefix, plugin module, pip extra)
@@ -132,14 +188,13 @@ def friendly_errors(task: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def guard_argv() -> None:
-    """Expand ``distill=[a,b]`` and check the command line's group overrides before Hydra
-    sees them; quiet Lightning's ads."""
+    """Check the command line's overrides before Hydra reads them (:func:`check_overrides`,
+    :func:`check_plugins`); quiet Lightning's ads. The command line itself is left as it is."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in str(record.msg)
     )
     try:
-        sys.argv[1:] = [NULL_GROUPS.get(arg, arg) for arg in expand_strategy_lists(sys.argv[1:])]
-        check_group_overrides(sys.argv[1:])
+        check_overrides(sys.argv[1:])
         check_plugins(sys.argv[1:])
     except KdlabError as e:
         fail(str(e))

@@ -17,11 +17,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
+from kdlab.cli import friendly_errors, guard_argv
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.build import build_datamodule
 from kdlab.modes.checkpoints import checkpoint_student, load_run_config, run_teacher
 from kdlab.modes.runner import evaluate as evaluate_on
+from kdlab.util.config import CONF_DIR
 from kdlab.util.measure import footprint, ratios
 from kdlab.util.report import model_name, write_json
 

@@ -21,9 +21,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
+from kdlab.cli import friendly_errors, guard_argv
 from kdlab.engine.build import build_datamodule
 from kdlab.modes.checkpoints import checkpoint_student, load_run_config
+from kdlab.util.config import CONF_DIR
 from kdlab.util.errors import KdlabError
 from kdlab.util.report import model_name, write_json
 

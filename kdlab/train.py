@@ -17,10 +17,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from kdlab.cli import CONF_DIR, friendly_errors, guard_argv
+from kdlab.cli import friendly_errors, guard_argv
 from kdlab.engine.build import to_container
 from kdlab.modes import mode_runner
 from kdlab.modes.resume import prepare_run, resume_marker_matches, select_last_run, set_resuming
+from kdlab.util.config import CONF_DIR
 from kdlab.util.distributed import is_rank_zero, use_job_command_for_ddp
 from kdlab.util.errors import KdlabError
 from kdlab.util.report import markdown_table, print_table, write_json

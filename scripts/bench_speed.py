@@ -210,8 +210,8 @@ def kdlab_epochs(workdir: Path, teacher_ckpt: Path, epochs: int,
                  overrides: list[str], paired: str | None = None) -> list[float]:
     from hydra import compose, initialize_config_dir
 
-    from kdlab.cli import CONF_DIR
     from kdlab.train import run
+    from kdlab.util.config import CONF_DIR
 
     out = workdir / f"run-{len(list(workdir.glob('run-*')))}"
     base = [

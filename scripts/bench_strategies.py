@@ -58,7 +58,7 @@ GRIDS: dict[str, tuple[str, list[float]]] = {
     "crd": ("beta", [0.08, 0.8, 8.0]),
 }
 # Warm-ups given in epochs of a 240-epoch recipe (20 epochs, 8%) are scaled to the short runs.
-SHORT_RUN = {"dkd": ["distill.warmup=1"], "reviewkd": ["distill.warmup=1"]}
+SHORT_RUN = {"dkd": ["distill.dkd.warmup=1"], "reviewkd": ["distill.reviewkd.warmup=1"]}
 
 
 def run_sweep(folder: Path, overrides: list[str], expected: int) -> list[dict]:
@@ -104,18 +104,18 @@ def benchmark(args: argparse.Namespace) -> dict:
         extra = [f"distill={name}", *SHORT_RUN.get(name, []), *base]
         folder = args.workdir / "transfer" / name / "grid"
         grid_runs = (collect(folder) if args.report_only else
-                     run_sweep(folder, [*extra, f"distill.{key}={','.join(map(str, grid))}",
+                     run_sweep(folder, [*extra, f"distill.{name}.{key}={','.join(map(str, grid))}",
                                         f"seed={args.seeds[0]}", *SETTINGS["transfer"]],
                                len(grid)))
         if not grid_runs:
             continue
         best = max(grid_runs, key=lambda r: accuracy(r, "val"))
-        value = best["config"]["distill"][key]
+        value = best["config"]["distill"][name][key]
         row = report["rows"].setdefault(name, {})
         row["key"], row["value"] = key, value
-        row["grid"] = {r["config"]["distill"][key]: accuracy(r, "val") for r in grid_runs}
+        row["grid"] = {r["config"]["distill"][name][key]: accuracy(r, "val") for r in grid_runs}
         for setting in args.settings:
-            chosen = [f"distill.{key}={value}", *SETTINGS[setting]]
+            chosen = [f"distill.{name}.{key}={value}", *SETTINGS[setting]]
             folder = args.workdir / setting / name / "seeds"
             if setting == "transfer":
                 if len(args.seeds) > 1:

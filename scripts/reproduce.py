@@ -96,8 +96,8 @@ TABLES: dict[str, dict] = {
             Row("resnet34", "resnet18", {"teacher": 73.31, "vanilla": 69.76, "kd": 71.03,
                                          "dkd": 71.70, "crd": 71.17}),
         ],
-        "method_overrides": {"kd": ["distill.temperature=1.0", "distill.alpha=0.5"],
-                             "dkd": ["distill.temperature=1.0", "distill.beta=0.5"]},
+        "method_overrides": {"kd": ["distill.kd.temperature=1.0", "distill.kd.alpha=0.5"],
+                             "dkd": ["distill.dkd.temperature=1.0", "distill.dkd.beta=0.5"]},
     },
 }
 

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from kdlab.cli import CONF_DIR
+from kdlab.util.config import CONF_DIR
 
 #: overrides that make a whole run take seconds: a small MLP teacher, few batches per epoch
 FAST = [

@@ -26,7 +26,11 @@ CLI_CASES = [
     (["data=cifar_10"], r"data=cifar_10 is not an option .*did you mean cifar10.*choose one of: "
                         r"cifar10, cifar100, fashion_mnist"),
     (["mode=mutal"], r"mode=mutal is not an option .*did you mean mutual"),
-    (["distill=[kd,atx]"], r"distill=\[\.\.\.\]: 'atx' is not a strategy \(did you mean at"),
+    (["distill=[kd,atx]"], r"distill=atx is not an option of the 'distill' group \(did you "
+                           r"mean at\b"),
+    (["distill=kd,dkd"], r"distill=kd,dkd is a comma list, which Hydra runs as a sweep: add -m "
+                         r".*distill=\[kd,dkd\] is one run that uses both"),
+    (["scheduler=null"], r"scheduler=null selects no option .*write scheduler=none"),
 ]
 
 #: config values caught when the run builds its parts
@@ -35,22 +39,24 @@ CONFIG_CASES = [
      r"student.model.name=resnet8x5 is not a kdlab model \(did you mean resnet8x4"),
     (["data=cifar100"], r"cifar100 not found: data.root=data has no cifar-100-python/ .*"
                         r"data=synthetic_cifar100"),
-    (["distill=fitnets", "distill.student_layers=[stages.9]"],
-     r"distill.student_layers: 'stages.9' is not a module of CNN \(did you mean stages.1"),
-    (["distill=at", "distill.teacher_layers=[blocks.1]"],
-     r"distill.teacher_layers: 'blocks.1' is not a module of MLP; aliases: stages"),
+    (["distill=fitnets", "distill.fitnets.student_layers=[stages.9]"],
+     r"distill.fitnets.student_layers: 'stages.9' is not a module of CNN \(did you mean stages.1"),
+    (["distill=at", "distill.at.teacher_layers=[blocks.1]"],
+     r"distill.at.teacher_layers: 'blocks.1' is not a module of MLP; aliases: stages"),
     (["+student.model.num_classes=5"],
      r"student.model outputs 5 classes but data=fashion_mnist has 10: drop "),
     (["student=mlp", "+student.model.input_shape=[1,32,32]"],
      r"student.model does not accept fashion_mnist inputs of shape \[1, 28, 28\]"),
     (["+student.model.width=3"], r"student.model: .*unexpected keyword argument 'width'"),
-    (["distill.temperature=0"], r"distill.temperature=0 must be > 0"),
-    (["distill=dkd", "distill.temperature=-1"], r"distill.temperature=-1 must be .*> 0"),
-    (["distill.alpha=1.5"], r"distill.alpha=1.5 must be in \[0, 1\]"),
-    (["distill=at", "distill.beta=-1"], r"distill.beta=-1 must be a finite number >= 0"),
-    (["distill=crd", "distill.nce_t=0"], r"distill.nce_t=0 must be a finite number > 0"),
-    (["distill=label_smoothing", "distill.epsilon=1.5"], r"distill.epsilon=1.5 must be in"),
-    (["distill=combo"], r"distill=combo has no member strategies: .*distill=\[kd,at\]"),
+    (["distill.kd.temperature=0"], r"distill.kd.temperature=0 must be > 0"),
+    (["distill=dkd", "distill.dkd.temperature=-1"], r"distill.dkd.temperature=-1 must be .*> 0"),
+    (["distill.kd.alpha=1.5"], r"distill.kd.alpha=1.5 must be in \[0, 1\]"),
+    (["distill=at", "distill.at.beta=-1"], r"distill.at.beta=-1 must be a finite number >= 0"),
+    (["distill=crd", "distill.crd.nce_t=0"], r"distill.crd.nce_t=0 must be a finite number > 0"),
+    (["distill=label_smoothing", "distill.label_smoothing.epsilon=1.5"],
+     r"distill.label_smoothing.epsilon=1.5 must be in"),
+    (["distill=[kd,at]", "distill.at.beta=-1"], r"distill.at.beta=-1 must be a finite number"),
+    (["+distill.kd2.temperature=2"], r"distill.kd2 has no _target_, so it is not a strategy"),
     (["data.classes=[]"], r"data.classes=\[\] keeps fewer than 2 classes"),
     (["data.classes=[0,0]"], r"data.classes=\[0, 0\] repeats class ids \[0\]"),
     (["data.classes=[11,2]"], r"data.classes=\[11, 2\] has unknown class ids \[11\]"),

@@ -82,7 +82,7 @@ def test_assistant_identity_changes_with_what_makes_the_assistant(fast_cfg):
     assert base == chain.assistant_identity(cfg, {"key": "t"}, node, seed=100)
     assert base != chain.assistant_identity(cfg, {"key": "t"}, node, seed=101)
     assert base != chain.assistant_identity(cfg, {"key": "other"}, node, seed=100)
-    for override in ("distill.temperature=2", "data.num_labels=200", "trainer.max_epochs=3"):
+    for override in ("distill.kd.temperature=2", "data.num_labels=200", "trainer.max_epochs=3"):
         other = fast_cfg(*SMALL, "mode=takd", override)
         assert base != chain.assistant_identity(other, {"key": "t"}, node, seed=100), override
 

@@ -20,8 +20,9 @@ def _write_run(folder: Path, distill: str, seed: int, acc: float, temperature: f
     config = {"seed": seed, "task_name": "kdlab",
               "paths": {"output_dir": str(folder)},
               "data": {"label_seed": seed, "num_labels": 1000},  # follows the seed
-              "distill": {"name": distill, "temperature": temperature,
-                          "_target_": f"kdlab.strategies.{distill}.Loss"}}
+              "distill": {} if distill == "none" else {
+                  distill: {"temperature": temperature,
+                            "_target_": f"kdlab.strategies.{distill}.Loss"}}}
     stages = [
         {"stage": "teacher", "model": "CNN", "params": 1000, "latency_ms": 5.0,
          "metrics": {"test/acc": teacher_acc, "val/acc": teacher_acc}},
@@ -45,7 +46,7 @@ def test_groups_by_the_differing_key_and_aggregates_seeds(sweep, tmp_path):
     folder, accs = sweep
     runs = load_runs([folder])
     assert len(runs) == 6
-    # data.label_seed differs too, but only with the seed; _target_ follows distill.name
+    # data.label_seed differs too, but only with the seed; the members follow distill.name
     assert group_keys(runs) == ["distill.name"]
     result = compare([folder], out=tmp_path / "out", plots=False)
     assert result["keys"] == ["distill"]
@@ -71,9 +72,9 @@ def test_a_hyperparameter_sweep_groups_by_that_key(tmp_path):
     for i, (temperature, seed) in enumerate([(2.0, 0), (2.0, 1), (8.0, 0), (8.0, 1)]):
         _write_run(tmp_path / str(i), "kd", seed, 0.8 + temperature / 100, temperature)
     result = compare([tmp_path], out=tmp_path / "out", plots=False)
-    assert result["keys"] == ["distill.temperature"]
+    assert result["keys"] == ["distill.kd.temperature"]
     labels = sorted(row.label for row in result["rows"] if row.stage == "student")
-    assert labels == ["distill.temperature=2", "distill.temperature=8"]
+    assert labels == ["distill.kd.temperature=2", "distill.kd.temperature=8"]
 
 
 def test_separate_folders_and_explicit_keys(sweep, tmp_path):
@@ -122,7 +123,7 @@ def test_compare_a_real_multirun(multirun_2x2, tmp_path):
     loaded = [json.loads(p.read_text()) for p in runs]
     for name in ("none", "kd"):
         accs = [r["student"]["metrics"]["test/acc"] for r in loaded
-                if r["config"]["distill"]["name"] == name]
+                if r["strategy"] == name]
         row = next(r for r in table if r["distill"] == name and r["stage"] == "student")
         assert float(row["test/acc mean"]) == pytest.approx(statistics.fmean(accs))
         assert float(row["test/acc std"]) == pytest.approx(statistics.stdev(accs))

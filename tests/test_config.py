@@ -6,8 +6,9 @@ import sys
 import pytest
 from hydra.utils import instantiate
 
-from kdlab.cli import CONF_DIR, check_group_overrides, group_options
+from kdlab.cli import check_overrides
 from kdlab.engine.build import build_datamodule, build_model, build_strategy
+from kdlab.util.config import CONF_DIR, group_options
 from kdlab.util.errors import KdlabError
 from tests.conftest import make_cfg
 
@@ -32,12 +33,11 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path):
         data = build_datamodule(cfg)
         model = build_model(cfg[group].model, data, f"{group}.model")
         assert model(data_batch()).shape == (2, 10)
-    elif group == "distill" and option == "combo":
-        with pytest.raises(KdlabError, match=r"no member strategies.*distill=\[kd,at\]"):
-            build_strategy(cfg)
     elif group == "distill":
         strategy = build_strategy(cfg)
         assert (strategy is None) == (option == "none")
+        if strategy is not None:
+            assert strategy.names == [option]
     elif group == "logger":
         for node in (cfg.logger or {}).values():
             if option == "wandb":  # constructing it would start a run; check the target
@@ -57,10 +57,10 @@ def data_batch():
 
 
 def test_cli_leaves_are_overridable(tmp_path):
-    cfg = make_cfg(tmp_path, ["seed=7", "distill.temperature=2.5", "trainer.max_epochs=3",
+    cfg = make_cfg(tmp_path, ["seed=7", "distill.kd.temperature=2.5", "trainer.max_epochs=3",
                               "trainer.fast_dev_run=true", "data.num_labels=null",
                               "student.model.hidden=64", "optimizer.lr=0.01"])
-    assert (cfg.seed, cfg.distill.temperature, cfg.trainer.max_epochs) == (7, 2.5, 3)
+    assert (cfg.seed, cfg.distill.kd.temperature, cfg.trainer.max_epochs) == (7, 2.5, 3)
     assert cfg.trainer.fast_dev_run is True and cfg.data.num_labels is None
     assert cfg.data.label_seed == 7 and cfg.scheduler.max_lr == 0.01
 
@@ -68,10 +68,33 @@ def test_cli_leaves_are_overridable(tmp_path):
 def test_unknown_group_option_lists_the_valid_ones():
     with pytest.raises(KdlabError, match=r"distill=kdd is not an option .*did you mean kd.*"
                                          r"choose one of: .*\bkd, .*\bnone\b"):
-        check_group_overrides(["distill=kdd"])
+        check_overrides(["distill=kdd"])
     with pytest.raises(KdlabError, match="trainer=tpu"):
-        check_group_overrides(["-m", "trainer=cpu,tpu"])
-    check_group_overrides(["-m", "distill=none,kd", "seed=1,2", "--cfg", "job"])  # all fine
+        check_overrides(["-m", "trainer=cpu,tpu"])
+    check_overrides(["-m", "distill=none,kd", "seed=1,2", "--cfg", "job"])  # all fine
+
+
+def test_a_comma_list_without_m_explains_a_sweep_against_a_list():
+    with pytest.raises(KdlabError, match=r"^distill=kd,dkd is a comma list, which Hydra runs as "
+                       r"a sweep: add -m .*kdlab-train -m distill=kd,dkd.*; distill=\[kd,dkd\] "
+                       r"is one run that uses both \(their losses summed\)$"):
+        check_overrides(["distill=kd,dkd"])
+    with pytest.raises(KdlabError, match=r"^seed=1,2 is a comma list.*add -m"):
+        check_overrides(["seed=1,2"])
+    check_overrides(["-m", "distill=kd,dkd", "seed=1,2"])
+    check_overrides(["distill=[kd,dkd]", "data.classes=[0,1]", "+tags='a,b'"])
+    check_overrides(["hparams_search=kd_optuna", "seed=1,2"])  # a sweeper in the config
+
+
+def test_a_group_set_to_null_names_the_option_to_use(tmp_path):
+    from kdlab.engine.fit import has_target
+
+    with pytest.raises(KdlabError, match=r"^scheduler=null selects no option .*write "
+                                         r"scheduler=none$"):
+        check_overrides(["scheduler=null"])
+    with pytest.raises(KdlabError, match=r"write ~experiment$"):
+        check_overrides(["experiment=null"])
+    assert not has_target(make_cfg(tmp_path, ["scheduler=none"]).scheduler)
 
 
 def _cli(*args, cwd):

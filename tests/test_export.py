@@ -18,7 +18,7 @@ def student_ckpt(multirun_2x2):
     folder, proc = multirun_2x2
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = next(p for p in sorted(folder.glob("multiruns/*/*/results.json"))
-               if json.loads(p.read_text())["config"]["distill"]["name"] == "kd")
+               if json.loads(p.read_text())["strategy"] == "kd")
     return json.loads(run.read_text())["student"]["best_ckpt"]
 
 

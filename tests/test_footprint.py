@@ -52,7 +52,7 @@ def test_eval_of_a_run_without_teacher(multirun_2x2, tmp_path, capsys):
     folder, proc = multirun_2x2
     assert proc.returncode == 0, proc.stderr[-2000:]
     none_run = next(p for p in folder.glob("multiruns/*/*/results.json")
-                    if json.loads(p.read_text())["config"]["distill"]["name"] == "none")
+                    if json.loads(p.read_text())["strategy"] == "none")
     ckpt = json.loads(none_run.read_text())["student"]["best_ckpt"]
     cfg = make_cfg(tmp_path, [f"ckpt_path={ckpt}", "latency.repeats=1"], config_name="eval")
     result = evaluate(cfg)

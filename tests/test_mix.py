@@ -103,7 +103,7 @@ def test_the_live_teacher_sees_exactly_the_students_mixed_batch(fast_cfg, monkey
             recording[0] = False
 
     monkeypatch.setattr(DistillationModule, "_terms", spy)
-    cfg = fast_cfg("distill.alpha=1.0", "data.augment=true", "data.mix=mixup",
+    cfg = fast_cfg("distill.kd.alpha=1.0", "data.augment=true", "data.mix=mixup",
                    "trainer.max_epochs=1", "latency.repeats=1", "steps_per_call=1")
     with caplog.at_level(logging.INFO, logger="kdlab"):
         results = run(cfg)

@@ -78,7 +78,7 @@ def test_checkpoint_has_no_teacher_keys_loads_weights_only_and_resumes(fast_cfg,
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["state_dict"] and not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert all(k.startswith("student.") for k in ckpt["state_dict"])
-    assert ckpt["hyper_parameters"]["config"]["distill"]["_target_"] == "kdlab.strategies.KD"
+    assert ckpt["hyper_parameters"]["config"]["distill"]["kd"]["_target_"] == "kdlab.strategies.KD"
     assert ckpt["epoch"] == 1
 
 

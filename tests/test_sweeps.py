@@ -33,11 +33,11 @@ def test_optuna_search_maximises_the_validation_accuracy(tmp_path):
     best = yaml.safe_load(next(tmp_path.glob("multiruns/*/optimization_results.yaml")).read_text())
     values = [t["student"]["metrics"]["val/acc"] for t in trials]
     assert best["best_value"] == pytest.approx(max(values))
-    winner = trials[values.index(max(values))]["config"]["distill"]
-    assert best["best_params"]["distill.temperature"] == pytest.approx(winner["temperature"])
-    assert best["best_params"]["distill.alpha"] == pytest.approx(winner["alpha"])
+    winner = trials[values.index(max(values))]["config"]["distill"]["kd"]
+    assert best["best_params"]["distill.kd.temperature"] == pytest.approx(winner["temperature"])
+    assert best["best_params"]["distill.kd.alpha"] == pytest.approx(winner["alpha"])
     assert all("baseline" not in t for t in trials)
-    assert len({t["config"]["distill"]["temperature"] for t in trials}) == 3
+    assert len({t["config"]["distill"]["kd"]["temperature"] for t in trials}) == 3
 
 
 def test_parallel_jobs_train_their_teacher_once(tmp_path):
@@ -69,7 +69,7 @@ def test_slurm_launcher_runs_one_task_per_device():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
-    from kdlab.cli import CONF_DIR
+    from kdlab.util.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True, overrides=[

@@ -20,7 +20,7 @@ def test_store_trains_once_then_reuses(fast_cfg, tmp_path, monkeypatch, caplog):
     assert info["source"] == "trained" and info["stored"] and len(calls) == 1
     assert not first.training and not any(p.requires_grad for p in first.parameters())
     with caplog.at_level(logging.INFO, logger="kdlab.engine.teachers"):
-        second, info2 = get_teacher(fast_cfg("seed=5", "distill.temperature=2"), tmp_path / "r2")
+        second, info2 = get_teacher(fast_cfg("seed=5", "distill.kd.temperature=2"), tmp_path / "r2")
     assert info2["source"] == "store" and len(calls) == 1
     assert "reusing" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
@@ -29,7 +29,7 @@ def test_store_trains_once_then_reuses(fast_cfg, tmp_path, monkeypatch, caplog):
 
 def test_key_depends_on_what_defines_the_teacher_only(fast_cfg):
     base = teacher_key(fast_cfg())
-    assert teacher_key(fast_cfg("seed=7", "distill.alpha=0.5", "student=mlp")) == base
+    assert teacher_key(fast_cfg("seed=7", "distill.kd.alpha=0.5", "student=mlp")) == base
     assert teacher_key(fast_cfg("data.num_labels=null")) == base
     assert teacher_key(fast_cfg("teacher.seed=1")) != base
     assert teacher_key(fast_cfg("teacher.train.max_epochs=3")) != base

@@ -34,7 +34,7 @@ def test_the_soft_target_student_never_reads_a_label(fast_cfg):
 
 def test_experiment_runs_against_the_hard_label_baseline(fast_cfg, tmp_path):
     plain = make_cfg(tmp_path, ["experiment=logistic_regression"])
-    assert plain.data.num_labels is None and plain.distill.alpha == 1.0
+    assert plain.data.num_labels is None and plain.distill.kd.alpha == 1.0
     assert list(plain.student.model.hidden) == []
     results = run(fast_cfg("experiment=logistic_regression", "trainer.max_epochs=1",
                            "data.num_labels=null"))

@@ -28,7 +28,7 @@ def test_run_writes_results_json_with_all_three_roles(tmp_path):
     cfg = make_cfg(tmp_path, [*FAST, "trainer.limit_test_batches=null"])
     run(cfg)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["config"]["distill"]["_target_"] == "kdlab.strategies.KD"
+    assert results["config"]["distill"]["kd"]["_target_"] == "kdlab.strategies.KD"
     assert results["config"]["seed"] == 0
     for role in ("teacher", "student", "baseline"):
         entry = results[role]
@@ -75,7 +75,7 @@ def test_multirun_shares_one_teacher(multirun_2x2):
     results = sorted(tmp_path.glob("multiruns/*/*/results.json"))
     assert len(results) == 4
     loaded = [json.loads(p.read_text()) for p in results]
-    assert sorted((r["config"]["distill"].get("name"), r["config"]["seed"]) for r in loaded) == [
+    assert sorted((r["strategy"], r["config"]["seed"]) for r in loaded) == [
         ("kd", 1), ("kd", 2), ("none", 1), ("none", 2)]
     sources = [r["teacher"]["source"]["source"] for r in loaded if "teacher" in r]
     assert sorted(sources) == ["store", "trained"]

@@ -106,8 +106,20 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
             raise KdlabError(f"{path}: not a readable results.json ({e})") from None
         if "student" not in results and not results.get("stages"):
             raise KdlabError(f"{path}: no student or stages in it; is it a kdlab results.json?")
-        runs.append(Run(path.parent, results, flatten(results.get("config") or {})))
+        runs.append(Run(path.parent, results, run_config(results.get("config") or {})))
     return runs
+
+
+def run_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's config flattened (:func:`flatten`), with ``distill.name``: the label of its
+    strategies (``kd``, ``kd+at``, ``none``; the strategies sit under their names,
+    ``distill.<name>.<key>``), so that runs group by strategy first."""
+    flat = flatten(config)
+    distill = config.get("distill")
+    if isinstance(distill, Mapping) and "name" not in distill:
+        flat["distill.name"] = "+".join(str(k) for k, v in distill.items()
+                                        if isinstance(v, Mapping)) or "none"
+    return flat
 
 
 def _ignored(key: str) -> bool:

@@ -11,7 +11,7 @@ augmentation, so the training step's live teacher runs on exactly the student's 
 
 A mixed image has no single hard label. kdlab therefore allows mixing only with a
 *soft-target-only* strategy — one whose cross-entropy weight is 0, such as
-``distill=kd distill.alpha=1.0`` — and hides the labels of mixed batches (targets ``-1``, as for
+``distill=kd distill.kd.alpha=1.0`` — and hides the labels of mixed batches (targets ``-1``, as for
 transfer-set images), so no loss term can read a label that is no longer the image's. This is
 the paper's function matching (its students never see labels); a mixed cross-entropy
 ``λ·CE(y_a) + (1−λ)·CE(y_b)`` would reintroduce the labels the paper shows are unnecessary, and
@@ -122,9 +122,9 @@ def check_stage(data: Any, strategy: Any, stage: str) -> None:
             return
         raise KdlabError(f"data.mix={mix} needs a teacher's soft targets (a mixed image has no "
                          "single hard label): use a soft-target-only strategy such as "
-                         "distill=kd distill.alpha=1.0, or data.mix=none")
+                         "distill=kd distill.kd.alpha=1.0, or data.mix=none")
     if strategy.ce_weight > 0:
         raise KdlabError(f"data.mix={mix} mixes images, so they have no single hard label, but "
                          f"the strategy weights a label cross-entropy by {strategy.ce_weight:g}: "
                          "use a soft-target-only strategy (ce_weight 0, e.g. distill=kd "
-                         "distill.alpha=1.0 — function matching), or data.mix=none")
+                         "distill.kd.alpha=1.0 — function matching), or data.mix=none")

@@ -19,8 +19,9 @@ import kdlab.util.config  # noqa: F401 - registers ${scaled_lr:...}
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.module import LoopOptions
 from kdlab.strategies.base import Strategy
+from kdlab.strategies.composite import Composite, qualify
 from kdlab.util.errors import KdlabError
-from kdlab.util.tracking import is_wandb, start_run, wandb_kwargs
+from kdlab.util.tracking import RunLabels, is_wandb, stage_prefix, start_run, wandb_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +86,63 @@ def check_num_classes(outputs: int, data: InMemoryDataModule, key: str) -> None:
         )
 
 
+def strategy_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The strategies of ``cfg.distill`` by name (``{}`` for ``distill=none``): each option of
+    the ``distill`` group sits under its own name (``# @package distill.<name>``), so
+    ``distill=[kd,at]`` composes ``distill.kd`` and ``distill.at``."""
+    node = cfg.get("distill")
+    if node is None:
+        return {}
+    if not isinstance(node, DictConfig):
+        raise KdlabError(f"distill={node} is not a strategy: pick an option of conf/distill "
+                         "(distill=kd) or a list of them (distill=[kd,at])")
+    if "_target_" in node:
+        raise KdlabError("distill._target_: a strategy's config sits under its name "
+                         "(distill.<name>._target_); start a conf/distill/<name>.yaml with "
+                         "'# @package distill.<name>'")
+    members = {}
+    for name, member in node.items():
+        if not isinstance(member, DictConfig) or member.get("_target_") is None:
+            raise KdlabError(f"distill.{name} has no _target_, so it is not a strategy: a "
+                             "misspelt strategy name, or settings for a strategy that is not "
+                             "selected (select them with distill=[...])")
+        members[str(name)] = member
+    return members
+
+
+def strategy_name(cfg: DictConfig) -> str:
+    """``kd``, ``kd+at`` (a composition) or ``none``: the label of a run's strategies."""
+    return "+".join(strategy_configs(cfg)) or "none"
+
+
 def build_strategy(cfg: DictConfig) -> Strategy | None:
-    """The strategy of ``cfg.distill``, or ``None`` for ``distill=none``."""
-    if cfg.distill is None or cfg.distill.get("_target_") is None:
-        return None
-    node = cfg.distill.copy()
-    with open_dict(node):  # `name` labels a strategy config; it is no constructor argument
-        node.pop("name", None)
-        for member in node.values():
-            if isinstance(member, DictConfig) and "_target_" in member:
-                member.pop("name", None)
-    strategy = _instantiate(node, "distill")
-    if not isinstance(strategy, Strategy):
-        raise KdlabError(f"distill._target_={cfg.distill._target_} is not a kdlab Strategy")
-    return strategy
+    """The strategies of ``cfg.distill`` as one :class:`Composite` (``None`` for
+    ``distill=none``). A member's mistakes are named ``distill.<member>.<key>``."""
+    members = {}
+    for name, node in strategy_configs(cfg).items():
+        try:
+            member = _instantiate(node, f"distill.{name}")
+        except KdlabError as e:
+            raise KdlabError(qualify(str(e), name)) from None
+        if not isinstance(member, Strategy):
+            raise KdlabError(f"distill.{name}._target_={node._target_} is not a kdlab Strategy "
+                             "(a subclass of kdlab.Strategy)")
+        members[name] = member
+    return Composite(**members) if members else None
+
+
+def _model_label(node: Any) -> str:
+    target = node.get("_target_") if hasattr(node, "get") else None
+    return str(target).rsplit(".", 1)[-1] if target else "none"
+
+
+def run_labels(cfg: DictConfig) -> RunLabels:
+    """The job's labels for W&B: experiment, strategy, seed, networks, mode, folder."""
+    return RunLabels(task=str(cfg.task_name), strategy=strategy_name(cfg), seed=int(cfg.seed),
+                     teacher=_model_label((cfg.get("teacher") or {}).get("model")),
+                     student=_model_label((cfg.get("student") or {}).get("model")),
+                     mode=str((cfg.get("mode") or {}).get("name", "offline")),
+                     folder=str(cfg.paths.output_dir))
 
 
 def build_trainer(
@@ -123,8 +167,9 @@ def build_trainer(
         if node is None or "_target_" not in node:
             continue
         if is_wandb(node):  # one W&B run per job, shared by its stages (kdlab/util/tracking.py)
-            logger = _instantiate(node, f"logger.{name}", **wandb_kwargs(cfg, node, stage))
-            start_run(logger)
+            logger = _instantiate(node, f"logger.{name}",
+                                  **wandb_kwargs(run_labels(cfg), node, stage))
+            start_run(logger, stage_prefix(stage))
             loggers.append(logger)
             continue
         kwargs: dict[str, Any] = {"save_dir": str(stage_dir / "logs")}

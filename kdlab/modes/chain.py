@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.build import build_datamodule, build_model, build_strategy
+from kdlab.engine.build import build_datamodule, build_model, build_strategy, strategy_name
 from kdlab.engine.cache import INFERENCE_BATCH
 from kdlab.engine.fit import fit_stage
 from kdlab.engine.teachers import stored_model, teacher_key
@@ -45,7 +45,7 @@ def _strategy(cfg: DictConfig):
     strategy = build_strategy(cfg)
     if strategy is None or not strategy.needs_teacher:
         raise KdlabError(f"mode={cfg.mode.name} distils every stage from the previous one: "
-                         f"distill={cfg.distill.get('name')} uses no teacher (pick e.g. "
+                         f"distill={strategy_name(cfg)} uses no teacher (pick e.g. "
                          "distill=kd)")
     return strategy
 
@@ -104,7 +104,7 @@ def run_born_again(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         entries.append(entry)
         models.append(model)
     ensemble = ensemble_accuracy(models, data, bool(cfg.channels_last))
-    return {"mode": "born_again", "strategy": cfg.distill.get("name"), "stages": entries,
+    return {"mode": "born_again", "strategy": strategy_name(cfg), "stages": entries,
             "student": entries[-1], "baseline": entries[0],
             "ensemble": {"members": [e["stage"] for e in entries], "test/acc": ensemble}}
 
@@ -179,7 +179,7 @@ def run_takd(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     student, entry = distil(cfg, run_dir, "student", cfg.student.model, current, int(cfg.seed),
                             latency)
     entries.append(entry)
-    results: dict[str, Any] = {"mode": "takd", "strategy": cfg.distill.get("name"),
+    results: dict[str, Any] = {"mode": "takd", "strategy": strategy_name(cfg),
                                "teacher": entries[0], "stages": entries, "student": entry}
     if cfg.mode.direct:
         log.info("TAKD: the same student distilled straight from the teacher, for comparison")

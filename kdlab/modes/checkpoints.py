@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.build import build_model
+from kdlab.engine.build import build_model, strategy_configs
 from kdlab.engine.teachers import get_teacher, load_into, load_weights
 from kdlab.modes.mutual import member_configs
 from kdlab.util.errors import KdlabError
@@ -67,7 +67,7 @@ def run_teacher(run_cfg: DictConfig, want: str) -> tuple[nn.Module | None, str]:
     problem = None
     if mode != "offline":
         problem = f"the run's mode is {mode}, not offline (no single teacher)"
-    elif (run_cfg.get("distill") or {}).get("_target_") is None:
+    elif not strategy_configs(run_cfg):
         problem = "the run distilled nothing (distill=none)"
     if problem is None:
         cfg = run_cfg.copy()

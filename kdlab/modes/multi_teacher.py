@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
+from kdlab.engine.build import strategy_configs
 from kdlab.engine.module import freeze
 from kdlab.modes import offline
 from kdlab.modes.ensemble import TeacherEnsemble
@@ -44,6 +45,15 @@ def teacher_configs(cfg: DictConfig) -> list[DictConfig]:
     return configs
 
 
+def soft_target_temperature(cfg: DictConfig) -> float:
+    """The temperature the run's strategies compare soft targets at: the first member's
+    ``temperature`` (1 when none has one), at which the ensemble averages its teachers."""
+    for node in strategy_configs(cfg).values():
+        if node.get("temperature") is not None:
+            return float(node.temperature)
+    return 1.0
+
+
 def ensemble_teacher(cfg: DictConfig, run_dir: Path, data: InMemoryDataModule,
                      latency: tuple) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Every teacher of ``mode.teachers`` (from the store or trained) and their combination."""
@@ -56,7 +66,7 @@ def ensemble_teacher(cfg: DictConfig, run_dir: Path, data: InMemoryDataModule,
     ensemble = freeze(TeacherEnsemble(
         members, combine=str(cfg.mode.combine),
         weights=list(cfg.mode.weights) if cfg.mode.get("weights") is not None else None,
-        temperature=float(cfg.distill.get("temperature", 1.0) or 1.0)))
+        temperature=soft_target_temperature(cfg)))
     entries.append(evaluated_entry(cfg, "teacher",
                                    f"ensemble of {len(members)} ({cfg.mode.combine})", ensemble,
                                    data, members=[e["model"] for e in entries]))

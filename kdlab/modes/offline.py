@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.build import build_datamodule, build_model, build_strategy
+from kdlab.engine.build import build_datamodule, build_model, build_strategy, strategy_name
 from kdlab.engine.fit import fit_stage
 from kdlab.engine.teachers import get_teacher
 from kdlab.models.transplant import init_from_teacher
@@ -45,7 +45,7 @@ def run(cfg: DictConfig, run_dir: Path, teachers: TeacherSource = single_teacher
     data = build_datamodule(cfg, transfer=needs_teacher)
     data.setup()
     latency = latency_args(cfg, data)
-    results: dict[str, Any] = {"mode": "offline", "strategy": cfg.distill.get("name"),
+    results: dict[str, Any] = {"mode": "offline", "strategy": strategy_name(cfg),
                                "stages": []}
 
     init = cfg.student.get("init_from_teacher")

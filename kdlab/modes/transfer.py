@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from kdlab.engine.build import build_datamodule, build_model, build_strategy
+from kdlab.engine.build import build_datamodule, build_model, build_strategy, strategy_name
 from kdlab.engine.fit import fit_stage
 from kdlab.engine.teachers import get_teacher
 from kdlab.models.transplant import init_from_teacher
@@ -110,7 +110,7 @@ def _check(cfg: DictConfig) -> None:
     strategy = build_strategy(cfg)
     if strategy is None or not strategy.needs_teacher:
         raise KdlabError(f"mode=transfer distils the fine-tuned teacher: distill="
-                         f"{cfg.distill.get('name')} uses no teacher (pick e.g. distill=kd)")
+                         f"{strategy_name(cfg)} uses no teacher (pick e.g. distill=kd)")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         entries.append(stage_entry("baseline", model_name(cfg.student.model), baseline,
                                    result, latency))
     by_stage = {e["stage"]: e for e in entries}
-    results: dict[str, Any] = {"mode": "transfer", "strategy": cfg.distill.get("name"),
+    results: dict[str, Any] = {"mode": "transfer", "strategy": strategy_name(cfg),
                                "stages": entries, "teacher": by_stage["finetune"],
                                "student": by_stage.get("student", by_stage["distil"])}
     if "baseline" in by_stage:

@@ -1,8 +1,12 @@
-"""Several strategies at once: ``distill=[kd,at]`` or a combo config."""
+"""The strategies of a run, summed: ``distill=kd`` (one member) or ``distill=[kd,at]``."""
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -11,40 +15,71 @@ from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.util.errors import KdlabError
 
 
+def qualify(message: str, name: str) -> str:
+    """A member's error message with its config keys named in full: ``distill.beta=…`` of
+    member ``at`` becomes ``distill.at.beta=…``."""
+    return re.sub(rf"\bdistill\.(?!{re.escape(name)}\b)(?=[A-Za-z_])", f"distill.{name}.", message)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _qualified(method: F) -> F:
+    """Re-raise a member's :class:`KdlabError` with its keys named in full (:func:`qualify`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Composite, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except KdlabError as e:
+            raise KdlabError(qualify(str(e), self._current)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 class Composite(Strategy):
-    """The sum of its members' loss terms, each logged under its own name.
+    """The strategies of a run, by name; their loss terms summed, each logged under its name.
 
-    ``kdlab-train distill=[kd,at]`` builds ``Composite(kd=KD(...), at=AT(...))``; a member's
-    options are ``distill.<member>.<key>`` (``distill.at.beta=500``). A term name used by two
-    members is prefixed with the member's name. The cross-entropy weight is the product of the
-    members' (KD's ``1 - alpha`` with AT's 1 gives ``1 - alpha``); the pre-stage lasts as long as
-    the longest member's, and each member runs its own pre-stage for its own ``init_epochs``.
-
-    Config (``conf/distill/combo.yaml`` plus members)::
-
-        _target_: kdlab.strategies.Composite
-        kd: {_target_: kdlab.strategies.KD, temperature: 4.0, alpha: 0.9}
-        at: {_target_: kdlab.strategies.AT, beta: 1000.0}
+    ``kdlab-train distill=[kd,at]`` composes ``distill.kd`` and ``distill.at`` (each strategy's
+    config file puts it under its own name, ``# @package distill.<name>``) and kdlab builds
+    ``Composite(kd=KD(...), at=AT(...))``; ``distill=kd`` is a composite of one. A member's
+    options are ``distill.<member>.<key>`` (``distill.at.beta=500``), and its errors name them so.
+    A term name used by two members is prefixed with the member's name. The cross-entropy weight
+    is the product of the members' (KD's ``1 - alpha`` with AT's 1 gives ``1 - alpha``); the
+    teacher is needed when any member needs it; the pre-stage lasts as long as the longest
+    member's, and each member runs its own pre-stage for its own ``init_epochs``.
     """
 
     def __init__(self, **members: Strategy) -> None:
         super().__init__()
         if not members:
-            raise KdlabError("distill=combo has no member strategies: list them, e.g. "
-                             "distill=[kd,at]")
+            raise KdlabError("a composite strategy needs members, e.g. distill=[kd,at]")
         self.members = nn.ModuleDict(members)
         self.ce_weight = math.prod(m.ce_weight for m in members.values())
+        self.needs_teacher = any(m.needs_teacher for m in members.values())
         self.init_epochs = max(m.init_epochs for m in members.values())
+        self._current = next(iter(members))  # the member running now, for error messages
+        #: the one member of a one-strategy run (a tuple: not registered twice as a submodule)
+        self._only = tuple(members.values()) if len(members) == 1 else ()
 
+    @property
+    def names(self) -> list[str]:
+        """The members' names, in order."""
+        return list(self.members)
+
+    @_qualified
     def resolve(self, student: nn.Module, teacher: nn.Module) -> tuple[list[str], list[str]]:
-        for member in self.members.values():
+        for name, member in self.members.items():
+            self._current = name
             s, t = member.resolve(student, teacher)
             self.student_paths += [p for p in s if p not in self.student_paths]
             self.teacher_paths += [p for p in t if p not in self.teacher_paths]
         return self.student_paths, self.teacher_paths
 
+    @_qualified
     def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
-        for member in self.members.values():
+        for name, member in self.members.items():
+            self._current = name
             member.setup(student, teacher, num_train_samples)
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -68,4 +103,6 @@ class Composite(Strategy):
                               for name, m in self.members.items() if self.epoch < m.init_epochs})
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+        if self._only:  # one member: its terms as they are
+            return self._only[0](student, teacher, batch)
         return self._collect({name: m(student, teacher, batch) for name, m in self.members.items()})

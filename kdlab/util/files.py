@@ -1,16 +1,21 @@
-"""Files shared between runs: exclusive locks, atomic writes, content hashes."""
+"""Files shared between runs: exclusive locks, atomic writes, content hashes, verified entries."""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
+import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -45,3 +50,73 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class VerifiedFile:
+    """A file saved with a JSON sidecar that records its size and SHA-256 (and any metadata):
+    the one way kdlab keeps results that later runs reuse (stored teachers, teacher-output
+    caches). Reading checks the file against its sidecar; an entry that cannot be proven
+    intact (missing sidecar, other size or hash, unreadable) is moved aside and reported, and
+    the caller rebuilds it. Writing goes through a temporary file in the same folder and a
+    rename, the sidecar last, so a crash leaves the old entry, or a new file without a sidecar
+    (which the next read moves aside).
+
+    Args:
+        path: the file (``teacher.pt``, ``<key>.pt``).
+        sidecar: its metadata file (default: ``path`` with a ``.json`` suffix).
+    """
+
+    def __init__(self, path: Path, sidecar: Path | None = None) -> None:
+        self.path = Path(path)
+        self.sidecar = Path(sidecar) if sidecar is not None else self.path.with_suffix(".json")
+
+    def metadata(self) -> dict[str, Any] | None:
+        """The sidecar's content, or ``None`` when it is missing or unreadable."""
+        try:
+            meta = json.loads(self.sidecar.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def problem(self) -> str | None:
+        """What is wrong with the entry (``None``: intact). A missing file is no problem of
+        the entry's: check :meth:`exists` first."""
+        meta = self.metadata()
+        if meta is None or "bytes" not in meta or "sha256" not in meta:
+            return "no readable record of its size and SHA-256 (its .json), so it cannot be " \
+                   "verified"
+        size = self.path.stat().st_size
+        if size != meta["bytes"]:
+            return f"{size} bytes instead of {meta['bytes']} (truncated)"
+        if sha256(self.path) != meta["sha256"]:
+            return "a SHA-256 that differs from the one recorded when it was saved (corrupted)"
+        return None
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, obj: Any, meta: dict[str, Any] | None = None) -> None:
+        """``torch.save(obj)`` atomically, then the sidecar with size, SHA-256 and ``meta``."""
+        save_atomic(obj, self.path)
+        record = {**(meta or {}), "bytes": self.path.stat().st_size, "sha256": sha256(self.path)}
+        write_json_atomic(self.sidecar, record)
+
+    def move_aside(self, reason: str, label: str) -> Path:
+        """Rename the damaged file to ``<name>.corrupt-<time>`` and log ``reason``."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(self.path, aside)
+        log.warning("%s: %s has %s; moved it to %s and building it again", label, self.path,
+                    reason, aside)
+        return aside
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON through a temporary file in the same folder and a rename:
+    readers see the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -16,10 +16,9 @@ import netrc
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig
 
 from kdlab.util.errors import KdlabError
 
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 MAX_SUMMARY = ("val/acc", "test/acc")
 
 
-def is_wandb(node: DictConfig) -> bool:
+def is_wandb(node: Mapping[str, Any]) -> bool:
     """Whether a logger config node builds a ``WandbLogger``."""
     return str(node.get("_target_", "")).endswith("WandbLogger")
 
@@ -43,7 +42,7 @@ def _has_key() -> bool:
         return False
 
 
-def wandb_mode(node: DictConfig) -> dict[str, str]:
+def wandb_mode(node: Mapping[str, Any]) -> dict[str, str]:
     """``{"mode": "offline"}`` (with a warning) when W&B would go online without an API key,
     so a run never stops at a login prompt; ``{}`` otherwise."""
     if node.get("mode", "online") != "online" or _has_key():
@@ -67,45 +66,58 @@ def _hydra_job() -> tuple[str | None, int | None]:
     return Path(hydra_cfg.sweep.dir).name, int(hydra_cfg.job.num)
 
 
-def _model(node: Any) -> str:
-    target = node.get("_target_") if hasattr(node, "get") else None
-    return str(target).rsplit(".", 1)[-1] if target else "none"
+@dataclass(frozen=True)
+class RunLabels:
+    """What names, groups and tags a job's W&B run: the experiment (``task_name``), the
+    strategy label (``kd``, ``kd+at``, ``none``), the seed, the teacher's, student's and mode's
+    names, and the job's output folder."""
+
+    task: str
+    strategy: str
+    seed: int
+    teacher: str
+    student: str
+    mode: str
+    folder: str
 
 
-def run_tags(cfg: DictConfig) -> list[str]:
+def run_tags(labels: RunLabels) -> list[str]:
     """``strategy:kd``, ``teacher:CNN``, ``student:MLP``, ``mode:offline``."""
-    distill = (cfg.get("distill") or {}).get("name", "none")
-    mode = (cfg.get("mode") or {}).get("name", "offline")
-    return [f"strategy:{distill}", f"teacher:{_model((cfg.get('teacher') or {}).get('model'))}",
-            f"student:{_model((cfg.get('student') or {}).get('model'))}", f"mode:{mode}"]
+    return [f"strategy:{labels.strategy}", f"teacher:{labels.teacher}",
+            f"student:{labels.student}", f"mode:{labels.mode}"]
 
 
-def wandb_kwargs(cfg: DictConfig, node: DictConfig, stage: str) -> dict[str, Any]:
-    """Constructor arguments of a stage's ``WandbLogger``: the job's run when one is open (so
-    stages share it), otherwise name, group, tags and folder of a new one; the stage's key
-    prefix; offline mode without an API key."""
+def stage_prefix(stage: str) -> str:
+    """The key prefix of a stage's metrics in the job's W&B run (none for the student)."""
+    return "" if stage == "student" else stage
+
+
+def wandb_kwargs(labels: RunLabels, node: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """Constructor arguments of a stage's ``WandbLogger`` (``node``: its config): the job's run
+    when one is open (so stages share it), otherwise name, group, tags and folder of a new one;
+    the stage's key prefix; offline mode without an API key."""
     import wandb
 
-    kwargs: dict[str, Any] = {"prefix": "" if stage == "student" else stage}
+    kwargs: dict[str, Any] = {"prefix": stage_prefix(stage)}
     if wandb.run is not None:
         kwargs["experiment"] = wandb.run
         return kwargs
     sweep, num = _hydra_job()
-    kwargs["save_dir"] = str(cfg.paths.output_dir)
+    kwargs["save_dir"] = labels.folder
     if node.get("name") is None:
-        distill = (cfg.get("distill") or {}).get("name", "none")
         job = f"-{num}" if num is not None else ""
-        kwargs["name"] = f"{cfg.task_name}{job}-{distill}-seed{cfg.seed}"
+        kwargs["name"] = f"{labels.task}{job}-{labels.strategy}-seed{labels.seed}"
     if node.get("group") is None:
-        kwargs["group"] = f"{cfg.task_name}-{sweep}" if sweep else str(cfg.task_name)
-    kwargs["tags"] = [*run_tags(cfg), *(node.get("tags") or [])]
+        kwargs["group"] = f"{labels.task}-{sweep}" if sweep else labels.task
+    kwargs["tags"] = [*run_tags(labels), *(node.get("tags") or [])]
     kwargs.update(wandb_mode(node))
     return kwargs
 
 
-def start_run(logger: Any) -> None:
-    """Open the logger's run now and summarise its accuracy keys (with the logger's prefix) by
-    their maximum. (The resolved config reaches the run as the module's hyper-parameters.)"""
+def start_run(logger: Any, prefix: str = "") -> None:
+    """Open the logger's run now and summarise its accuracy keys (with the stage's key
+    ``prefix``) by their maximum. (The resolved config reaches the run as the module's
+    hyper-parameters.)"""
     try:
         experiment = logger.experiment
     except Exception as e:  # noqa: BLE001 - wandb's CommError / UsageError / timeouts
@@ -116,7 +128,6 @@ def start_run(logger: Any) -> None:
                          f"{detail}): check the network, WANDB_BASE_URL and the API key, or log "
                          "offline with WANDB_MODE=offline (then `wandb sync`) or use "
                          "logger=csv") from None
-    prefix = getattr(logger, "_prefix", "")
     for key in MAX_SUMMARY:
         experiment.define_metric(f"{prefix}-{key}" if prefix else key, summary="max")
 

@@ -30,7 +30,8 @@ PAIR = [
 
 
 def run_fast_dev(distill: str, tmp_path: Path, *overrides: str) -> dict[str, Any]:
-    """``kdlab-train distill=<distill> …`` with the pair above; returns the results dict."""
+    """``kdlab-train distill=<distill> …`` (a name or a list ``[kd,at]``) with the pair above;
+    returns the results dict."""
     return run(make_cfg(tmp_path, [f"distill={distill}", *PAIR, *overrides]))
 
 

@@ -171,5 +171,5 @@ def test_crd_yaml_runs_fast_dev(tmp_path):
 
     results = run_fast_dev("crd", tmp_path)
     assert results["strategy"] == "crd"
-    assert results["config"]["distill"]["_target_"] == "kdlab.strategies.contrastive.CRD"
+    assert results["config"]["distill"]["crd"]["_target_"] == "kdlab.strategies.contrastive.CRD"
     assert results["student"]["metrics"]["test/acc"] >= 0

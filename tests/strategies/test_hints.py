@@ -236,7 +236,7 @@ def test_bad_hyper_parameters_raise_naming_the_key(make, key):
 
 # -- end to end ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("distill, overrides", [
-    ("fitnets", ["distill.init_epochs=1"]),  # fast_dev_run's single epoch is the hint stage
+    ("fitnets", ["distill.fitnets.init_epochs=1"]),  # fast_dev_run's single epoch is the hint stage
     ("fitnets", []),
     ("ofd", []),
     ("ab", []),

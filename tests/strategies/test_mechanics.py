@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.cli import expand_strategy_lists
+from kdlab.cli import check_overrides
+from kdlab.engine.build import build_strategy, strategy_name
 from kdlab.engine.module import DistillationModule
 from kdlab.engine.taps import Taps
 from kdlab.models import CNN, MLP
@@ -122,35 +123,46 @@ def test_composite_sums_and_names_member_terms():
     assert set(terms) == {"a_kd", "b_kd"}
 
 
-def test_distill_list_on_the_command_line_composes_members(tmp_path):
-    overrides = expand_strategy_lists(["distill=[kd]", "seed=2"])
-    assert overrides[0] == "distill=combo" and overrides[-1] == "seed=2"
-    cfg = make_cfg(tmp_path, [*overrides, "distill.kd.temperature=2"])
-    assert cfg.distill._target_ == "kdlab.strategies.Composite"
-    assert cfg.distill.kd.temperature == 2 and cfg.distill.name == "kd"
-    with pytest.raises(KdlabError, match=r"'kdd' is not a strategy \(did you mean kd\b"):
-        expand_strategy_lists(["distill=[kdd]"])
+def test_distill_lists_compose_through_hydra_itself(tmp_path):
+    cfg = make_cfg(tmp_path, ["distill=[kd,at]", "distill.at.beta=500", "seed=2"])
+    assert list(cfg.distill) == ["kd", "at"] and cfg.distill.at.beta == 500
+    assert cfg.distill.kd.temperature == 4.0 and strategy_name(cfg) == "kd+at"
+    strategy = build_strategy(cfg)
+    assert strategy.names == ["kd", "at"] and strategy.ce_weight == pytest.approx(0.1)
+    single = build_strategy(make_cfg(tmp_path, ["distill=kd"]))
+    assert single.names == ["kd"] and strategy_name(make_cfg(tmp_path, ["distill=none"])) == "none"
+    with pytest.raises(KdlabError, match=r"distill=kdd is not an option .*did you mean kd\b"):
+        check_overrides(["distill=[kd,kdd]"])
+    check_overrides(["-m", "distill=[kd,at],[kd,fitnets]"])
 
 
-@pytest.mark.parametrize("distill", ["kd", "combo_kd"])
+def test_a_members_error_names_its_full_key(tmp_path):
+    cfg = make_cfg(tmp_path, ["distill=[kd,at]", "distill.kd.temperature=0"])
+    with pytest.raises(KdlabError, match=r"^distill\.kd\.temperature=0 must be > 0"):
+        build_strategy(cfg)
+    cfg = make_cfg(tmp_path, ["distill=[kd,at]", "+distill.at.gamma=2"])
+    with pytest.raises(KdlabError, match=r"distill\.at: .*unexpected keyword argument 'gamma'"):
+        build_strategy(cfg)
+
+
+@pytest.mark.parametrize("distill", ["kd", "[kd,at]"])
 def test_fast_dev_run_harness(distill, tmp_path):
     from tests.strategies.harness import run_fast_dev
 
-    if distill == "combo_kd":
-        results = run_fast_dev("combo", tmp_path, "+distill@distill.kd=kd", "distill.name=kd")
-    else:
-        results = run_fast_dev(distill, tmp_path)
+    results = run_fast_dev(distill, tmp_path)
     assert results["student"]["metrics"]["test/acc"] >= 0
     assert results["teacher"]["params"] == 421738
+    assert results["strategy"] == distill.strip("[]").replace(",", "+")
 
 
-def test_cli_distill_list_trains_with_every_member_term_logged(tmp_path):
+def test_a_multirun_over_strategy_lists_logs_every_member_term(tmp_path):
     import csv
     import json
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "kdlab.train", "distill=[kd,at]", "distill.at.beta=500",
+    args = [sys.executable, "-m", "kdlab.train", "-m", "distill=[kd,at],[kd,fitnets]",
+            "distill.kd.temperature=2",
             f"paths.log_dir={tmp_path}", "baseline=false", "teacher.train.max_epochs=1",
             "trainer.max_epochs=1", "trainer.limit_train_batches=3", "steps_per_call=32",
             "trainer.limit_val_batches=1",
@@ -158,23 +170,28 @@ def test_cli_distill_list_trains_with_every_member_term_logged(tmp_path):
             "latency.repeats=1", "data.batch_size=16", "data.eval_batch_size=64"]
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (results_path,) = tmp_path.glob("runs/*/results.json")
-    results = json.loads(results_path.read_text())
-    assert results["strategy"] == "kd+at"
-    assert results["config"]["distill"]["at"]["beta"] == 500
-    (metrics_path,) = tmp_path.glob("runs/*/logs/metrics.csv")
-    header = next(csv.reader(metrics_path.open()))
-    assert {"train/ce_epoch", "train/kd_epoch", "train/at_epoch", "train/loss_epoch"} <= set(header)
+    runs = {}
+    for path in tmp_path.glob("multiruns/*/*/results.json"):
+        results = json.loads(path.read_text())
+        runs[results["strategy"]] = (results, path.parent)
+    assert set(runs) == {"kd+at", "kd+fitnets"}
+    for name, (results, folder) in runs.items():
+        assert results["config"]["distill"]["kd"]["temperature"] == 2
+        (metrics_path,) = folder.glob("logs/metrics.csv")
+        header = set(next(csv.reader(metrics_path.open())))
+        second = name.split("+")[1]
+        assert {"train/ce_epoch", "train/kd_epoch", f"train/{second}_epoch",
+                "train/loss_epoch"} <= header
 
 
 def test_bad_tap_path_in_a_run_fails_naming_the_key_and_close_matches(tmp_path, capsys):
     from tests.strategies.harness import run_fast_dev
 
     with pytest.raises(SystemExit) as exit_info:
-        run_fast_dev("at", tmp_path, "distill.student_layers=[stages.9]")
+        run_fast_dev("at", tmp_path, "distill.at.student_layers=[stages.9]")
     assert exit_info.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("kdlab: error: distill.student_layers: 'stages.9' is not a module "
+    assert line.startswith("kdlab: error: distill.at.student_layers: 'stages.9' is not a module "
                            "of CNN (did you mean stages.")
     assert "aliases: stages, preact, embedding" in line
     assert not list(tmp_path.rglob("results.json"))
