@@ -19,7 +19,7 @@ from torch import nn
 
 from kdlab.cli import friendly_errors, guard_argv
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.build import build_datamodule
+from kdlab.modes.build import build_datamodule
 from kdlab.modes.checkpoints import checkpoint_student, load_run_config, run_teacher
 from kdlab.modes.runner import evaluate as evaluate_on
 from kdlab.util.config import CONF_DIR

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kdlab.cli import friendly_errors, guard_argv
-from kdlab.engine.build import build_datamodule
+from kdlab.modes.build import build_datamodule
 from kdlab.modes.checkpoints import checkpoint_student, load_run_config
 from kdlab.util.config import CONF_DIR
 from kdlab.util.errors import KdlabError

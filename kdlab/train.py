@@ -18,11 +18,11 @@ import hydra
 from omegaconf import DictConfig
 
 from kdlab.cli import friendly_errors, guard_argv
-from kdlab.engine.build import to_container
 from kdlab.modes import mode_runner
+from kdlab.modes.build import to_container
 from kdlab.modes.resume import prepare_run, resume_marker_matches, select_last_run, set_resuming
 from kdlab.util.config import CONF_DIR
-from kdlab.util.distributed import is_rank_zero, use_job_command_for_ddp
+from kdlab.util.distributed import ddp_ranks_for_multirun_job, is_rank_zero
 from kdlab.util.errors import KdlabError
 from kdlab.util.report import markdown_table, print_table, write_json
 from kdlab.util.runtime import apply_speed_settings
@@ -35,7 +35,6 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     code 2, as the command line does)."""
     start = time.perf_counter()
     apply_speed_settings(bool(cfg.get("tune_allocator", True)))
-    use_job_command_for_ddp()
     select_last_run(cfg)  # ckpt_path=last: the newest unfinished run of this config
     run_dir = writable_folder(Path(cfg.paths.output_dir), "paths.output_dir")
     check_latency(cfg)
@@ -47,8 +46,12 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     else:
         set_resuming(resume_marker_matches(cfg, run_dir))
     mode = str((cfg.get("mode") or {}).get("name", "offline"))
+    trainer = cfg.trainer
     try:
-        results = {"run_dir": str(run_dir), **mode_runner(mode)(cfg, run_dir)}
+        # a multirun job with DDP starts its other ranks here (after the folder is marked)
+        with ddp_ranks_for_multirun_job(str(trainer.get("strategy", "auto")),
+                                        trainer.get("devices", 1), trainer.get("num_nodes", 1)):
+            results = {"run_dir": str(run_dir), **mode_runner(mode)(cfg, run_dir)}
     except BaseException:
         finish_run(None)  # a W&B run of this job ends as failed, not left open
         raise

@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from kdlab.engine.compression import quantize_dynamic_int8  # noqa: E402
 from kdlab.engine.teachers import load_weights  # noqa: E402
-from kdlab.modes.compress import quantize_dynamic_int8  # noqa: E402
 
 
 def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:

@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-from kdlab.engine.teachers import get_teacher
 from kdlab.modes.resume import resume_checkpoint, set_resuming
+from kdlab.modes.teacher import get_teacher
 from kdlab.util.errors import KdlabError
 from kdlab.util.files import sha256
 
@@ -40,7 +40,7 @@ def test_a_damaged_store_entry_is_named_moved_aside_and_retrained(fast_cfg, tmp_
     caplog.set_level(logging.WARNING)
     second, info = get_teacher(fast_cfg(), tmp_path)
     assert info["source"] == "trained"
-    assert f"the store entry {weights} has" in caplog.text
+    assert f"Teacher: the stored file {weights} has" in caplog.text
     assert ("truncated" if damage == "truncate" else "corrupted") in caplog.text
     assert list(weights.parent.glob("teacher.pt.corrupt-*"))
     _, meta = _entry(tmp_path)

@@ -11,6 +11,7 @@ import torch
 from kdlab.engine.cache import TeacherCache, cache_key, compute_outputs, prepare_cache
 from kdlab.engine.taps import Taps
 from kdlab.models import CNN
+from kdlab.modes.build import cache_options
 from kdlab.train import run
 from kdlab.util.errors import KdlabError
 
@@ -88,36 +89,39 @@ def test_augmentation_runs_the_teacher_live_or_fails_when_the_cache_is_required(
 def test_features_too_large_for_the_budget_run_live(fast_cfg, tmp_path):
     cfg = fast_cfg("teacher_cache.max_mb=0.001")
     teacher, x = _teacher(), torch.randn(50, 1, 28, 28)
-    assert prepare_cache(cfg, teacher, Taps(teacher, ["stages.0"]), x, False, False) is None
+    assert prepare_cache(cache_options(cfg), teacher, Taps(teacher, ["stages.0"]), x, False,
+                         False) is None
+    forced = cache_options(fast_cfg("teacher_cache.max_mb=0.0001", "teacher_cache.enabled=true"))
     with pytest.raises(KdlabError, match="teacher_cache.max_mb"):
-        prepare_cache(fast_cfg("teacher_cache.max_mb=0.0001", "teacher_cache.enabled=true"),
-                      teacher, Taps(teacher, []), x, False, False)
+        prepare_cache(forced, teacher, Taps(teacher, []), x, False, False)
 
 
 def test_a_corrupted_cache_file_is_reported_and_rebuilt(fast_cfg, caplog):
     cfg = fast_cfg()
     teacher, x = _teacher(), torch.randn(50, 1, 28, 28)
-    first = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
+    first = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), x, False, False)
     first.path.write_bytes(first.path.read_bytes()[:100])  # truncated
     caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
-    again = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
+    again = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), x, False, False)
     assert "(truncated)" in caplog.text and str(first.path) in caplog.text
     torch.testing.assert_close(again.logits.float(), first.logits.float())
     with pytest.raises(KdlabError, match="teacher_cache.dtype=int8"):
-        prepare_cache(fast_cfg("teacher_cache.dtype=int8"), teacher, None, x, False, False)
+        prepare_cache(cache_options(fast_cfg("teacher_cache.dtype=int8")), teacher, None, x,
+                      False, False)
 
 
 def test_a_cache_file_with_flipped_bytes_is_caught_by_its_hash(fast_cfg, caplog):
     cfg = fast_cfg()
     teacher, x = _teacher(), torch.randn(50, 1, 28, 28)
-    first = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
+    first = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), x, False, False)
     meta = json.loads(first.path.with_suffix(".json").read_text())
     assert meta["bytes"] == first.path.stat().st_size
     data = bytearray(first.path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte of the stored logits changed
     first.path.write_bytes(bytes(data))
     caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
-    again = prepare_cache(cfg, teacher, Taps(teacher, []), x, False, False)
-    assert f"{first.path} has a SHA-256 that differs" in caplog.text and "rebuilding" in caplog.text
+    again = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), x, False, False)
+    assert f"{first.path} has a SHA-256 that differs" in caplog.text
+    assert "building it again" in caplog.text
     assert json.loads(first.path.with_suffix(".json").read_text()) == meta  # rebuilt whole
     torch.testing.assert_close(again.logits.float(), first.logits.float())

@@ -17,7 +17,7 @@ def spy(monkeypatch):
     """Records, for every stage, the teacher's weights before and after the stage and the
     trained network's final weights."""
     stages = {}
-    original = chain.fit_stage
+    original = chain.train_stage
 
     def fit_stage(cfg, stage, stage_dir, student, data, *args, teacher=None, **kwargs):
         before = ({k: v.clone() for k, v in teacher.state_dict().items()}
@@ -31,7 +31,7 @@ def spy(monkeypatch):
         }
         return result
 
-    monkeypatch.setattr(chain, "fit_stage", fit_stage)
+    monkeypatch.setattr(chain, "train_stage", fit_stage)
     return stages
 
 
@@ -76,15 +76,25 @@ def test_takd_chain_stores_assistants_and_compares_with_direct_kd(fast_cfg, spy,
 
 
 def test_assistant_identity_changes_with_what_makes_the_assistant(fast_cfg):
+    from kdlab.modes.build import build_datamodule
+
     cfg = fast_cfg(*SMALL, "mode=takd")
     node = cfg.mode.assistants[0]
-    base = chain.assistant_identity(cfg, {"key": "t"}, node, seed=100)
-    assert base == chain.assistant_identity(cfg, {"key": "t"}, node, seed=100)
-    assert base != chain.assistant_identity(cfg, {"key": "t"}, node, seed=101)
-    assert base != chain.assistant_identity(cfg, {"key": "other"}, node, seed=100)
-    for override in ("distill.kd.temperature=2", "data.num_labels=200", "trainer.max_epochs=3"):
+    data = build_datamodule(cfg, transfer=True)
+    base = chain.assistant_identity(cfg, {"key": "t"}, node, 100, data)
+    assert base == chain.assistant_identity(cfg, {"key": "t"}, node, 100, data)
+    assert base != chain.assistant_identity(cfg, {"key": "t"}, node, 101, data)
+    assert base != chain.assistant_identity(cfg, {"key": "other"}, node, 100, data)
+    for override in ("distill.kd.temperature=2", "data.num_labels=200", "trainer.max_epochs=3",
+                     "optimizer.lr=0.01"):
         other = fast_cfg(*SMALL, "mode=takd", override)
-        assert base != chain.assistant_identity(other, {"key": "t"}, node, seed=100), override
+        assert base != chain.assistant_identity(other, {"key": "t"}, node, 100,
+                                                build_datamodule(other, transfer=True)), override
+    # the data's content is part of it: other images of the same shape are other data
+    other_data = build_datamodule(fast_cfg(*SMALL, "mode=takd", "data.val_size=4000"),
+                                  transfer=True)
+    assert base["data"]["content"] == chain.assistant_identity(
+        cfg, {"key": "t"}, node, 100, other_data)["data"]["content"]
 
 
 @pytest.mark.parametrize("overrides, key", [

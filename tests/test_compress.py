@@ -7,11 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.engine.teachers import load_into, load_weights
-from kdlab.models import CNN
-from kdlab.modes.compress import (
-    Compression,
-    compression_report,
+from kdlab.engine.compression import (
     cubic_sparsity,
     global_magnitude_prune,
     make_permanent,
@@ -19,6 +15,9 @@ from kdlab.modes.compress import (
     quantize_dynamic_int8,
     sparsity,
 )
+from kdlab.engine.teachers import load_into, load_weights
+from kdlab.models import CNN
+from kdlab.modes.compress import Compression, compression_report
 from kdlab.train import run
 from kdlab.util.errors import KdlabError
 
@@ -94,9 +93,12 @@ def test_int8_outputs_close_to_fp32_and_report():
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
-    class Data:  # the two attributes the report reads
-        x_test = torch.randn(300, 1, 28, 28)
-        y_test = torch.randint(0, 10, (300,))
+    class Data:  # what the report reads: the test split's batches and the classes
+        num_classes = 10
+        x, y = torch.randn(300, 1, 28, 28), torch.randint(0, 10, (300,))
+
+        def test_dataloader(self):
+            return [(self.x[i:i + 128], self.y[i:i + 128]) for i in range(0, 300, 128)]
 
     latency = ((1, 28, 28), {"batch_size": 8, "repeats": 2}, False)
     report = compression_report(student(), model, "dynamic_int8", Data(), latency)

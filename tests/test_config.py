@@ -7,7 +7,7 @@ import pytest
 from hydra.utils import instantiate
 
 from kdlab.cli import check_overrides
-from kdlab.engine.build import build_datamodule, build_model, build_strategy
+from kdlab.modes.build import build_datamodule, build_model, build_strategy
 from kdlab.util.config import CONF_DIR, group_options
 from kdlab.util.errors import KdlabError
 from tests.conftest import make_cfg
@@ -27,6 +27,16 @@ def test_the_required_groups_and_options_exist():
 
 @pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_every_group_option_composes_and_builds(group, option, tmp_path):
+    """Each option is composed and built into what kdlab runs with it, not only composed."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from kdlab.engine.fit import build_trainer
+    from kdlab.modes import mode_runner
+    from kdlab.modes.build import recipe, stage_callbacks, stage_spec
+    from kdlab.modes.compress import Compression
+
     cfg = make_cfg(tmp_path, [f"{group}={option}"])
     assert cfg.seed == 0
     if group in ("teacher", "student"):
@@ -38,6 +48,21 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path):
         assert (strategy is None) == (option == "none")
         if strategy is not None:
             assert strategy.names == [option]
+    elif group in ("optimizer", "scheduler"):
+        built = recipe(cfg.optimizer, cfg.scheduler, 3)
+        optimizer = built.optimizer(params=[torch.nn.Parameter(torch.zeros(3))])
+        assert isinstance(optimizer, torch.optim.Optimizer)
+        if group == "scheduler":
+            if option == "none":
+                assert built.scheduler is None
+            else:  # total_steps / T_max are filled in by the module with the run's steps
+                keywords = {k: 10 for k in ("total_steps", "T_max")
+                            if k in built.scheduler.func.__init__.__code__.co_varnames}
+                assert isinstance(built.scheduler(optimizer, **keywords),
+                                  torch.optim.lr_scheduler.LRScheduler)
+    elif group == "callbacks":
+        callbacks = stage_callbacks(cfg, tmp_path)
+        assert callbacks and all(isinstance(c, Callback) for c in callbacks)
     elif group == "logger":
         for node in (cfg.logger or {}).values():
             if option == "wandb":  # constructing it would start a run; check the target
@@ -45,9 +70,27 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path):
             else:
                 instantiate(node, save_dir=str(tmp_path))
     elif group == "trainer":
-        assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
-        if option == "cpu":
-            instantiate(cfg.trainer, logger=False)
+        data = build_datamodule(cfg)
+        spec = stage_spec(cfg, "student", tmp_path, torch.nn.Linear(2, 2), data, cfg.optimizer,
+                          cfg.scheduler)
+        if option == "gpu" and not torch.cuda.is_available():
+            assert spec.trainer["accelerator"] == "gpu"  # no GPU here to build it on
+        else:
+            from kdlab.engine.module import DistillationModule
+
+            module = DistillationModule(spec.student, 10, spec.recipe.optimizer, loop=spec.loop)
+            assert isinstance(build_trainer(spec, module)[0], L.Trainer)
+    elif group == "compress":
+        Compression(cfg)
+    elif group == "mode":
+        assert callable(mode_runner(cfg.mode.name))
+    elif group == "data":
+        try:
+            data = build_datamodule(cfg)
+        except KdlabError as e:  # a dataset that is not on this machine is named as such
+            assert "data.root" in str(e)
+        else:
+            assert data.num_classes > 1
 
 
 def data_batch():
@@ -87,7 +130,7 @@ def test_a_comma_list_without_m_explains_a_sweep_against_a_list():
 
 
 def test_a_group_set_to_null_names_the_option_to_use(tmp_path):
-    from kdlab.engine.fit import has_target
+    from kdlab.modes.build import has_target
 
     with pytest.raises(KdlabError, match=r"^scheduler=null selects no option .*write "
                                          r"scheduler=none$"):
@@ -132,7 +175,7 @@ def test_unknown_model_argument_names_the_key(tmp_path):
 
 
 def test_wandb_without_api_key_logs_offline_instead_of_prompting(tmp_path, monkeypatch):
-    from kdlab.engine.build import build_trainer
+    from kdlab.modes.build import stage_loggers
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -140,8 +183,7 @@ def test_wandb_without_api_key_logs_offline_instead_of_prompting(tmp_path, monke
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = make_cfg(tmp_path, ["logger=wandb"])
     assert cfg.logger.wandb.mode == "online"
-    trainer = build_trainer(cfg, tmp_path / "stage", "student")
-    logger = trainer.loggers[0]
+    (logger,) = stage_loggers(cfg, tmp_path / "stage", "student")
     assert logger.experiment.settings.mode == "offline"
     assert logger.experiment.name == "kdlab-kd-seed0"
     logger.experiment.finish()

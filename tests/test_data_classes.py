@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kdlab.data import UNLABELLED, FashionMNISTDataModule, memory
-from kdlab.engine.build import build_datamodule, build_model
-from kdlab.engine.teachers import teacher_key
+from kdlab.modes.build import build_datamodule, build_model
+from kdlab.modes.teacher import teacher_key
 from kdlab.util.errors import KdlabError
 
 
@@ -89,12 +89,12 @@ def test_models_get_k_outputs_and_teacher_key_depends_on_classes(fast_cfg):
     assert teacher_key(fast_cfg("data.classes=[4,3,2,1,0]")) != teacher_key(cfg)
 
 
-def test_teacher_identity_without_classes_is_unchanged(fast_cfg):
-    """Teachers stored before ``data.classes`` existed keep their store key."""
-    from kdlab.engine.teachers import teacher_identity
+def test_a_class_subset_is_part_of_the_teachers_identity(fast_cfg):
+    from kdlab.modes.teacher import teacher_identity
 
-    assert "classes" not in teacher_identity(fast_cfg())["data"]
-    assert teacher_identity(fast_cfg("data.classes=[1,2]"))["data"]["classes"] == [1, 2]
+    assert teacher_identity(fast_cfg())["data"]["classes"] is None
+    subset = teacher_identity(fast_cfg("data.classes=[1,2]"))["data"]
+    assert subset["classes"] == [1, 2] and subset["num_classes"] == 2
 
 
 def test_a_whole_run_on_a_subset_trains_k_way_models(fast_cfg):

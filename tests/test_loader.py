@@ -1,10 +1,11 @@
-"""The fast data path: seeded per-epoch order, chunks, sharding."""
+"""The fast data path: seeded per-epoch order, chunks of batches, sharding."""
 
 from __future__ import annotations
 
 import torch
 
 from kdlab.data.loader import BatchLoader
+from kdlab.engine.loop import ChunkedLoader
 
 
 def _loader(**kwargs) -> BatchLoader:
@@ -34,10 +35,20 @@ def test_each_epoch_is_a_seeded_permutation_that_changes_with_the_epoch():
 
 
 def test_chunks_hold_the_same_batches_in_the_same_order():
-    plain, chunked = _loader(shuffle=True), _loader(shuffle=True, chunk=3)
+    plain, chunked = _loader(shuffle=True), ChunkedLoader(_loader(shuffle=True), 3)
     items = list(chunked)
     assert len(chunked) == len(items) == 3 and [len(c) for c in items] == [3, 3, 1]
     assert _indices(chunked) == _indices(plain)
+
+
+def test_chunks_stop_at_the_batch_limit_and_end_at_validation_points():
+    limited = ChunkedLoader(_loader(), 3, limit=5)
+    assert [len(c) for c in limited] == [3, 2] and limited.num_batches == 5
+    assert _indices(limited) == list(range(40))
+    bounded = ChunkedLoader(_loader(), 4, boundary=3)  # validation every 3 batches
+    assert [len(c) for c in bounded] == [3, 3, 1] == bounded.sizes()
+    assert ChunkedLoader(_loader(), 2, boundary=5).sizes() == [2, 2, 1, 2]
+    assert ChunkedLoader(_loader(), 64).sizes() == [7] and len(ChunkedLoader(_loader(), 64)) == 1
 
 
 def test_ranks_take_disjoint_equal_shares():

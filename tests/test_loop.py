@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -15,12 +16,12 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def test_chunked_steps_train_exactly_like_one_batch_per_step(fast_cfg, tmp_path):
-    """steps_per_call=4 over 2 calls = steps_per_call=1 over 8 calls, bit for bit."""
-    common = ["distill=kd", "baseline=false", "trainer.max_epochs=1"]
-    one = run(fast_cfg(*common, "steps_per_call=1", "trainer.limit_train_batches=8",
-                       tmp=tmp_path / "a"))
-    four = run(fast_cfg(*common, "steps_per_call=4", "trainer.limit_train_batches=2",
-                        tmp=tmp_path / "b"))
+    """steps_per_call=4 (2 training steps of 4 batches) = steps_per_call=1 (8 training steps),
+    bit for bit: limit_train_batches counts batches either way."""
+    common = ["distill=kd", "baseline=false", "trainer.max_epochs=1",
+              "trainer.limit_train_batches=8"]
+    one = run(fast_cfg(*common, "steps_per_call=1", tmp=tmp_path / "a"))
+    four = run(fast_cfg(*common, "steps_per_call=4", tmp=tmp_path / "b"))
     a, b = _weights(one["student"]["last_ckpt"]), _weights(four["student"]["last_ckpt"])
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -28,11 +29,10 @@ def test_chunked_steps_train_exactly_like_one_batch_per_step(fast_cfg, tmp_path)
     assert ckpt["global_step"] == 8  # optimizer steps, not calls
 
 
-def test_bare_optimizer_step_trains_like_lightnings_hooked_step(fast_cfg, tmp_path,
-                                                                monkeypatch):
-    """Without an on_before_optimizer_step hook the step skips Lightning's closure and hook
-    dispatch; with one (here on the module) it goes through Lightning. Same weights, same
-    global_step, and the hook sees every step."""
+def test_every_optimizer_step_goes_through_lightnings_optimizer(fast_cfg, tmp_path,
+                                                               monkeypatch):
+    """The loop steps through Lightning's optimizer wrapper (public API): it counts
+    trainer.global_step and runs the on_before_optimizer_step hooks at every step."""
     from lightning.pytorch.core.optimizer import LightningOptimizer
 
     from kdlab.engine.module import DistillationModule
@@ -45,22 +45,15 @@ def test_bare_optimizer_step_trains_like_lightnings_hooked_step(fast_cfg, tmp_pa
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(LightningOptimizer, "step", counting_step)
-    common = ["distill=kd", "baseline=false", "trainer.max_epochs=1", "steps_per_call=3",
-              "trainer.limit_train_batches=2"]
-    bare = run(fast_cfg(*common, tmp=tmp_path / "a"))
-    assert lightning_steps == []
     monkeypatch.setattr(DistillationModule, "on_before_optimizer_step",
                         lambda self, optimizer: hooked.append(self.trainer.global_step),
                         raising=False)
-    hooked_run = run(fast_cfg(*common, tmp=tmp_path / "b"))
-    # the teacher (trained in each run's own store) and the student: 6 steps each
+    result = run(fast_cfg("distill=kd", "baseline=false", "trainer.max_epochs=1",
+                          "steps_per_call=3", "trainer.limit_train_batches=6", tmp=tmp_path))
+    # the teacher (trained into this run's own store) and the student: 6 steps each
     assert len(lightning_steps) == len(hooked) == 12 and hooked[-6:] == [0, 1, 2, 3, 4, 5]
-    a = _weights(bare["student"]["last_ckpt"])
-    b = _weights(hooked_run["student"]["last_ckpt"])
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    for result in (bare, hooked_run):
-        ckpt = torch.load(result["student"]["last_ckpt"], map_location="cpu", weights_only=True)
-        assert ckpt["global_step"] == 6
+    ckpt = torch.load(result["student"]["last_ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6
 
 
 def test_gradient_accumulation_matches_a_batch_twice_as_large(fast_cfg, tmp_path):
@@ -78,21 +71,66 @@ def test_gradient_accumulation_matches_a_batch_twice_as_large(fast_cfg, tmp_path
     assert ckpt["global_step"] == 3
 
 
-def test_gradient_clipping_is_applied_before_each_step(fast_cfg, tmp_path, monkeypatch):
-    from kdlab.engine.module import DistillationModule
+class GradientProbe(L.Callback):
+    """Records the student's gradient norm (L2 over all parameters) and largest absolute
+    gradient when each optimizer step starts, after the loop's clipping."""
 
-    seen = []
-    original = DistillationModule.clip_gradients
+    norms: list[float] = []
+    largest: list[float] = []
 
-    def spy(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        seen.append((gradient_clip_val, gradient_clip_algorithm))
-        return original(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.student.parameters() if p.grad is not None]
+        GradientProbe.norms.append(float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        GradientProbe.largest.append(max(float(g.abs().max()) for g in grads))
 
-    monkeypatch.setattr(DistillationModule, "clip_gradients", spy)
-    run(fast_cfg("distill=none", "baseline=false", "trainer.max_epochs=1",
-                 "trainer.gradient_clip_val=0.5", "trainer.gradient_clip_algorithm=value",
-                 "steps_per_call=2", "trainer.limit_train_batches=2", tmp=tmp_path))
-    assert seen[-4:] == [(0.5, "value")] * 4  # the student's 4 optimizer steps
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradients_are_clipped_before_every_step(fast_cfg, tmp_path, algorithm):
+    GradientProbe.norms, GradientProbe.largest = [], []
+    common = ["distill=none", "baseline=false", "trainer.max_epochs=1", "steps_per_call=4",
+              "trainer.limit_train_batches=8", "+callbacks.probe._target_=tests.test_loop."
+              "GradientProbe", "teacher_cache.enabled=false"]
+    run(fast_cfg(*common, tmp=tmp_path / "free"))
+    free = list(GradientProbe.norms), list(GradientProbe.largest)
+    GradientProbe.norms, GradientProbe.largest = [], []
+    clip = 0.01
+    run(fast_cfg(*common, f"trainer.gradient_clip_val={clip}",
+                 f"trainer.gradient_clip_algorithm={algorithm}", tmp=tmp_path / "clipped"))
+    assert len(GradientProbe.norms) == 8  # every step of the student was seen
+    if algorithm == "norm":
+        assert min(free[0]) > clip  # unclipped gradients are larger: clipping had work to do
+        assert all(n == pytest.approx(clip, rel=1e-4) for n in GradientProbe.norms)
+    else:
+        assert min(free[1]) > clip
+        assert all(v <= clip * (1 + 1e-6) for v in GradientProbe.largest)
+
+
+class Validations(L.Callback):
+    """Records the optimizer step of every validation (sanity checks aside)."""
+
+    steps: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            Validations.steps.append(trainer.global_step)
+
+
+def test_limit_train_batches_and_val_check_interval_count_batches_inside_chunks(fast_cfg,
+                                                                             tmp_path):
+    Validations.steps = []
+    result = run(fast_cfg("distill=none", "baseline=false", "trainer.max_epochs=1",
+                          "steps_per_call=4", "trainer.limit_train_batches=12",
+                          "trainer.val_check_interval=6",
+                          "+callbacks.validations._target_=tests.test_loop.Validations",
+                          tmp=tmp_path / "int"))
+    ckpt = torch.load(result["student"]["last_ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 12 and Validations.steps == [6, 12]
+    result = run(fast_cfg("distill=none", "baseline=false", "trainer.max_epochs=1",
+                          "steps_per_call=64", "trainer.limit_train_batches=0.25",
+                          "data.num_labels=null", tmp=tmp_path / "fraction"))
+    ckpt = torch.load(result["student"]["last_ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 429  # int(1,719 batches of 32 × 0.25), as Lightning counts
 
 
 def test_max_steps_counts_batches_inside_chunks(fast_cfg, tmp_path):
@@ -112,14 +150,14 @@ def test_max_steps_counts_batches_inside_chunks(fast_cfg, tmp_path):
     (["trainer.gradient_clip_algorithm=foo"], "trainer.gradient_clip_algorithm=foo"),
 ])
 def test_bad_loop_options_fail_naming_the_key(fast_cfg, overrides, message):
-    from kdlab.engine.build import loop_options
+    from kdlab.modes.build import loop_options
 
     with pytest.raises(KdlabError, match=message.replace("(", r"\(")):
         loop_options(fast_cfg(*overrides))
 
 
 def test_auto_steps_per_call_is_one_under_ddp(fast_cfg):
-    from kdlab.engine.build import AUTO_STEPS_PER_CALL, loop_options
+    from kdlab.modes.build import AUTO_STEPS_PER_CALL, loop_options
 
     auto = fast_cfg("steps_per_call=auto")
     assert loop_options(auto).steps_per_call == AUTO_STEPS_PER_CALL
@@ -127,6 +165,8 @@ def test_auto_steps_per_call_is_one_under_ddp(fast_cfg):
     assert loop_options(fast_cfg("trainer.fast_dev_run=true", "steps_per_call=auto")
                         ).steps_per_call == 1  # one batch, not one chunk
     assert loop_options(fast_cfg("trainer=ddp", "steps_per_call=auto")).steps_per_call == 1
+    assert loop_options(fast_cfg("trainer.fast_dev_run=true", "steps_per_call=16")
+                        ).steps_per_call == 1
 
 
 def test_throughput_is_reported_per_epoch(fast_cfg, tmp_path):

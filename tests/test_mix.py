@@ -11,6 +11,7 @@ from kdlab.data import UNLABELLED, FashionMNISTDataModule
 from kdlab.data.mix import check_stage, mix_batch
 from kdlab.engine.cache import prepare_cache
 from kdlab.engine.module import DistillationModule
+from kdlab.modes.build import cache_options
 from kdlab.strategies import KD
 from kdlab.train import run
 from kdlab.util.errors import KdlabError
@@ -70,11 +71,12 @@ def test_cache_is_off_with_a_log_when_mixing_and_an_error_when_forced(fast_cfg, 
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     x = torch.randn(10, 1, 2, 2)
     with caplog.at_level(logging.INFO, logger="kdlab"):
-        assert prepare_cache(fast_cfg(), teacher, None, x, False, False, mix="cutmix") is None
+        assert prepare_cache(cache_options(fast_cfg()), teacher, None, x, False, False,
+                             mix="cutmix") is None
     assert "Teacher cache: off" in caplog.text and "data.mix=cutmix" in caplog.text
     with pytest.raises(KdlabError, match="teacher_cache.enabled=true but data.mix=mixup"):
-        prepare_cache(fast_cfg("teacher_cache.enabled=true"), teacher, None, x, False, False,
-                      mix="mixup")
+        prepare_cache(cache_options(fast_cfg("teacher_cache.enabled=true")), teacher, None, x,
+                      False, False, mix="mixup")
 
 
 def test_the_live_teacher_sees_exactly_the_students_mixed_batch(fast_cfg, monkeypatch, caplog):
@@ -104,7 +106,8 @@ def test_the_live_teacher_sees_exactly_the_students_mixed_batch(fast_cfg, monkey
 
     monkeypatch.setattr(DistillationModule, "_terms", spy)
     cfg = fast_cfg("distill.kd.alpha=1.0", "data.augment=true", "data.mix=mixup",
-                   "trainer.max_epochs=1", "latency.repeats=1", "steps_per_call=1")
+                   "trainer.max_epochs=1", "latency.repeats=1", "steps_per_call=1",
+                   "trainer.limit_train_batches=4")
     with caplog.at_level(logging.INFO, logger="kdlab"):
         results = run(cfg)
     assert 0 <= results["student"]["metrics"]["test/acc"] <= 1

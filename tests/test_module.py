@@ -7,9 +7,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from kdlab.engine.build import build_datamodule, build_model, build_strategy, build_trainer
-from kdlab.engine.fit import fit_stage
+from kdlab.engine.fit import build_trainer
 from kdlab.engine.module import DistillationModule
+from kdlab.modes.build import build_datamodule, build_model, build_strategy, stage_spec
+from kdlab.modes.runner import train_stage
 
 
 def _setup(cfg):
@@ -40,7 +41,7 @@ def test_teacher_is_bit_identical_after_fit_and_in_eval_mode_in_training_step(fa
     teacher.train()  # even a teacher handed over in train mode must be used in eval mode
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
-    fit_stage(cfg, "student", Path(cfg.paths.output_dir), student, data, cfg.optimizer,
+    train_stage(cfg, "student", Path(cfg.paths.output_dir), student, data, cfg.optimizer,
               cfg.scheduler, teacher=teacher, strategy=strategy)
     assert teacher.modes and not any(teacher.modes)
     after = teacher.state_dict()
@@ -70,7 +71,7 @@ def test_optimizer_holds_no_teacher_parameter(fast_cfg):
 def test_checkpoint_has_no_teacher_keys_loads_weights_only_and_resumes(fast_cfg, tmp_path):
     cfg = fast_cfg("trainer.max_epochs=2")
     data, teacher, student, strategy = _setup(cfg)
-    stage = fit_stage(cfg, "student", tmp_path / "a", student, data, cfg.optimizer,
+    stage = train_stage(cfg, "student", tmp_path / "a", student, data, cfg.optimizer,
                       cfg.scheduler, teacher=teacher, strategy=strategy)
     last = Path(stage.last_ckpt)
     assert last.name == "last.ckpt" and last.parent.name == "checkpoints"
@@ -99,12 +100,19 @@ def _module(cfg, student, teacher, strategy):
                               instantiate(cfg.scheduler), teacher=teacher, strategy=strategy)
 
 
+def _trainer(cfg, folder, module, data):
+    """The engine's Trainer for a stage of ``cfg`` in ``folder`` (one batch per step)."""
+    spec = stage_spec(cfg, "student", folder, module.student, data, cfg.optimizer, cfg.scheduler)
+    return build_trainer(spec, module)[0]
+
+
 def test_resuming_from_last_ckpt_continues_at_the_next_epoch(fast_cfg, tmp_path):
     cfg = fast_cfg("trainer.max_epochs=4")
     data, teacher, student, strategy = _setup(cfg)
-    trainer = build_trainer(cfg, tmp_path / "a", "student")
+    module = _module(cfg, student, teacher, strategy)
+    trainer = _trainer(cfg, tmp_path / "a", module, data)
     trainer.callbacks.append(StopAfter(2))
-    trainer.fit(_module(cfg, student, teacher, strategy), datamodule=data)
+    trainer.fit(module, datamodule=data)
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["epoch"] == 1
 
@@ -113,7 +121,7 @@ def test_resuming_from_last_ckpt_continues_at_the_next_epoch(fast_cfg, tmp_path)
     module = _module(cfg, student2, teacher2, strategy2)
     seen_epochs = []
     module.on_train_epoch_start = lambda: seen_epochs.append(module.current_epoch)
-    trainer = build_trainer(cfg, tmp_path / "b", "student")
+    trainer = _trainer(cfg, tmp_path / "b", module, data)
     trainer.fit(module, datamodule=data, ckpt_path=str(last))
     assert seen_epochs == [2, 3]
     assert trainer.global_step == 4 * int(cfg.trainer.limit_train_batches)

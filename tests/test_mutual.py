@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.engine.build import build_datamodule, build_model
+from kdlab.modes.build import build_datamodule, build_model
 from kdlab.modes.cohort import CohortModule
 from kdlab.modes.mutual import MEMBER_SEED_STRIDE, member_configs
 from kdlab.train import run

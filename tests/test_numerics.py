@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kdlab.engine.build import loop_options
+from kdlab.modes.build import loop_options
 from kdlab.strategies.base import Strategy
 from kdlab.train import run
 from kdlab.util.errors import KdlabError
@@ -28,9 +28,10 @@ class NaNAfter(Strategy):
 
 
 def _nan_cfg(fast_cfg, *extra):
-    # FAST: 4 batches per epoch, 2 epochs; batch 6 is the 2nd batch of the 2nd epoch
+    # 4 batches per epoch, 2 epochs; batch 6 is the 2nd batch of the 2nd epoch
     return fast_cfg("distill=none", "+distill.nan._target_=tests.test_numerics.NaNAfter",
-                    "+distill.nan.after=5", "baseline=false", "steps_per_call=1", *extra)
+                    "+distill.nan.after=5", "baseline=false", "steps_per_call=1",
+                    "trainer.limit_train_batches=4", *extra)
 
 
 def test_a_nan_loss_stops_the_run_naming_term_step_and_checkpoint(fast_cfg, tmp_path, capsys):

@@ -33,9 +33,10 @@ def test_optuna_search_maximises_the_validation_accuracy(tmp_path):
     best = yaml.safe_load(next(tmp_path.glob("multiruns/*/optimization_results.yaml")).read_text())
     values = [t["student"]["metrics"]["val/acc"] for t in trials]
     assert best["best_value"] == pytest.approx(max(values))
-    winner = trials[values.index(max(values))]["config"]["distill"]["kd"]
-    assert best["best_params"]["distill.kd.temperature"] == pytest.approx(winner["temperature"])
-    assert best["best_params"]["distill.kd.alpha"] == pytest.approx(winner["alpha"])
+    winners = [t["config"]["distill"]["kd"] for t, v in zip(trials, values) if v == max(values)]
+    chosen = best["best_params"]  # one of the trials with the best value (ties are possible)
+    assert any(chosen["distill.kd.temperature"] == pytest.approx(w["temperature"])
+               and chosen["distill.kd.alpha"] == pytest.approx(w["alpha"]) for w in winners)
     assert all("baseline" not in t for t in trials)
     assert len({t["config"]["distill"]["kd"]["temperature"] for t in trials}) == 3
 

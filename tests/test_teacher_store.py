@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-import kdlab.engine.teachers as teachers
-from kdlab.engine.teachers import get_teacher, teacher_key
+import kdlab.modes.teacher as teachers
+from kdlab.modes.teacher import get_teacher, teacher_key
 from kdlab.util.errors import KdlabError
 
 
@@ -19,7 +19,7 @@ def test_store_trains_once_then_reuses(fast_cfg, tmp_path, monkeypatch, caplog):
     first, info = get_teacher(cfg, tmp_path / "run1")
     assert info["source"] == "trained" and info["stored"] and len(calls) == 1
     assert not first.training and not any(p.requires_grad for p in first.parameters())
-    with caplog.at_level(logging.INFO, logger="kdlab.engine.teachers"):
+    with caplog.at_level(logging.INFO, logger="kdlab"):
         second, info2 = get_teacher(fast_cfg("seed=5", "distill.kd.temperature=2"), tmp_path / "r2")
     assert info2["source"] == "store" and len(calls) == 1
     assert "reusing" in caplog.text
@@ -78,3 +78,68 @@ def test_teacher_training_is_reproducible(fast_cfg, tmp_path):
     b, _ = get_teacher(fast_cfg(tmp=tmp_path / "b"), tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                  b.state_dict().values()))
+
+
+STUDENT_SWEEP = ["optimizer.lr=0.01", "trainer.max_epochs=7", "data.batch_size=64",
+                 "scheduler=cosine", "optimizer=sgd", "data.augment=true", "distill=[kd,at]"]
+
+
+@pytest.mark.parametrize("teacher", [[], ["experiment=cifar100", "data=synthetic_cifar100",
+                                          "data.train_size=600", "data.val_size=100",
+                                          "data.test_size=100", "teacher.model.name=resnet8"]],
+                         ids=["cnn", "zoo-cifar100"])
+def test_sweeping_the_students_recipe_reuses_one_teacher(fast_cfg, teacher):
+    """The teacher's recipe is its own: the student's optimizer, schedule, epochs, batch size
+    and augmentation never change its key; its own recipe does."""
+    base = teacher_key(fast_cfg("teacher=cnn", *teacher))
+    for override in STUDENT_SWEEP:
+        assert teacher_key(fast_cfg("teacher=cnn", *teacher, override)) == base, override
+    for override in ("teacher.train.optimizer.lr=0.01", "teacher.train.batch_size=32",
+                     "teacher.train.augment=false", "teacher.train.max_epochs=3",
+                     "trainer.precision=bf16-mixed"):
+        assert teacher_key(fast_cfg("teacher=cnn", *teacher, override)) != base, override
+
+
+def _idx(folder, images, labels):
+    """Fashion-MNIST's four idx files in ``folder`` (images ``(n, 28, 28)`` uint8)."""
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    for prefix, x, y in (("train", images, labels), ("t10k", images[:100], labels[:100])):
+        n = len(x)
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3]) + np.array([n, 28, 28], ">i4").tobytes() + x.numpy().tobytes())
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            bytes([0, 0, 8, 1]) + np.array([n], ">i4").tobytes() + y.numpy().tobytes())
+
+
+def test_the_data_content_is_part_of_the_key_not_its_folder(fast_cfg, tmp_path):
+    """Other images in the same format under another data.root are another teacher; the same
+    images in another folder are the same teacher."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (600, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(600, dtype=torch.uint8) % 10
+    _idx(tmp_path / "a", images, labels)
+    _idx(tmp_path / "copy", images, labels)
+    _idx(tmp_path / "other", 255 - images, labels)
+    small = ["data.val_size=100", "data.num_labels=null"]
+    key = {name: teacher_key(fast_cfg(f"data.root={tmp_path / name}", *small))
+           for name in ("a", "copy", "other")}
+    assert key["a"] == key["copy"] != key["other"]
+
+
+def test_a_teacher_stored_under_the_old_key_is_reported_with_the_command(fast_cfg, tmp_path,
+                                                                        caplog):
+    cfg = fast_cfg()
+    legacy = tmp_path / "teachers" / teachers.legacy_teacher_key(cfg) / "teacher.pt"
+    legacy.parent.mkdir(parents=True)
+    model, _ = get_teacher(fast_cfg("teacher_cache.enabled=false", tmp=tmp_path / "elsewhere"),
+                           tmp_path / "elsewhere")
+    torch.save({"state_dict": model.state_dict()}, legacy)
+    with caplog.at_level(logging.WARNING):
+        _, info = get_teacher(cfg, tmp_path / "run")
+    assert info["source"] == "trained"  # not reused silently
+    assert caplog.text.count(f"teacher.ckpt={legacy}") == 1
+    assert "does not capture the training data's content" in caplog.text
+    reused, info = get_teacher(fast_cfg(f"teacher.ckpt={legacy}"), tmp_path / "run2")
+    assert info["source"] == "ckpt"

@@ -3,8 +3,8 @@
 import torch
 
 from kdlab.data.memory import UNLABELLED
-from kdlab.engine.build import build_model, build_strategy
 from kdlab.engine.module import DistillationModule
+from kdlab.modes.build import build_model, build_strategy
 from kdlab.train import run
 from tests.conftest import make_cfg
 

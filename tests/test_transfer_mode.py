@@ -19,7 +19,7 @@ def spy(monkeypatch):
     """Per stage: the network trained, its weights before and after, the data's classes and
     the teacher's weights before and after."""
     seen = {}
-    original = transfer.fit_stage
+    original = transfer.train_stage
 
     def fit_stage(cfg, stage, stage_dir, student, data, *args, teacher=None, **kwargs):
         def copy(model):
@@ -33,7 +33,7 @@ def spy(monkeypatch):
         seen[stage] = record
         return result
 
-    monkeypatch.setattr(transfer, "fit_stage", fit_stage)
+    monkeypatch.setattr(transfer, "train_stage", fit_stage)
     return seen
 
 

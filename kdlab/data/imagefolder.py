@@ -11,6 +11,7 @@ runs live (its outputs cannot be cached for a dataset that is not in memory).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from kdlab.data.loader import chunked
 from kdlab.util.errors import KdlabError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,22 +63,6 @@ class EpochSampler(Sampler[int]):
             return iter(range(self.n))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=generator).tolist())
-
-
-class Chunks:
-    """A loader whose items are lists of ``chunk`` consecutive batches of ``loader`` (see
-    ``steps_per_call``); ``sampler.set_epoch`` reaches the inner loader's sampler."""
-
-    def __init__(self, loader: DataLoader, chunk: int) -> None:
-        self.loader, self.chunk = loader, chunk
-        self.sampler = loader.sampler
-        self.batch_sampler = None
-
-    def __len__(self) -> int:
-        return -(-len(self.loader) // self.chunk)
-
-    def __iter__(self) -> Iterator[list]:
-        return chunked(self.loader, self.chunk)
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -130,7 +114,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.transfer, self.mix, self.mix_alpha = transfer, "none", mix_alpha
         self.input_shape = (3, self.image_size, self.image_size)
-        self.steps_per_call = 1
         self._ready = False
         folder = self._folder(self.train_dir)
         self.class_names = folder.classes
@@ -173,6 +156,25 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.targets = labels[self.train_indices]
         self._ready = True
 
+    def identity(self) -> dict[str, Any]:
+        """What defines the data (see :meth:`InMemoryDataModule.identity`): the class names,
+        a digest of the training folder's file list with each file's size (reading every
+        image would take longer than an epoch), the validation split and the crop size."""
+        self.setup()
+        digest = hashlib.blake2b(digest_size=16)
+        for path, label in self.train_folder.samples:
+            relative = Path(path).relative_to(self.root)
+            digest.update(f"{relative}|{label}|{Path(path).stat().st_size}\n".encode())
+        return {"dataset": type(self).__name__, "content": digest.hexdigest(),
+                "classes": list(self.class_names), "val_size": self.val_size,
+                "split_seed": self.split_seed, "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape)}
+
+    def augmentation(self) -> dict[str, Any]:
+        """The random augmentation of training images (``{"augment": False}`` without)."""
+        return {"augment": True, "transform": "RandomResizedCrop+flip"} if self.augment \
+            else {"augment": False}
+
     @property
     def num_train_samples(self) -> int:
         return len(self.train_indices)
@@ -196,9 +198,8 @@ class ImageFolderDataModule(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available(), drop_last=False,
                           persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader | Chunks:
-        loader = self._loader(self.train_folder, self.train_indices, train=True)
-        return Chunks(loader, self.steps_per_call) if self.steps_per_call > 1 else loader
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_folder, self.train_indices, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.train_folder, self.val_indices, train=False)

@@ -3,16 +3,12 @@
 A :class:`BatchLoader` holds the whole split as tensors (on the training device once the
 datamodule has moved them there) and yields ``(x, y, index)`` batches gathered with one indexing
 operation each. Shuffling uses a generator seeded with ``(seed, epoch)``, so the order of an
-epoch does not depend on what ran before it (a resumed run sees the same batches). With
-``chunk > 1`` it yields lists of ``chunk`` consecutive batches, which the training step consumes
-with one optimizer step per batch (see ``steps_per_call`` in ``conf/train.yaml``): Lightning's
-per-call overhead is then paid once per chunk instead of once per batch.
+epoch does not depend on what ran before it (a resumed run sees the same batches).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -20,8 +16,8 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class BatchLoader:
-    """Iterable of batches (or chunks of batches) of ``(x[j], y[j], j)`` for ``j`` in
-    ``indices`` (positions in ``x``).
+    """Iterable of batches of ``(x[j], y[j], j)`` for ``j`` in ``indices`` (positions in
+    ``x``).
 
     Args:
         x, y: the split's inputs and targets (same length).
@@ -29,7 +25,6 @@ class BatchLoader:
         batch_size: samples per batch (the last batch of an epoch may be smaller).
         shuffle: reshuffle every epoch with a generator seeded by ``(seed, epoch)``.
         seed: base seed of the shuffling.
-        chunk: batches per item; ``1`` yields batches, ``k > 1`` lists of up to ``k`` batches.
         rank, world_size: under data parallelism each process takes every ``world_size``-th
             batch starting at ``rank`` (all ranks get the same number of batches).
     """
@@ -42,14 +37,13 @@ class BatchLoader:
         batch_size: int,
         shuffle: bool = False,
         seed: int = 0,
-        chunk: int = 1,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size <= 0 or chunk <= 0:
-            raise ValueError("batch_size and chunk must be positive")
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
         self.x, self.y, self.indices = x, y, indices
-        self.batch_size, self.shuffle, self.seed, self.chunk = batch_size, shuffle, seed, chunk
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.sampler = self  # Lightning calls ``loader.sampler.set_epoch`` before each epoch
@@ -65,7 +59,7 @@ class BatchLoader:
         return total // self.world_size if self.world_size > 1 else total
 
     def __len__(self) -> int:
-        return -(-self.num_batches // self.chunk)
+        return self.num_batches
 
     def order(self) -> torch.Tensor:
         """The epoch's sequence of positions in ``x`` (before splitting into batches)."""
@@ -87,20 +81,5 @@ class BatchLoader:
             # through a general gather kernel; ~55 vs ~115 µs for 128 Fashion-MNIST images)
             yield x.index_select(0, j), y.index_select(0, j), j
 
-    def __iter__(self) -> Iterator[Batch | list[Batch]]:
-        if self.chunk == 1:
-            yield from self.batches()
-            return
-        yield from chunked(self.batches(), self.chunk)
-
-
-def chunked(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Lists of ``size`` consecutive items of ``batches`` (the last one may be shorter)."""
-    chunk: list[Any] = []
-    for batch in batches:
-        chunk.append(batch)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches()

@@ -27,6 +27,7 @@ import torch
 from kdlab.data.loader import BatchLoader
 from kdlab.data.mix import check_mix, mix_batch
 from kdlab.util.errors import KdlabError
+from kdlab.util.files import tensor_digest
 
 UNLABELLED = -1  #: target value of a transfer-set sample whose label is hidden
 #: the normalised splits of the last dataset set up, shared by datamodules (read-only tensors)
@@ -148,12 +149,10 @@ class InMemoryDataModule(L.LightningDataModule):
 
     Batches come from :class:`~kdlab.data.loader.BatchLoader`: the tensors move to the
     training device once, and every batch is one indexing operation (no workers, no collate).
-    ``steps_per_call`` (set by kdlab before fitting) makes the training loader yield chunks of
-    that many batches.
     """
 
     name = "in_memory"
-    #: the whole split lives in memory (``steps_per_call: auto`` chunks its batches)
+    #: the whole split lives in memory (``steps_per_call: auto`` runs chunks of its batches)
     in_memory = True
     num_classes: int
     input_shape: tuple[int, int, int]
@@ -204,7 +203,6 @@ class InMemoryDataModule(L.LightningDataModule):
         self.shift = shift
         self.flip = flip
         self.shuffle_seed = shuffle_seed
-        self.steps_per_call = 1
         self._ready = False
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,6 +219,7 @@ class InMemoryDataModule(L.LightningDataModule):
             _SPLITS.clear()  # keep one dataset's tensors, shared by the run's datamodules
             _SPLITS[key] = splits
         self.split_indices = splits["split_indices"]
+        self.content = splits["content"]
         self.x_train, self.y_train = splits["x_train"], splits["y_train"]
         self.x_val, self.y_val = splits["x_val"], splits["y_val"]
         self.x_test, self.y_test = splits["x_test"], splits["y_test"]
@@ -271,6 +270,9 @@ class InMemoryDataModule(L.LightningDataModule):
         val_idx = perm[: self.val_size].sort().values
         train_idx = perm[self.val_size :].sort().values
         return {
+            #: a digest of the training images and labels as read (before the split): what
+            #: the data is, for the keys of stored teachers (:meth:`identity`)
+            "content": tensor_digest(x_train, y_train),
             #: positions in the original training set of the training and validation splits
             "split_indices": {"train": train_idx, "val": val_idx},
             "x_train": self._normalise(x_train[train_idx]), "y_train": y_train[train_idx].long(),
@@ -292,6 +294,23 @@ class InMemoryDataModule(L.LightningDataModule):
             return (0.0 - self.mean) / self.std
         mean, std = channel_stats(self.mean, self.std)
         return ((0.0 - mean) / std).flatten()
+
+    def identity(self) -> dict[str, Any]:
+        """What defines the data a network is trained and validated on, for the key of a
+        stored teacher: the dataset, a digest of its training images and labels (so other files
+        in the same format are other data), the validation split and the class subset.
+        Loader options (batch sizes, order) and the labelled subset are not part of it."""
+        self.setup()
+        return {"dataset": type(self).__name__, "content": self.content,
+                "val_size": self.val_size, "split_seed": self.split_seed,
+                "classes": self.classes, "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape)}
+
+    def augmentation(self) -> dict[str, Any]:
+        """The random augmentation of training batches (``{"augment": False}`` without)."""
+        if not self.augment:
+            return {"augment": False}
+        return {"augment": True, "shift": self.shift, "flip": self.flip}
 
     def example_input(self, n: int = 2) -> torch.Tensor:
         """``n`` training images (for probing feature shapes)."""
@@ -326,8 +345,7 @@ class InMemoryDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return BatchLoader(self._on_device("x_train"), self._on_device("targets"),
                            self.train_indices.to(self._device()), self.batch_size, shuffle=True,
-                           seed=self.shuffle_seed, chunk=self.steps_per_call, rank=rank,
-                           world_size=world)
+                           seed=self.shuffle_seed, rank=rank, world_size=world)
 
     def _eval_loader(self, x: str, y: str) -> BatchLoader:
         xs, ys = self._on_device(x), self._on_device(y)
@@ -342,8 +360,6 @@ class InMemoryDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if (self.augment or self.mix != "none") and trainer is not None and trainer.training:
-            if isinstance(batch, list):  # a chunk of batches
-                return [self.on_after_batch_transfer(b, dataloader_idx) for b in batch]
             x, y, idx = batch
             if self.augment:
                 fill = self.black  # a black pixel after normalisation

@@ -18,23 +18,19 @@ so), and ``teacher_cache.enabled=true`` fails with the reason.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
+from kdlab.engine.spec import CacheOptions
 from kdlab.engine.taps import Taps
 from kdlab.strategies.base import Outputs
 from kdlab.util.errors import KdlabError
-from kdlab.util.files import locked, save_atomic, sha256
-from kdlab.util.report import write_json
+from kdlab.util.files import VerifiedFile, locked, tensor_digest
 from kdlab.util.runtime import release_free_memory
 
 log = logging.getLogger(__name__)
@@ -155,24 +151,12 @@ def compute_outputs(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
     return logits, features
 
 
-def fingerprint(*tensors: torch.Tensor, extra: str = "") -> str:
-    """A hex digest of tensors' shapes, dtypes and bytes (and of ``extra``)."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(extra.encode())
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        if t.numel():  # the tensor's own buffer: no copy of a 170 MB training set
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def cache_key(teacher: nn.Module, x_train: torch.Tensor, paths: list[str], dtype: str) -> str:
     """``<teacher hash>-<data hash>-<outputs hash>``: what makes cached outputs valid."""
     state = teacher.state_dict()
-    weights = fingerprint(*state.values(), extra=",".join(state))
-    data = fingerprint(x_train)
-    outputs = fingerprint(extra=f"{CACHE_FORMAT}|{dtype}|{','.join(paths)}")
+    weights = tensor_digest(*state.values(), extra=",".join(state))
+    data = tensor_digest(x_train)
+    outputs = tensor_digest(extra=f"{CACHE_FORMAT}|{dtype}|{','.join(paths)}")
     return f"{weights[:12]}-{data[:12]}-{outputs[:8]}"
 
 
@@ -184,22 +168,19 @@ def _per_sample_bytes(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
     return numel * itemsize, bool(features)
 
 
-def prepare_cache(cfg: DictConfig, teacher: nn.Module | None, taps: Taps | None,
+def prepare_cache(options: CacheOptions, teacher: nn.Module | None, taps: Taps | None,
                   x_train: torch.Tensor | None, augment: bool, channels_last: bool,
                   mix: str = "none") -> TeacherCache | None:
-    """The cache for this run per ``cfg.teacher_cache``, or ``None`` (live teacher). Random
-    augmentation (``augment``) and batch mixing (``mix`` other than ``none``, see
-    :mod:`kdlab.data.mix`) change the student's input every step, so they rule the cache out."""
-    options = cfg.get("teacher_cache") or {}
-    enabled = options.get("enabled", "auto")
-    if enabled not in (True, False, "auto"):
-        raise KdlabError(f"teacher_cache.enabled={enabled} must be true, false or auto")
+    """The cache for this stage per ``options`` (``teacher_cache.*``), or ``None`` (a live
+    teacher). Random augmentation (``augment``) and batch mixing (``mix`` other than ``none``,
+    see :mod:`kdlab.data.mix`) change the student's input every step, so they rule it out."""
+    enabled = options.enabled
     if teacher is None:
         return None
     if enabled is False:
         log.info("Teacher cache: off (teacher_cache.enabled=false), the teacher runs every step")
         return None
-    dtype_name = str(options.get("dtype", "float16"))
+    dtype_name = options.dtype
     if dtype_name not in DTYPES:
         raise KdlabError(f"teacher_cache.dtype={dtype_name} must be one of {', '.join(DTYPES)}")
     dtype = DTYPES[dtype_name]
@@ -224,28 +205,24 @@ def prepare_cache(cfg: DictConfig, teacher: nn.Module | None, taps: Taps | None,
     per_sample, has_features = _per_sample_bytes(teacher, taps, x_train, channels_last,
                                                  dtype.itemsize)
     size_mb = per_sample * len(x_train) / 2**20
-    limit = float(options.get("max_mb", 1024))
-    if size_mb > limit:
+    if size_mb > options.max_mb:
         live(f"its {'logits and features' if has_features else 'logits'} would take "
-             f"{size_mb:,.0f} MB > teacher_cache.max_mb={limit:g}")
+             f"{size_mb:,.0f} MB > teacher_cache.max_mb={options.max_mb:g}")
         return None
 
     paths = sorted(taps.paths) if taps is not None else []
     key = cache_key(teacher, x_train, paths, dtype_name)
-    file = Path(cfg.paths.teacher_store) / "cache" / f"{key}.pt" if options.get("disk", True) \
-        else None
-    if file is not None:
-        with locked(file.with_name(f".{key}.lock")):
-            cache = _load(file, len(x_train))
-            if cache is None:
-                cache = _build(teacher, taps, x_train, channels_last, dtype, file)
-                save_atomic({"format": CACHE_FORMAT, "logits": cache.logits,
-                             "features": cache.features}, file)
-                write_json(_sidecar(file), {"bytes": file.stat().st_size,
-                                            "sha256": sha256(file)})
-                log.info("Teacher cache: saved %s for reuse by later runs", file)
-        return cache
-    return _build(teacher, taps, x_train, channels_last, dtype, None)
+    if options.folder is None:
+        return _build(teacher, taps, x_train, channels_last, dtype, None)
+    entry = VerifiedFile(Path(options.folder) / f"{key}.pt")
+    with locked(entry.path.with_name(f".{key}.lock")):
+        cache = _load(entry, len(x_train))
+        if cache is None:
+            cache = _build(teacher, taps, x_train, channels_last, dtype, entry.path)
+            entry.save({"format": CACHE_FORMAT, "logits": cache.logits,
+                        "features": cache.features}, {"key": key, "samples": len(x_train)})
+            log.info("Teacher cache: saved %s for reuse by later runs", entry.path)
+    return cache
 
 
 def _build(teacher: nn.Module, taps: Taps | None, x: torch.Tensor, channels_last: bool,
@@ -269,45 +246,24 @@ def _build(teacher: nn.Module, taps: Taps | None, x: torch.Tensor, channels_last
     return cache
 
 
-def _sidecar(file: Path) -> Path:
-    return file.with_suffix(".json")
-
-
-def _damage(file: Path) -> str | None:
-    """What is wrong with a cache file against the size and SHA-256 recorded when it was saved
-    (``None`` when it matches, or when nothing was recorded)."""
-    try:
-        meta = json.loads(_sidecar(file).read_text())
-    except (OSError, json.JSONDecodeError):
+def _load(entry: VerifiedFile, samples: int) -> TeacherCache | None:
+    """A saved cache, memory-mapped; ``None`` when missing. A file that cannot be proven intact
+    (:class:`~kdlab.util.files.VerifiedFile`), cannot be read or holds another number of
+    samples is reported and rebuilt."""
+    if not entry.exists():
         return None
-    if file.stat().st_size != meta.get("bytes"):
-        return f"{file.stat().st_size} bytes instead of {meta.get('bytes')} (truncated)"
-    if sha256(file) != meta.get("sha256"):
-        return "a SHA-256 that differs from the one recorded when it was saved (corrupted)"
-    return None
-
-
-def _load(file: Path, samples: int) -> TeacherCache | None:
-    """A saved cache, memory-mapped; ``None`` when missing. A file that cannot be read or
-    holds the wrong number of samples is reported and rebuilt."""
-    if not file.is_file():
+    problem = entry.problem()
+    if problem is None:
+        try:
+            obj: Any = torch.load(entry.path, map_location="cpu", weights_only=True, mmap=True)
+            logits, features = obj["logits"], dict(obj["features"])
+            if obj.get("format") != CACHE_FORMAT or len(logits) != samples or any(
+                    len(v) != samples for v in features.values()):
+                problem = f"outputs of another format or size (not {samples} samples)"
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+            problem = f"unreadable content ({type(e).__name__})"
+    if problem is not None:
+        entry.move_aside(problem, "Teacher cache")
         return None
-    damage = _damage(file)
-    if damage:
-        log.warning("Teacher cache: %s has %s; rebuilding it", file, damage)
-        return None
-    try:
-        obj: Any = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        logits, features = obj["logits"], dict(obj["features"])
-        ok = obj.get("format") == CACHE_FORMAT and len(logits) == samples and all(
-            len(v) == samples for v in features.values()) and math.isfinite(
-            float(logits[:1].float().sum()))
-    except Exception as e:  # truncated or corrupted file
-        log.warning("Teacher cache: %s is unreadable (%s: %s); rebuilding it",
-                    file, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return None
-    if not ok:
-        log.warning("Teacher cache: %s does not match this run's data; rebuilding it", file)
-        return None
-    log.info("Teacher cache: reusing %s (%d samples, memory-mapped)", file, samples)
-    return TeacherCache(logits, features, file)
+    log.info("Teacher cache: reusing %s (%d samples, memory-mapped)", entry.path, samples)
+    return TeacherCache(logits, features, entry.path)

@@ -1,27 +1,31 @@
-"""Train and test one network (a teacher, a distilled student or a baseline) as one stage."""
+"""Train and test one network (a teacher, a distilled student or a baseline) as one stage.
+
+:func:`fit_stage` takes a :class:`~kdlab.engine.spec.StageSpec` — what a mode built from its
+config — builds the :class:`~kdlab.engine.module.DistillationModule` (and the teacher-output
+cache), fits it with a Lightning ``Trainer`` and tests its best-validation checkpoint.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
-from kdlab.data.memory import InMemoryDataModule
 from kdlab.data.mix import check_stage
-from kdlab.engine.build import build_trainer, loop_options, to_container
 from kdlab.engine.cache import prepare_cache
 from kdlab.engine.callbacks import Throughput
+from kdlab.engine.loop import trainer_arguments
 from kdlab.engine.module import DistillationModule
-from kdlab.modes.resume import resume_checkpoint
-from kdlab.strategies.base import Strategy
+from kdlab.engine.spec import CompileOptions, StageSpec
+from kdlab.util.errors import KdlabError
 from kdlab.util.runtime import release_free_memory
 
 log = logging.getLogger(__name__)
@@ -39,87 +43,80 @@ class StageResult:
     samples_per_s: list[float] = field(default_factory=list)
 
 
-def compile_models(cfg: DictConfig, module: DistillationModule) -> None:
-    """``torch.compile`` the student and/or the live teacher per ``cfg.compile`` (in place:
-    parameter names and checkpoints are unchanged)."""
-    options = cfg.get("compile") or {}
-    mode = options.get("mode", "default")
-    mode = None if mode in (None, "default") else str(mode)
-    if options.get("student"):
-        module.student.compile(mode=mode)
-        log.info("compile: student compiled (mode %s)", mode or "default")
-    if options.get("teacher") and module.teacher is not None:
+def compile_models(options: CompileOptions, module: DistillationModule) -> None:
+    """``torch.compile`` the student and/or the live teacher (in place: parameter names and
+    checkpoints are unchanged)."""
+    if options.student:
+        module.student.compile(mode=options.mode)
+        log.info("compile: student compiled (mode %s)", options.mode or "default")
+    if options.teacher and module.teacher is not None:
         if module.teacher_cache is not None:
             log.info("compile: teacher not compiled, its outputs come from the cache")
         else:
-            module.teacher.compile(mode=mode)
-            log.info("compile: teacher compiled (mode %s)", mode or "default")
+            module.teacher.compile(mode=options.mode)
+            log.info("compile: teacher compiled (mode %s)", options.mode or "default")
 
 
-def fit_stage(
-    cfg: DictConfig,
-    stage: str,
-    stage_dir: Path,
-    student: nn.Module,
-    data: InMemoryDataModule,
-    optimizer: DictConfig,
-    scheduler: DictConfig | None,
-    max_epochs: int | None = None,
-    teacher: nn.Module | None = None,
-    strategy: Strategy | None = None,
-    ckpt_path: str | None = None,
-    callbacks: Sequence[Callback] = (),
-) -> StageResult:
-    """Fit ``student`` (distilling from ``teacher`` with ``strategy`` if given), then test the
-    checkpoint with the best validation accuracy (the last weights if there is none).
-    ``callbacks`` are added to the ones of ``cfg.callbacks`` for this stage."""
+def build_module(spec: StageSpec) -> DistillationModule:
+    """The stage's LightningModule: student, frozen teacher, strategy (its connectors built
+    from a dry forward pass) and, when exact, the teacher-output cache."""
+    data = spec.data
     data.setup()
-    check_stage(data, strategy, stage)  # mixed batches need soft targets only
-    loop = loop_options(cfg, in_memory=getattr(data, "in_memory", False))
+    check_stage(data, spec.strategy, spec.name)  # mixed batches need soft targets only
     module = DistillationModule(
-        student=student,
+        student=spec.student,
         num_classes=data.num_classes,
-        optimizer=instantiate(optimizer),
-        scheduler=instantiate(scheduler) if has_target(scheduler) else None,
-        teacher=teacher,
-        strategy=strategy,
-        channels_last=bool(cfg.channels_last),
-        hparams={"stage": stage, "config": to_container(cfg)},
+        optimizer=spec.recipe.optimizer,
+        scheduler=spec.recipe.scheduler,
+        teacher=spec.teacher,
+        strategy=spec.strategy,
+        channels_last=spec.channels_last,
+        hparams={"stage": spec.name, "config": spec.hparams},
         example_input=data.example_input(2),
         num_train_samples=data.num_train_samples,
-        loop=loop,
+        loop=spec.loop,
     )
     module.has_unlabelled = data.has_unlabelled
-    if strategy is not None and strategy.needs_teacher:
-        module.teacher_cache = prepare_cache(cfg, module.teacher, module.teacher_taps,
+    if spec.strategy is not None and spec.strategy.needs_teacher:
+        module.teacher_cache = prepare_cache(spec.cache, module.teacher, module.teacher_taps,
                                              getattr(data, "x_train", None), data.augment,
-                                             bool(cfg.channels_last), mix=data.mix)
-    compile_models(cfg, module)
-    return fit_module(cfg, stage, stage_dir, module, data, max_epochs=max_epochs,
-                      ckpt_path=ckpt_path, callbacks=callbacks)
+                                             spec.channels_last, mix=getattr(data, "mix", "none"))
+    compile_models(spec.compile, module)
+    return module
 
 
-def fit_module(
-    cfg: DictConfig,
-    stage: str,
-    stage_dir: Path,
-    module: DistillationModule,
-    data: InMemoryDataModule,
-    max_epochs: int | None = None,
-    ckpt_path: str | None = None,
-    callbacks: Sequence[Callback] = (),
-) -> StageResult:
-    """Fit an already built ``module`` (its ``loop`` options decide the loader's chunks) and
-    test its best-validation checkpoint: the part of :func:`fit_stage` that modes with their own
-    LightningModule (a subclass of :class:`DistillationModule`) reuse."""
-    data.setup()
-    loop = module.loop
-    data.steps_per_call = loop.steps_per_call
-    trainer = build_trainer(cfg, stage_dir, stage, max_epochs=max_epochs, loop=loop,
-                            extra_callbacks=callbacks)
-    log.info("[%s] %s", stage, data.describe())
-    ckpt_path = ckpt_path or resume_checkpoint(stage_dir)  # a killed run continues here
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+def fit_stage(spec: StageSpec) -> StageResult:
+    """Fit ``spec.student`` (distilling from ``spec.teacher`` with ``spec.strategy`` if given),
+    then test the checkpoint with the best validation accuracy (the last weights if there is
+    none)."""
+    return fit_module(spec, build_module(spec))
+
+
+def build_trainer(spec: StageSpec, module: DistillationModule
+                  ) -> tuple[L.Trainer, LightningDataModule]:
+    """The stage's Trainer (``spec.trainer`` in Lightning's meaning, translated for the chunked
+    loop by :func:`kdlab.engine.loop.trainer_arguments`) and the datamodule to fit it on."""
+    args, data = trainer_arguments(dict(spec.trainer), module.loop.steps_per_call, spec.data)
+    args["max_epochs"] = spec.recipe.max_epochs
+    try:
+        trainer = L.Trainer(**args, callbacks=list(spec.callbacks),
+                            logger=list(spec.loggers) or False,
+                            default_root_dir=str(spec.folder))
+    except (TypeError, ValueError, MisconfigurationException) as e:  # Lightning's checks
+        detail = " ".join(str(e).split())[:300]
+        raise KdlabError(f"trainer could not be built: {detail}") from None
+    return trainer, data
+
+
+def fit_module(spec: StageSpec, module: DistillationModule) -> StageResult:
+    """Fit an already built ``module`` (a :class:`DistillationModule` or a subclass, e.g. a
+    cohort) with the spec's Trainer, data, callbacks and loggers, and test its best-validation
+    checkpoint."""
+    spec.data.setup()
+    trainer, data = build_trainer(spec, module)
+    if hasattr(spec.data, "describe"):
+        log.info("[%s] %s", spec.name, spec.data.describe())
+    trainer.fit(module, datamodule=data, ckpt_path=spec.ckpt_path)
     # read the checkpoint callback before testing: restoring the best checkpoint for the test
     # also restores the callback's state as it was when that checkpoint was written
     best = last = None
@@ -129,12 +126,12 @@ def fit_module(
             continue
         if callback.monitor is None:  # saves every epoch: its latest file is the last
             last = callback.best_model_path
-        elif best is None:
+        elif best is None and callback.monitor == spec.monitor:
             best = callback.best_model_path
-            if callback.best_model_score is not None:
-                metrics[callback.monitor] = float(callback.best_model_score)
+            if callback.best_model_score is not None:  # the best checkpoint's val/acc
+                metrics["val/acc"] = float(callback.best_model_score)
     epochs = trainer.current_epoch
-    last_acc = test_accuracy(module, data) if cfg.get("test_last") else None
+    last_acc = test_accuracy(module, spec.data) if spec.test_last else None
     speed = next((c.history for c in trainer.callbacks if isinstance(c, Throughput)), [])
     test = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     metrics.update(test[0] if test else {})
@@ -150,20 +147,25 @@ def fit_module(
 
 
 @torch.no_grad()
-def test_accuracy(module: DistillationModule, data: InMemoryDataModule) -> float:
+def accuracy(model: nn.Module, batches: Any, num_classes: int, device: torch.device | None = None,
+             channels_last: bool = False) -> float:
+    """Top-1 accuracy (torchmetrics) of ``model`` in eval mode over ``(x, y, …)`` batches; the
+    model's training mode is restored."""
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    was_training = model.training
+    model.eval()
+    for x, y, *_ in batches:
+        x = x.to(device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        metric.update(model(x), y.to(device))
+    model.train(was_training)
+    return float(metric.compute()) if metric.update_count else 0.0
+
+
+def test_accuracy(module: DistillationModule, data: LightningDataModule) -> float:
     """Test accuracy of ``module``'s current weights (after a fit: the last epoch's), computed
     directly rather than through ``trainer.test`` so the loggers see one test per stage."""
-    was_training = module.training
-    module.eval()
-    correct = total = 0
-    for x, y, _ in data.test_dataloader():
-        x, y = x.to(module.device), y.to(module.device)
-        correct += int((module(x).argmax(-1) == y).sum())
-        total += len(y)
-    module.train(was_training)
-    return correct / max(total, 1)
-
-
-def has_target(node: DictConfig | None) -> bool:
-    """Whether a config node builds something (``scheduler=none`` is ``{_target_: null}``)."""
-    return node is not None and node.get("_target_") is not None
+    return accuracy(module, data.test_dataloader(), data.num_classes, module.device)

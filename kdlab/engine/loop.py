@@ -150,7 +150,8 @@ LOOP_ARGUMENTS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip
 
 
 def batches_per_epoch(data: LightningDataModule) -> int:
-    """The training loader's batches per epoch (the datamodule set up)."""
+    """The training loader's batches per epoch."""
+    data.setup("fit")
     return len(data.train_dataloader())
 
 

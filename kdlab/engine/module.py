@@ -10,7 +10,6 @@ import operator
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -22,38 +21,16 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.data.memory import UNLABELLED
+from kdlab.engine.loop import ChunkedLoader
+from kdlab.engine.spec import LoopOptions
 from kdlab.engine.taps import Taps
 from kdlab.strategies.base import Batch, Outputs, Strategy
 from kdlab.util.errors import KdlabError
 
 TEACHER_PREFIX = "teacher."
 
-
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class LoopOptions:
-    """How the training step runs its batches (kdlab owns the optimisation loop).
-
-    Args:
-        steps_per_call: batches (each with its own optimizer step) per Lightning training step;
-            the loader yields chunks of this many batches. Above 1 it pays Lightning's per-step
-            overhead once per chunk; the optimisation is the same batch for batch.
-        accumulate_grad_batches: batches whose gradients are summed (each loss divided by this
-            number) before one optimizer step.
-        gradient_clip_val: clip gradients to this norm (or value) before each step; ``None``: no.
-        gradient_clip_algorithm: ``norm`` or ``value``.
-        nonfinite_loss: what a NaN or infinite loss does: ``stop`` the run at that batch (a
-            :class:`~kdlab.util.errors.KdlabError` naming the term, the step and the last good
-            checkpoint, which stays as it was), ``skip`` the batch (no backward, no step;
-            counted in the stage's ``skipped_batches``), or ``off`` (no check).
-    """
-
-    steps_per_call: int = 1
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = None
-    gradient_clip_algorithm: str = "norm"
-    nonfinite_loss: str = "stop"
 
 # the frozen teacher is in eval mode on purpose when training starts
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -126,7 +103,6 @@ class DistillationModule(L.LightningModule):
         self.skipped_batches = 0  # batches whose loss was not finite (nonfinite_loss: skip)
         self._scheduler_interval: str | None = None
         self._backward_fn: Callable[[torch.Tensor], None] | None = None  # set at train start
-        self._plain_step: list[nn.Parameter] | None = None  # set at train start
         #: whether training targets may be UNLABELLED (-1); False allows the plain mean CE
         self.has_unlabelled = True
         if strategy is not None and strategy.needs_teacher and teacher is None:
@@ -336,55 +312,42 @@ class DistillationModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._backward_fn = self._backward()
-        self._plain_step = self._plain_optimizer_step()
+        clip = self.loop.gradient_clip_val
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if clip is not None and scaler is not None:
+            # Lightning's clip_gradients would clip the loss-scaled gradients of 16-mixed
+            raise KdlabError(f"trainer.gradient_clip_val={clip} with "
+                             f"trainer.precision={self.trainer.precision}: kdlab's loop cannot "
+                             "clip gradients scaled for float16; use bf16-mixed or 32-true")
 
-    def _plain(self, hooks: tuple[str, ...]) -> bool:
-        """Whether Lightning's wrapper around an operation does nothing but call it: one
-        device, a precision without loss scaling, and none of ``hooks`` overridden by a
-        callback or this module."""
+    def _backward(self) -> Callable[[torch.Tensor], None]:
+        """``Tensor.backward`` when that is all ``manual_backward`` would do — one device, a
+        precision without loss scaling, and no ``on_before_backward`` / ``on_after_backward``
+        hook overridden by this module or a callback (checked through the public
+        ``trainer.strategy``, ``trainer.precision_plugin`` and ``trainer.callbacks``) —
+        ``manual_backward`` otherwise. Its hook dispatch costs ~0.1 ms per batch on CPU."""
         trainer = self.trainer
+        hooks = ("on_before_backward", "on_after_backward")
         overridden = any(
             getattr(type(obj), hook) is not getattr(base, hook)
             for obj, base in [(self, L.LightningModule)]
             + [(callback, L.Callback) for callback in trainer.callbacks]
             for hook in hooks
         )
-        return (not overridden and isinstance(trainer.strategy, SingleDeviceStrategy)
-                and type(trainer.precision_plugin) in (Precision, MixedPrecision)
-                and getattr(trainer.precision_plugin, "scaler", None) is None)
-
-    def _backward(self) -> Callable[[torch.Tensor], None]:
-        """``Tensor.backward`` when that is all Lightning's ``manual_backward`` would do (see
-        :meth:`_plain`), ``manual_backward`` otherwise. Its hook dispatch costs ~0.1 ms per
-        batch on CPU."""
-        if self._plain(("on_before_backward", "on_after_backward")):
-            return torch.Tensor.backward
-        return self.manual_backward
-
-    def _plain_optimizer_step(self) -> list[nn.Parameter] | None:
-        """The optimizer's parameters when its step may skip Lightning's closure and hook
-        dispatch (one optimizer, no ``on_before_optimizer_step`` anywhere, see :meth:`_plain`):
-        the step is then the bare ``optimizer.step()`` between Lightning's step counters, and
-        zeroing the gradients a loop over these parameters. ``None``: go through Lightning."""
-        optimizers = self.trainer.optimizers
-        if len(optimizers) != 1 or not self._plain(("on_before_optimizer_step",)):
-            return None
-        return [p for group in optimizers[0].param_groups for p in group["params"]]
+        plain = (not overridden and isinstance(trainer.strategy, SingleDeviceStrategy)
+                 and type(trainer.precision_plugin) in (Precision, MixedPrecision)
+                 and getattr(trainer.precision_plugin, "scaler", None) is None)
+        return torch.Tensor.backward if plain else self.manual_backward
 
     def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
+        """Clip (``trainer.gradient_clip_*``), step through Lightning's optimizer wrapper (which
+        counts ``trainer.global_step`` and runs the ``on_before_optimizer_step`` hooks), reset
+        the gradients, step a per-step LR schedule."""
         if self.loop.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.loop.gradient_clip_val,
                                 gradient_clip_algorithm=self.loop.gradient_clip_algorithm)
-        params = self._plain_step
-        if params is None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:  # what LightningOptimizer.step amounts to when no hook or closure has work
-            optimizer._on_before_step()  # Lightning's step counter (global_step) and profiler
-            optimizer.optimizer.step()
-            optimizer._on_after_step()
-            for p in params:
-                p.grad = None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if self._micro_batches:  # (an nn.Module attribute write costs ~2 µs: skip it at 0)
             self._micro_batches = 0
         if scheduler is not None:
@@ -421,15 +384,15 @@ class DistillationModule(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------------
     def optimizer_steps(self) -> int:
-        """Optimizer steps of the whole fit: batches per epoch (after ``limit_train_batches``,
-        in batches rather than chunks) over ``accumulate_grad_batches``, times the epochs."""
+        """Optimizer steps of the whole fit: training batches per epoch (after
+        ``limit_train_batches``; a chunked loader counts its batches, not its chunks) over
+        ``accumulate_grad_batches``, times the epochs, capped by ``max_steps``."""
         trainer = self.trainer
-        calls = trainer.estimated_stepping_batches  # loads the train loader; calls × epochs
-        per_epoch = trainer.num_training_batches * self.loop.steps_per_call
+        calls = trainer.estimated_stepping_batches  # loads the train loader: calls × epochs
+        per_call = max(1, trainer.num_training_batches)
+        epochs = max(1, round(calls / per_call))
         loader = trainer.train_dataloader
-        if hasattr(loader, "num_batches"):
-            per_epoch = min(per_epoch, loader.num_batches)
-        epochs = max(1, round(calls / max(1, trainer.num_training_batches)))
+        per_epoch = loader.num_batches if isinstance(loader, ChunkedLoader) else per_call
         steps = -(-per_epoch // self.loop.accumulate_grad_batches) * epochs
         if trainer.max_steps is not None and trainer.max_steps >= 0:
             steps = min(steps, trainer.max_steps)

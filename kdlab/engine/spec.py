@@ -1,6 +1,6 @@
 """What the engine is asked to do: a typed description of one training stage.
 
-Modes read the config (:mod:`kdlab.modes.config`) and hand the engine a :class:`StageSpec`:
+Modes read the config (:mod:`kdlab.modes.build`) and hand the engine a :class:`StageSpec`:
 the networks, the data, the recipe, the strategy, the loop options and the output folder, as
 objects. Nothing in the engine reads a ``DictConfig``.
 """
@@ -108,7 +108,8 @@ class StageSpec:
         hparams: plain containers saved in checkpoints (the run's resolved config).
         ckpt_path: continue from this checkpoint (a resumed run).
         test_last: also test the last epoch's weights (``last/test/acc``).
-        monitor: the metric whose best checkpoint is tested (``val/acc``).
+        monitor: the metric whose best checkpoint is tested and reported as the stage's
+            ``val/acc`` (a pruned stage monitors the accuracy at its final sparsity).
     """
 
     name: str
@@ -128,3 +129,4 @@ class StageSpec:
     hparams: dict[str, Any] = field(default_factory=dict)
     ckpt_path: str | None = None
     test_last: bool = False
+    monitor: str = "val/acc"

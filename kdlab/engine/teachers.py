@@ -1,90 +1,52 @@
-"""Find or train the teacher of a run.
+"""The teacher store: trained networks kept under a key, reused by every later run and sweep.
 
-``teacher.ckpt=PATH`` loads given weights. Without it, the teacher is looked up in the teacher
-store (``paths.teacher_store``) under a hash of everything that defines it — architecture, data
-split, training recipe, seed — and trained by the same machinery as students
-(``distill=none``) if it is not there yet, then stored. A sweep of many students therefore
-trains its teacher once; concurrent jobs serialise on a file lock and reuse the first result.
+A mode computes what defines a teacher (its identity, :mod:`kdlab.modes.teacher`) and asks
+:class:`TeacherStore` for the entry under that identity's key: the stored weights when the
+entry is there and intact, or it trains the network (a function the mode gives) and stores it.
+Concurrent runs serialise on a file lock and the first one trains. Each entry is
+``<store>/<key>/teacher.pt`` (state dict, identity, metrics) with ``teacher.json`` recording its
+identity, metrics, size and SHA-256 (:class:`~kdlab.util.files.VerifiedFile`): an entry that
+cannot be proven intact is moved aside and trained again.
+
+Weights given by hand (``teacher.ckpt``) are read by :func:`load_weights` and
+:func:`load_into`: store files, kdlab checkpoints or plain state dicts, always with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdlab.engine.build import build_datamodule, build_model
-from kdlab.engine.fit import fit_stage
-from kdlab.engine.module import freeze
 from kdlab.util.distributed import is_rank_zero
 from kdlab.util.errors import KdlabError
-from kdlab.util.files import locked, save_atomic, sha256
-from kdlab.util.report import write_json
+from kdlab.util.files import VerifiedFile, locked
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 3  # bumped when model code changes what a stored state dict means
-#: data options that change what a teacher is trained on (loader-only options are left out)
-_DATA_KEYS = ("_target_", "val_size", "split_seed", "batch_size", "shift", "flip", "classes",
-              "input_shape", "num_classes", "train_size", "test_size", "noise", "seed",
-              "image_size", "train_dir")
-#: data keys left out of the identity while unset, so teachers stored before they existed keep
-#: their keys (a teacher of a class subset is another teacher than the full task's; synthetic
-#: data of another shape, size or seed is other data)
-_DATA_KEYS_IF_SET = ("classes", "input_shape", "num_classes", "train_size", "test_size", "noise",
-                     "seed", "image_size", "train_dir")
 
-
-def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
-    """Everything that defines a trained teacher, as plain containers."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return {
-        "format": STORE_FORMAT,
-        "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
-        "data": {k: data.get(k) for k in _DATA_KEYS
-                 if k not in _DATA_KEYS_IF_SET or data.get(k) is not None},
-        "recipe": OmegaConf.to_container(cfg.teacher.train, resolve=True),
-        "seed": cfg.teacher.seed,
-        "trainer": {k: trainer.get(k) for k in ("precision", "limit_train_batches", "max_steps")},
-    }
-
-
-def teacher_key(cfg: DictConfig) -> str:
-    """``<model>-<hash12>``: the teacher's folder name in the store."""
-    identity = json.dumps(teacher_identity(cfg), sort_keys=True, default=str)
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    model = str(cfg.teacher.model.get("name") or cfg.teacher.model._target_.rsplit(".", 1)[-1])
-    model = model.lower().replace("/", "_")
-    return f"{model}-{digest}"
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def load_weights(path: str | Path, key: str = "teacher.ckpt") -> dict[str, torch.Tensor]:
     """Model weights from a store file, a kdlab Lightning checkpoint (the student's weights)
-    or a plain state dict — always with ``torch.load(weights_only=True)``."""
+    or a plain state dict — always with ``torch.load(weights_only=True)``; errors name
+    ``key``."""
     path = Path(path)
     if not path.is_file():
-        raise KdlabError(f"teacher.ckpt={path} does not exist: give an existing file, or "
+        raise KdlabError(f"{key}={path} does not exist: give an existing file, or "
                          "teacher.ckpt=null to train (or reuse) a teacher from the store")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise KdlabError(f"teacher.ckpt={path} could not be loaded with weights_only=True "
+        raise KdlabError(f"{key}={path} could not be loaded with weights_only=True "
                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping):
-        raise KdlabError(f"teacher.ckpt={path} holds no state dict")
+        raise KdlabError(f"{key}={path} holds no state dict")
     if any(k.startswith("student.") for k in state):  # a kdlab run's checkpoint
         state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     return dict(state)
@@ -109,116 +71,66 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) 
     return model
 
 
-def get_teacher(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The teacher model, frozen (eval mode, no gradients), and a dict saying where it came
-    from: ``{"source": "ckpt" | "store" | "trained", "path": …, "key": …}``."""
-    model, info = _find_or_train(cfg, run_dir)
-    return freeze(model), info
+class TeacherStore:
+    """Trained networks by key under ``root`` (see the module docstring)."""
 
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
 
-def _find_or_train(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    data = build_datamodule(cfg, transfer=False, num_labels=None)
-    L.seed_everything(int(cfg.teacher.seed), workers=True, verbose=False)  # the initial weights
-    model = build_model(cfg.teacher.model, data, "teacher.model")
-    if cfg.teacher.ckpt == "pretrained":  # weights the model config loads itself
-        log.info("Teacher: pretrained weights of teacher.model (%s), not trained",
-                 cfg.teacher.model.get("weights") or "given by its constructor")
-        return model, {"source": "pretrained", "weights": cfg.teacher.model.get("weights")}
-    if cfg.teacher.ckpt:
-        load_into(model, load_weights(cfg.teacher.ckpt), f"teacher.ckpt={cfg.teacher.ckpt}")
-        log.info("Teacher: loaded %s", cfg.teacher.ckpt)
-        return model, {"source": "ckpt", "path": str(cfg.teacher.ckpt)}
+    def entry(self, key: str) -> VerifiedFile:
+        """The entry of ``key``: ``<root>/<key>/teacher.pt`` and its ``teacher.json``."""
+        return VerifiedFile(self.root / key / "teacher.pt", self.root / key / "teacher.json")
 
-    key = teacher_key(cfg)
-    if not cfg.teacher.train_if_missing and not (Path(cfg.paths.teacher_store) / key /
-                                                 "teacher.pt").is_file():
-        raise KdlabError(f"no stored teacher {key} in paths.teacher_store="
-                         f"{cfg.paths.teacher_store} and teacher.train_if_missing=false: "
-                         "set teacher.ckpt=PATH or allow training")
+    def has(self, key: str) -> bool:
+        """Whether an entry is stored under ``key`` (not checked for damage)."""
+        return self.entry(key).exists()
 
-    def train() -> dict[str, float]:
-        log.info("Teacher: %s not in the store, training it (%d epochs)", key,
-                 cfg.teacher.train.max_epochs)
-        return train_teacher(cfg, model, run_dir / "teacher")
+    def get_or_train(self, key: str, identity: dict[str, Any], model: nn.Module,
+                     train: Callable[[], dict[str, float]], label: str = "Teacher",
+                     store: bool = True) -> dict[str, Any]:
+        """Fill ``model`` from the entry ``key``, or train it with ``train()`` (which returns
+        its metrics) and, when ``store``, keep it with ``identity``. Returns where the weights
+        came from: ``{"source": "store" | "trained", "key", "path", "metrics", …}``.
 
-    info = stored_model(cfg, key, teacher_identity(cfg), model, train, "Teacher")
-    return model, info
+        Under DDP only rank 0 locks and writes: the other ranks train in step with it (or read
+        the stored entry); waiting on its lock would deadlock the process group."""
+        entry = self.entry(key)
+        rank_zero = is_rank_zero()
+        with locked(self.root / f".{key}.lock") if rank_zero else contextlib.nullcontext():
+            saved = self._load(entry, rank_zero, label)
+            if saved is not None:
+                load_into(model, saved["state_dict"], f"teacher store entry {entry.path}")
+                log.info("%s: reusing %s from the store (trained once, %s)", label, key,
+                         _accuracy(saved.get("metrics", {})))
+                return {"source": "store", "key": key, "path": str(entry.path),
+                        "metrics": saved.get("metrics", {})}
+            metrics = train()
+            if not rank_zero or not store:
+                return {"source": "trained", "key": key, "stored": False, "metrics": metrics}
+            entry.save({"state_dict": model.state_dict(), "identity": identity,
+                        "metrics": metrics}, {"key": key, "identity": identity,
+                                              "metrics": metrics})
+            log.info("%s: stored as %s (%s)", label, entry.path, _accuracy(metrics))
+            return {"source": "trained", "key": key, "path": str(entry.path), "stored": True,
+                    "metrics": metrics}
 
-
-def stored_model(cfg: DictConfig, key: str, identity: dict[str, Any], model: nn.Module,
-                 train: Callable[[], dict[str, float]], label: str) -> dict[str, Any]:
-    """Fill ``model`` from the store entry ``key`` of ``paths.teacher_store``, or train it with
-    ``train()`` (which returns its metrics) and store it with ``identity``; concurrent runs
-    serialise on a lock and the first one trains. Returns where the weights came from."""
-    store = Path(cfg.paths.teacher_store)
-    weights = store / key / "teacher.pt"
-    # under DDP only rank 0 locks and writes: the other ranks train in step with it (or read
-    # the stored entry); waiting on its lock would deadlock the process group
-    rank_zero = is_rank_zero()
-    with locked(store / f".{key}.lock") if rank_zero else contextlib.nullcontext():
-        saved = _load_entry(weights, rank_zero, label)
-        if saved is not None:
-            load_into(model, saved["state_dict"], f"teacher store entry {weights}")
-            log.info("%s: reusing %s from the store (trained once, %s)", label, key,
-                     _accuracy(saved.get("metrics", {})))
-            return {"source": "store", "key": key, "path": str(weights),
-                    "metrics": saved.get("metrics", {})}
-        result = train()
-        if not rank_zero:
-            return {"source": "trained", "key": key, "stored": False, "metrics": result}
-        if cfg.trainer.get("fast_dev_run"):
-            log.warning("%s: trained with trainer.fast_dev_run, so not stored", label)
-            return {"source": "trained", "key": key, "stored": False, "metrics": result}
-        save_atomic({"state_dict": model.state_dict(), "identity": identity,
-                     "metrics": result}, weights)
-        write_json(store / key / "teacher.json",
-                   {"key": key, "identity": identity, "metrics": result,
-                    "bytes": weights.stat().st_size, "sha256": sha256(weights)})
-        log.info("%s: stored as %s (%s)", label, weights, _accuracy(result))
-        return {"source": "trained", "key": key, "path": str(weights), "stored": True,
-                "metrics": result}
-
-
-def _load_entry(weights: Path, rank_zero: bool, label: str) -> dict[str, Any] | None:
-    """A store entry's content, or ``None`` when there is none. An entry whose size or hash
-    differs from its ``teacher.json``, or that cannot be read, is reported by path, moved
-    aside (``teacher.pt.corrupt-<time>``) and trained again."""
-    if not weights.is_file():
+    @staticmethod
+    def _load(entry: VerifiedFile, rank_zero: bool, label: str) -> dict[str, Any] | None:
+        """An entry's content, or ``None`` when there is none. An entry that cannot be proven
+        intact, or read, is reported by path, moved aside (``teacher.pt.corrupt-<time>``)
+        and trained again."""
+        if not entry.exists():
+            return None
+        problem = entry.problem()
+        if problem is None:
+            try:
+                return torch.load(entry.path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same
+                problem = f"unreadable content ({type(e).__name__}: " \
+                          f"{str(e).splitlines()[0][:120]})"
+        if rank_zero:
+            entry.move_aside(problem, label)
         return None
-    problem = None
-    try:
-        meta = json.loads((weights.parent / "teacher.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        meta = {}
-    if "bytes" in meta and weights.stat().st_size != meta["bytes"]:
-        problem = f"{weights.stat().st_size} bytes instead of {meta['bytes']} (truncated)"
-    elif "sha256" in meta and sha256(weights) != meta["sha256"]:
-        problem = "a SHA-256 that differs from teacher.json's (corrupted)"
-    if problem is None:
-        try:
-            return torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-            problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    if rank_zero:
-        aside = weights.with_name(f"teacher.pt.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(weights, aside)
-        log.warning("%s: the store entry %s has %s; moved it to %s and training it again",
-                    label, weights, problem, aside)
-    return None
-
-
-def train_teacher(cfg: DictConfig, model: nn.Module, stage_dir: Path) -> dict[str, float]:
-    """Train ``model`` in place with the teacher's recipe; it ends with its best-val weights."""
-    recipe = cfg.teacher.train
-    data = build_datamodule(cfg, transfer=False, num_labels=None, augment=bool(recipe.augment),
-                            shuffle_seed=int(cfg.teacher.seed), mix="none")  # never mixed
-    result = fit_stage(cfg, "teacher", stage_dir, model, data, recipe.optimizer,
-                       recipe.get("scheduler"), max_epochs=int(recipe.max_epochs))
-    # fit_stage tested the best checkpoint, which left its weights in the module's student
-    best = result.module.student
-    if best is not model:
-        model.load_state_dict(best.state_dict())
-    return result.metrics
 
 
 def _accuracy(metrics: Mapping[str, Any]) -> str:

@@ -18,25 +18,31 @@ on the data of ``data`` (with its transfer set), with ``optimizer``, ``scheduler
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.build import build_datamodule, build_model, build_strategy, strategy_name
-from kdlab.engine.cache import INFERENCE_BATCH
-from kdlab.engine.fit import fit_stage
-from kdlab.engine.teachers import stored_model, teacher_key
+from kdlab.engine.fit import accuracy
+from kdlab.engine.teachers import TeacherStore
+from kdlab.modes.build import build_datamodule, build_model, build_strategy, strategy_name
+from kdlab.modes.ensemble import TeacherEnsemble
 from kdlab.modes.offline import single_teacher, train_baseline
-from kdlab.modes.runner import evaluated_entry, frozen_copy, latency_args, model_name, stage_entry
+from kdlab.modes.runner import (
+    evaluated_entry,
+    frozen_copy,
+    latency_args,
+    model_name,
+    stage_entry,
+    train_stage,
+)
+from kdlab.modes.teacher import identity_key, plain, training_identity
 from kdlab.util.errors import KdlabError
+from kdlab.util.files import tensor_digest
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +64,17 @@ def distil(cfg: DictConfig, run_dir: Path, stage: str, model_cfg: DictConfig,
     data = build_datamodule(cfg, transfer=True)
     L.seed_everything(seed, workers=True, verbose=False)
     model = build_model(model_cfg, data, f"mode.{stage}")
-    result = fit_stage(cfg, stage, run_dir / stage, model, data, cfg.optimizer,
-                       cfg.get("scheduler"), teacher=teacher, strategy=strategy)
+    result = train_stage(cfg, stage, run_dir / stage, model, data, cfg.optimizer,
+                         cfg.get("scheduler"), teacher=teacher, strategy=strategy)
     return model, stage_entry(stage, model_name(model_cfg), model, result, latency)
 
 
-@torch.no_grad()
 def ensemble_accuracy(models: list[nn.Module], data: InMemoryDataModule,
                       channels_last: bool = False) -> float:
-    """Test accuracy of the mean of the models' softmax outputs."""
-    x, y = data.x_test, data.y_test
-    correct = 0
-    for start in range(0, len(x), INFERENCE_BATCH):
-        xb = x[start:start + INFERENCE_BATCH]
-        if channels_last and xb.dim() == 4:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        probs = sum(m.eval()(xb).softmax(-1) for m in models)
-        correct += int((probs.argmax(-1) == y[start:start + INFERENCE_BATCH]).sum())
-    return correct / len(x)
+    """Test accuracy of the mean of the models' softmax outputs (the BAN ensemble)."""
+    ensemble = TeacherEnsemble(models, combine="mean").eval()
+    return accuracy(ensemble, data.test_dataloader(), data.num_classes,
+                    channels_last=channels_last)
 
 
 def run_born_again(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -91,8 +90,8 @@ def run_born_again(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     seed = int(cfg.seed)
     L.seed_everything(seed, workers=True, verbose=False)
     model = build_model(model_cfg, data, "mode.model")
-    result = fit_stage(cfg, "gen0", run_dir / "gen0", model, data, cfg.optimizer,
-                       cfg.get("scheduler"))
+    result = train_stage(cfg, "gen0", run_dir / "gen0", model, data, cfg.optimizer,
+                         cfg.get("scheduler"))
     entries = [stage_entry("gen0", model_name(model_cfg), model, result, latency, seed=seed)]
     models = [model]
     for k in range(1, generations + 1):
@@ -110,21 +109,17 @@ def run_born_again(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def assistant_identity(cfg: DictConfig, previous: dict[str, Any], model_cfg: DictConfig,
-                       seed: int) -> dict[str, Any]:
-    """Everything that defines a trained assistant: its teacher (by identity), model, data,
-    strategy, optimisation and seed."""
-    def plain(node: Any) -> Any:
-        return OmegaConf.to_container(node, resolve=True) if node is not None else None
-
-    data = plain(cfg.data)
-    data.pop("root", None)
-    data.pop("download", None)
-    trainer = plain(cfg.trainer)
-    return {"kind": "assistant", "teacher": previous, "model": plain(model_cfg),
-            "data": data, "distill": plain(cfg.distill), "optimizer": plain(cfg.optimizer),
-            "scheduler": plain(cfg.get("scheduler")), "seed": seed,
-            "trainer": {k: trainer.get(k) for k in ("max_epochs", "max_steps", "precision",
-                                                     "limit_train_batches")}}
+                       seed: int, data: InMemoryDataModule) -> dict[str, Any]:
+    """Everything that defines a trained assistant (:func:`kdlab.modes.teacher.
+    training_identity`): its model, the data it is distilled on (content, split, labelled
+    subset), the run's student recipe and strategies, its seed, and its teacher (by
+    identity)."""
+    recipe = {"max_epochs": plain(cfg.trainer.max_epochs), "batch_size": plain(cfg.data.batch_size),
+              "optimizer": plain(cfg.optimizer), "scheduler": plain(cfg.get("scheduler"))}
+    labels = {"num_labels": plain(cfg.data.get("num_labels")),
+              "label_seed": plain(cfg.data.get("label_seed")), "transfer": True}
+    return training_identity(cfg, data, model_cfg, recipe, seed, kind="assistant",
+                             teacher=previous, distill=plain(cfg.distill), labels=labels)
 
 
 def _assistant(cfg: DictConfig, run_dir: Path, stage: str, node: DictConfig,
@@ -140,9 +135,10 @@ def _assistant(cfg: DictConfig, run_dir: Path, stage: str, node: DictConfig,
         return trained["entry"]["metrics"]
 
     if cfg.mode.store_assistants:
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-        key = f"assistant-{model_name(node).lower()}-{digest.hexdigest()[:12]}"
-        info = stored_model(cfg, key, identity, model, train, f"TAKD {stage}")
+        key = identity_key(identity, f"assistant-{model_name(node)}")
+        info = TeacherStore(cfg.paths.teacher_store).get_or_train(
+            key, identity, model, train, f"TAKD {stage}",
+            store=not cfg.trainer.get("fast_dev_run"))
     else:
         info = {"source": "trained", "stored": False, "metrics": train()}
     entry = trained.get("entry") or evaluated_entry(cfg, stage, model_name(node),
@@ -166,12 +162,13 @@ def run_takd(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data.setup()
     latency = latency_args(cfg, data)
     teacher, entries = single_teacher(cfg, run_dir, data, latency)
-    identity: dict[str, Any] = ({"ckpt": str(cfg.teacher.ckpt)} if cfg.teacher.ckpt
-                                else {"key": teacher_key(cfg)})
+    # the teacher by its weights: the same whether stored, given by hand or pretrained
+    state = teacher.state_dict()
+    identity: dict[str, Any] = {"weights": tensor_digest(*state.values(), extra=",".join(state))}
     current = teacher
     for i, node in enumerate(assistants):
         stage, seed = f"assistant{i}", int(cfg.seed) + 100 + i
-        identity = assistant_identity(cfg, identity, node, seed)
+        identity = assistant_identity(cfg, identity, node, seed, data)
         model, entry = _assistant(cfg, run_dir, stage, node, current, seed, identity, data,
                                   latency)
         entries.append(entry)

@@ -11,9 +11,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.build import build_model, strategy_configs
-from kdlab.engine.teachers import get_teacher, load_into, load_weights
+from kdlab.engine.teachers import load_into, load_weights
+from kdlab.modes.build import build_model, strategy_configs
 from kdlab.modes.mutual import member_configs
+from kdlab.modes.teacher import get_teacher
 from kdlab.util.errors import KdlabError
 
 log = logging.getLogger(__name__)

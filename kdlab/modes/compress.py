@@ -49,16 +49,23 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch import nn
-from torch.nn.utils import prune
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.build import build_model, build_strategy
-from kdlab.engine.cache import INFERENCE_BATCH
-from kdlab.engine.fit import fit_stage
-from kdlab.modes.runner import model_name, stage_entry
+from kdlab.engine.compression import (
+    FINAL_METRIC,
+    MagnitudePruning,
+    global_magnitude_prune,
+    make_permanent,
+    prunable_weights,
+    quantize_dynamic_int8,
+    sparsity,
+)
+from kdlab.engine.fit import accuracy
+from kdlab.modes.build import build_model, build_strategy
+from kdlab.modes.runner import model_name, stage_entry, train_stage
 from kdlab.util.errors import KdlabError
 from kdlab.util.measure import cpu_latency_ms
 
@@ -66,190 +73,9 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("during", "after")
 QUANTIZE = ("dynamic_int8",)
-PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-# -- pruning ------------------------------------------------------------------------------------
-def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every Conv/Linear layer whose ``weight`` is pruned."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)]
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    """The effective weight (``weight_orig × weight_mask`` while reparametrised)."""
-    if prune.is_pruned(module) and hasattr(module, "weight_mask"):
-        return module.weight_orig.detach() * module.weight_mask
-    return module.weight.detach()
-
-
-def global_magnitude_prune(model: nn.Module, amount: float) -> int:
-    """Mask the ``round(amount × N)`` smallest-magnitude weights over all Conv/Linear layers of
-    ``model`` (N: their weights together); returns how many are masked. Weights masked before
-    stay masked (sparsity only grows), so the schedule's masks are nested. The layers are
-    reparametrised by ``torch.nn.utils.prune`` (``weight_orig`` and a ``weight_mask`` buffer)."""
-    layers = prunable_weights(model)
-    if not layers:
-        raise KdlabError(f"compress.prune: {type(model).__name__} has no Conv/Linear layer")
-    scores = []
-    for _, module in layers:
-        mask = module.weight_mask if hasattr(module, "weight_mask") else None
-        score = _weight(module).abs().flatten().float()
-        if mask is not None:  # already pruned weights rank below every kept one
-            score = torch.where(mask.flatten() > 0, score, torch.full_like(score, -1.0))
-        scores.append(score)
-    flat = torch.cat(scores)
-    n_prune = int(round(float(amount) * flat.numel()))
-    keep = torch.ones_like(flat)
-    if n_prune > 0:
-        keep[torch.topk(flat, n_prune, largest=False).indices] = 0.0
-    offset = 0
-    for _, module in layers:
-        n = _weight(module).numel()
-        if not hasattr(module, "weight_mask"):
-            prune.identity(module, "weight")
-        mask = keep[offset:offset + n].view_as(module.weight_mask).to(module.weight_mask)
-        module.weight_mask.copy_(mask)
-        module.weight_orig.data.mul_(mask)  # cleaner state: the pruned values are zero too
-        offset += n
-    return n_prune
-
-
-def make_permanent(model: nn.Module) -> None:
-    """``prune.remove`` on every pruned layer: plain ``weight`` parameters with zeros."""
-    for _, module in prunable_weights(model):
-        if hasattr(module, "weight_mask"):
-            prune.remove(module, "weight")
-
-
-def sparsity(model: nn.Module) -> float:
-    """Fraction of zero weights over the Conv/Linear layers of ``model`` (int8 ones included)."""
-    weights = list(_layer_weights(model))
-    total = sum(w.numel() for w in weights)
-    return sum(int((w == 0).sum()) for w in weights) / max(1, total)
-
-
-def cubic_sparsity(epoch: int, final: float, start_epoch: int, end_epoch: int) -> float:
-    """Zhu & Gupta (2017) sparsity after ``epoch`` completed epochs:
-    ``final × (1 - (1 - (epoch - start) / (end - start))^3)`` between ``start_epoch`` and
-    ``end_epoch``, 0 before and ``final`` after (``start == end``: one shot at ``start``)."""
-    if epoch < start_epoch:
-        return 0.0
-    if epoch >= end_epoch:
-        return float(final)
-    progress = (epoch - start_epoch) / (end_epoch - start_epoch)
-    return float(final) * (1.0 - (1.0 - progress) ** 3)
-
-
-class MagnitudePruning(Callback):
-    """Global magnitude pruning on the cubic schedule (:func:`cubic_sparsity`) of a stage's
-    student: at the start of each training epoch ``e`` the mask is raised to ``s_e``; at the
-    final sparsity the best checkpoint so far is forgotten (only checkpoints at the final
-    sparsity compete); checkpoints hold plain ``weight`` keys; when training ends the pruning is
-    made permanent. ``start_epoch == end_epoch == 0`` prunes once, before the first epoch (the
-    fixed mask of ``schedule: after``).
-
-    Args:
-        amount: the final sparsity ``s_f`` in [0, 1).
-        start_epoch, end_epoch: completed epochs where the ramp starts (sparsity 0) and ends.
-        attr: the pruned network's attribute on the LightningModule.
-    """
-
-    def __init__(self, amount: float, start_epoch: int = 0, end_epoch: int = 0,
-                 attr: str = "student") -> None:
-        self.amount = float(amount)
-        self.start_epoch = int(start_epoch)
-        self.end_epoch = int(end_epoch)
-        self.attr = attr
-        self.current = 0.0
-        self.final_reached = False
-        #: (epoch, sparsity) of every mask update, for the report
-        self.history: list[tuple[int, float]] = []
-        #: the network's weights before training (the dense reference starts from them)
-        self.initial_state: dict[str, torch.Tensor] | None = None
-
-    def _model(self, pl_module: L.LightningModule) -> nn.Module:
-        return getattr(pl_module, self.attr)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.initial_state is None:  # before a checkpoint is restored
-            self.initial_state = copy.deepcopy(self._model(pl_module).state_dict())
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        target = cubic_sparsity(epoch, self.amount, self.start_epoch, self.end_epoch)
-        if target > 0 and (target > self.current or not self._reparametrised(pl_module)):
-            with torch.no_grad():
-                global_magnitude_prune(self._model(pl_module), target)
-            self.current = target
-            self.history.append((epoch, target))
-            log.info("prune: epoch %d, sparsity %.4f", epoch, target)
-        pl_module.log("prune/sparsity", self.current, on_epoch=True, on_step=False)
-        if epoch >= self.end_epoch and not self.final_reached:
-            self.final_reached = True
-            self._forget_best(trainer)
-
-    def _reparametrised(self, pl_module: L.LightningModule) -> bool:
-        return any(hasattr(m, "weight_mask") for _, m in prunable_weights(self._model(pl_module)))
-
-    @staticmethod
-    def _forget_best(trainer: L.Trainer) -> None:
-        """Reset the best-by-metric checkpoint callbacks: checkpoints of a denser network
-        do not compete with the ones at the final sparsity."""
-        for callback in trainer.checkpoint_callbacks:
-            if not isinstance(callback, ModelCheckpoint) or callback.monitor is None:
-                continue
-            for path in list(callback.best_k_models):
-                if trainer.is_global_zero and Path(path).is_file():
-                    trainer.strategy.remove_checkpoint(path)
-            callback.best_k_models = {}
-            callback.best_model_path = callback.kth_best_model_path = ""
-            callback.best_model_score = None
-            callback.kth_value = torch.tensor(
-                float("inf") if callback.mode == "min" else -float("inf"))
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.endswith(".weight_orig")]:
-            prefix = key[: -len("weight_orig")]
-            mask = state.pop(prefix + "weight_mask")
-            state[prefix + "weight"] = state.pop(key) * mask
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        make_permanent(self._model(pl_module))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"current": self.current, "final_reached": self.final_reached}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.current = float(state_dict.get("current", 0.0))
-        self.final_reached = bool(state_dict.get("final_reached", False))
-
-
-# -- quantisation -------------------------------------------------------------------------------
-def quantize_dynamic_int8(model: nn.Module) -> tuple[nn.Module, list[str], list[str]]:
-    """A CPU copy of ``model`` with every ``nn.Linear`` dynamically quantised to int8; also the
-    names of the quantised layers and of the Conv layers left in fp32."""
-    fp32 = copy.deepcopy(model).cpu().eval()
-    make_permanent(fp32)
-    linear = [n for n, m in fp32.named_modules() if isinstance(m, nn.Linear)]
-    convs = [n for n, m in fp32.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d,
-                                                                   nn.Conv3d))]
-    quantized = torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear}, dtype=torch.qint8)
-    return quantized, linear, convs
 
 
 # -- measurements -------------------------------------------------------------------------------
-def _layer_weights(model: nn.Module) -> Iterator[torch.Tensor]:
-    """The effective weights of the Conv/Linear layers of ``model``, fp32 or (dequantised)
-    dynamically quantised int8."""
-    for module in model.modules():
-        if isinstance(module, PRUNABLE):
-            yield _weight(module)
-        elif hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
-            yield module.weight().dequantize()
-
-
 def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
     """Every weight of ``model``: its parameters and the int8 weights (dequantised) and biases
     of dynamically quantised Linear layers."""
@@ -300,19 +126,10 @@ def disk_size(model: nn.Module, sparse: bool = False) -> dict[str, int]:
     return sizes
 
 
-@torch.no_grad()
-def cpu_accuracy(model: nn.Module, data: InMemoryDataModule, channels_last: bool,
-                 batch_size: int = INFERENCE_BATCH) -> float:
+def cpu_accuracy(model: nn.Module, data: InMemoryDataModule, channels_last: bool) -> float:
     """Test accuracy of ``model`` on the CPU over the whole test split of ``data``."""
-    model = model.cpu().eval()
-    correct = 0
-    for start in range(0, len(data.x_test), batch_size):
-        x = data.x_test[start:start + batch_size].cpu()
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        correct += int((model(x).argmax(-1) == data.y_test[start:start + batch_size].cpu())
-                       .sum())
-    return correct / len(data.x_test)
+    return accuracy(model.cpu(), data.test_dataloader(), data.num_classes, torch.device("cpu"),
+                    channels_last)
 
 
 class _Anchored(nn.Module):
@@ -421,13 +238,20 @@ class Compression:
         """The student stage's extra callbacks: the pruning schedule for ``during``."""
         return [self.pruning] if self.pruning is not None else []
 
+    @property
+    def monitor(self) -> str:
+        """What the student stage's best checkpoint monitors: the accuracy at the final
+        sparsity when it prunes (:data:`~kdlab.engine.compression.FINAL_METRIC`)."""
+        return FINAL_METRIC if self.pruning is not None else "val/acc"
+
     def _train(self, stage: str, run_dir: Path, student: nn.Module, data: InMemoryDataModule,
                teacher: nn.Module | None, latency: tuple, max_epochs: int | None = None,
                callbacks: list[Callback] = ()) -> dict[str, Any]:
         strategy = build_strategy(self.cfg) if teacher is not None else None
-        result = fit_stage(self.cfg, stage, run_dir / stage, student, data, self.cfg.optimizer,
-                           self.cfg.get("scheduler"), max_epochs=max_epochs, teacher=teacher,
-                           strategy=strategy, callbacks=callbacks)
+        result = train_stage(self.cfg, stage, run_dir / stage, student, data, self.cfg.optimizer,
+                             self.cfg.get("scheduler"), max_epochs=max_epochs, teacher=teacher,
+                             strategy=strategy, callbacks=callbacks,
+                             monitor=FINAL_METRIC if callbacks else "val/acc")
         return stage_entry(stage, model_name(self.cfg.student.model), student, result, latency)
 
     def run(self, results: dict[str, Any], run_dir: Path, student: nn.Module,
@@ -487,7 +311,3 @@ class Compression:
             log.info("compress: %-11s test acc %.4f, non-zero %d/%d, %d bytes (zipped %d), "
                      "%.2f ms", name, m["test_acc"], m["nonzero_params"], m["params"],
                      m["bytes"], m["zipped_bytes"], m["latency_ms"])
-
-
-__all__ = ["Compression", "MagnitudePruning", "compression_report", "cubic_sparsity",
-           "global_magnitude_prune", "make_permanent", "quantize_dynamic_int8", "sparsity"]

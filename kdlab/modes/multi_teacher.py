@@ -12,9 +12,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.build import strategy_configs
 from kdlab.engine.module import freeze
 from kdlab.modes import offline
+from kdlab.modes.build import strategy_configs
 from kdlab.modes.ensemble import TeacherEnsemble
 from kdlab.modes.runner import evaluated_entry
 from kdlab.util.errors import KdlabError

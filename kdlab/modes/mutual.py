@@ -24,16 +24,29 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.build import build_datamodule, build_model, loop_options, to_container
-from kdlab.engine.fit import StageResult, fit_module, fit_stage, has_target
+from kdlab.engine.fit import StageResult
+from kdlab.modes.build import (
+    build_datamodule,
+    build_model,
+    has_target,
+    instantiate_node,
+    loop_options,
+    to_container,
+)
 from kdlab.modes.cohort import CohortModule, check_cohort
-from kdlab.modes.runner import evaluate, latency_args, model_name, stage_entry
+from kdlab.modes.runner import (
+    evaluate,
+    latency_args,
+    model_name,
+    stage_entry,
+    train_module,
+    train_stage,
+)
 from kdlab.util.config import CONF_DIR, group_options
 from kdlab.util.errors import KdlabError
 
@@ -119,8 +132,9 @@ def fit_cohort(cfg: DictConfig, stage_dir: Path, members: list[nn.Module],
         members, num_classes=data.num_classes,
         temperature=float(cfg.mode.get("temperature", 1.0)),
         kl_weight=float(cfg.mode.get("kl_weight", 1.0)),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if has_target(cfg.get("scheduler")) else None,
+        optimizer=instantiate_node(cfg.optimizer, "optimizer"),
+        scheduler=instantiate_node(cfg.scheduler, "scheduler")
+        if has_target(cfg.get("scheduler")) else None,
         channels_last=bool(cfg.channels_last),
         hparams={"stage": "cohort", "config": to_container(cfg)},
         loop=loop,
@@ -128,7 +142,7 @@ def fit_cohort(cfg: DictConfig, stage_dir: Path, members: list[nn.Module],
     module.has_unlabelled = data.has_unlabelled
     checkpoints = _member_checkpoints(stage_dir, len(members))
     best = _BestCheckpoints(checkpoints)
-    result = fit_module(cfg, "cohort", stage_dir, module, data, ckpt_path=cfg.ckpt_path,
+    result = train_module(cfg, "cohort", stage_dir, module, data, ckpt_path=cfg.ckpt_path,
                         callbacks=[*checkpoints.values(), best])
     results = []
     for i, member in enumerate(members):
@@ -174,8 +188,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         base_data = build_datamodule(cfg, transfer=False)
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # member 0's init
         baseline = build_model(configs[0], base_data, "student.model")
-        stage = fit_stage(cfg, "baseline", run_dir / "baseline", baseline, base_data,
-                          cfg.optimizer, cfg.get("scheduler"))
+        stage = train_stage(cfg, "baseline", run_dir / "baseline", baseline, base_data,
+                            cfg.optimizer, cfg.get("scheduler"))
         results["baseline"] = stage_entry("baseline", model_name(configs[0]), baseline, stage,
                                           latency)
         results["stages"].append(results["baseline"])

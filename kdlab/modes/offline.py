@@ -14,12 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.build import build_datamodule, build_model, build_strategy, strategy_name
-from kdlab.engine.fit import fit_stage
-from kdlab.engine.teachers import get_teacher
 from kdlab.models.transplant import init_from_teacher
+from kdlab.modes.build import build_datamodule, build_model, build_strategy, strategy_name
 from kdlab.modes.compress import Compression
-from kdlab.modes.runner import evaluated_entry, latency_args, model_name, stage_entry
+from kdlab.modes.runner import evaluated_entry, latency_args, model_name, stage_entry, train_stage
+from kdlab.modes.teacher import get_teacher
 
 log = logging.getLogger(__name__)
 TeacherSource = Callable[[DictConfig, Path, InMemoryDataModule, tuple],
@@ -63,9 +62,9 @@ def run(cfg: DictConfig, run_dir: Path, teachers: TeacherSource = single_teacher
         results["student_init"] = init_from_teacher(student, teacher, init)
     if not needs_teacher:
         teacher = None  # fetched for the initialisation only
-    stage = fit_stage(cfg, "student", run_dir, student, data, cfg.optimizer, cfg.get("scheduler"),
-                      teacher=teacher, strategy=strategy, ckpt_path=cfg.ckpt_path,
-                      callbacks=compress.callbacks())
+    stage = train_stage(cfg, "student", run_dir, student, data, cfg.optimizer, cfg.get("scheduler"),
+                        teacher=teacher, strategy=strategy, ckpt_path=cfg.ckpt_path,
+                        callbacks=compress.callbacks(), monitor=compress.monitor)
     results["student"] = stage_entry("student", model_name(cfg.student.model), student, stage,
                                      latency)
     results["stages"].append(results["student"])
@@ -84,6 +83,6 @@ def train_baseline(cfg: DictConfig, run_dir: Path, latency: tuple) -> dict[str, 
     data = build_datamodule(cfg, transfer=False)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the student's init
     baseline = build_model(cfg.student.model, data, "student.model")
-    stage = fit_stage(cfg, "baseline", run_dir / "baseline", baseline, data, cfg.optimizer,
-                      cfg.get("scheduler"))
+    stage = train_stage(cfg, "baseline", run_dir / "baseline", baseline, data, cfg.optimizer,
+                        cfg.get("scheduler"))
     return stage_entry("baseline", model_name(cfg.student.model), baseline, stage, latency)

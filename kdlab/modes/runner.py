@@ -1,20 +1,53 @@
-"""What every mode shares: a network's name, its ``results.json`` entry, teachers as stages."""
+"""The stage runner every mode shares: a stage trained from the config (spec → engine), a
+network's ``results.json`` entry, networks evaluated as stages."""
 
 from __future__ import annotations
 
 import copy
 import statistics
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.evaluate import evaluate_model
-from kdlab.engine.fit import StageResult
-from kdlab.engine.module import freeze
+from kdlab.engine.fit import StageResult, fit_module, fit_stage
+from kdlab.engine.module import DistillationModule, freeze
+from kdlab.modes.build import stage_spec
+from kdlab.strategies.base import Strategy
 from kdlab.util.measure import describe_model
 from kdlab.util.report import model_name  # noqa: F401 - re-exported
+
+
+def train_stage(cfg: DictConfig, name: str, folder: Path, student: nn.Module,
+                data: InMemoryDataModule, optimizer: DictConfig, scheduler: DictConfig | None,
+                max_epochs: int | None = None, teacher: nn.Module | None = None,
+                strategy: Strategy | None = None, ckpt_path: str | None = None,
+                callbacks: Sequence[Callback] = (), optimizer_key: str = "optimizer",
+                monitor: str = "val/acc") -> StageResult:
+    """Train ``student`` as stage ``name`` in ``folder`` (distilling from ``teacher`` with
+    ``strategy`` if given) with the run's trainer, loop, callbacks and loggers, and test its
+    best-validation checkpoint: the config becomes a :class:`~kdlab.engine.spec.StageSpec`
+    (:func:`kdlab.modes.build.stage_spec`) that the engine runs."""
+    spec = stage_spec(cfg, name, folder, student, data, optimizer, scheduler,
+                      max_epochs=max_epochs, teacher=teacher, strategy=strategy,
+                      ckpt_path=ckpt_path, callbacks=callbacks, optimizer_key=optimizer_key,
+                      monitor=monitor)
+    return fit_stage(spec)
+
+
+def train_module(cfg: DictConfig, name: str, folder: Path, module: DistillationModule,
+                 data: InMemoryDataModule, ckpt_path: str | None = None,
+                 callbacks: Sequence[Callback] = ()) -> StageResult:
+    """Train a module a mode built itself (a cohort) as stage ``name``; its optimizer and
+    schedule are the module's own."""
+    spec = stage_spec(cfg, name, folder, module.student, data, cfg.optimizer,
+                      cfg.get("scheduler"), ckpt_path=ckpt_path, callbacks=callbacks)
+    return fit_module(spec, module)
 
 
 def latency_args(cfg: DictConfig, data: InMemoryDataModule) -> tuple:

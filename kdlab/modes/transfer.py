@@ -31,11 +31,17 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from kdlab.engine.build import build_datamodule, build_model, build_strategy, strategy_name
-from kdlab.engine.fit import fit_stage
-from kdlab.engine.teachers import get_teacher
 from kdlab.models.transplant import init_from_teacher
-from kdlab.modes.runner import evaluated_entry, frozen_copy, latency_args, model_name, stage_entry
+from kdlab.modes.build import build_datamodule, build_model, build_strategy, strategy_name
+from kdlab.modes.runner import (
+    evaluated_entry,
+    frozen_copy,
+    latency_args,
+    model_name,
+    stage_entry,
+    train_stage,
+)
+from kdlab.modes.teacher import get_teacher
 from kdlab.util.errors import KdlabError
 
 log = logging.getLogger(__name__)
@@ -145,9 +151,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for name, p in teacher.named_parameters():
             p.requires_grad_(name.startswith(head + "."))
         callbacks.append(FrozenBackbone(teacher, head))
-    result = fit_stage(target_cfg, "finetune", run_dir / "finetune", teacher, data,
-                       target_cfg.optimizer, target_cfg.get("scheduler"),
-                       max_epochs=int(mode.finetune_epochs), callbacks=callbacks)
+    result = train_stage(target_cfg, "finetune", run_dir / "finetune", teacher, data,
+                         target_cfg.optimizer, target_cfg.get("scheduler"),
+                         max_epochs=int(mode.finetune_epochs), callbacks=callbacks)
     teacher.requires_grad_(True)
     entries.append(stage_entry("finetune", model_name(cfg.teacher.model), teacher, result,
                                latency, task=f"classes {target}, {labels} labels",
@@ -159,17 +165,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     distil_data = build_datamodule(distil_cfg, transfer=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student = build_model(cfg.student.model, distil_data, "student.model")
-    result = fit_stage(distil_cfg, "distil", run_dir / "distil", student, distil_data,
-                       cfg.optimizer, cfg.get("scheduler"), teacher=teacher,
-                       strategy=build_strategy(cfg))
+    result = train_stage(distil_cfg, "distil", run_dir / "distil", student, distil_data,
+                         cfg.optimizer, cfg.get("scheduler"), teacher=teacher,
+                         strategy=build_strategy(cfg))
     entries.append(stage_entry("distil", model_name(cfg.student.model), student, result,
                                latency))
 
     # 4. fine-tune the student on the target labels
     epochs = int(mode.student_finetune_epochs)
     if epochs:
-        result = fit_stage(target_cfg, "student", run_dir / "student", student, data,
-                           target_cfg.optimizer, target_cfg.get("scheduler"), max_epochs=epochs)
+        result = train_stage(target_cfg, "student", run_dir / "student", student, data,
+                             target_cfg.optimizer, target_cfg.get("scheduler"), max_epochs=epochs)
         entries.append(stage_entry("student", model_name(cfg.student.model), student, result,
                                    latency))
 
@@ -178,8 +184,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         baseline = build_model(cfg.student.model, data, "student.model")
         total = int(cfg.trainer.max_epochs) + epochs
-        result = fit_stage(distil_cfg, "baseline", run_dir / "baseline", baseline, data,
-                           cfg.optimizer, cfg.get("scheduler"), max_epochs=total)
+        result = train_stage(distil_cfg, "baseline", run_dir / "baseline", baseline, data,
+                             cfg.optimizer, cfg.get("scheduler"), max_epochs=total)
         entries.append(stage_entry("baseline", model_name(cfg.student.model), baseline,
                                    result, latency))
     by_stage = {e["stage"]: e for e in entries}

@@ -43,6 +43,19 @@ def save_atomic(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def tensor_digest(*tensors: torch.Tensor, extra: str = "") -> str:
+    """A hex digest of tensors' shapes, dtypes and bytes (and of ``extra``): what a dataset's
+    or a network's content is, for keys of stored results."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(extra.encode())
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        if t.numel():  # the tensor's own buffer: no copy of a 170 MB training set
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def sha256(path: Path) -> str:
     """The SHA-256 of a file, read in 1 MiB blocks (to detect damaged files)."""
     digest = hashlib.sha256()
@@ -105,8 +118,8 @@ class VerifiedFile:
         """Rename the damaged file to ``<name>.corrupt-<time>`` and log ``reason``."""
         aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(self.path, aside)
-        log.warning("%s: %s has %s; moved it to %s and building it again", label, self.path,
-                    reason, aside)
+        log.warning("%s: the stored file %s has %s; moved it to %s and building it again",
+                    label, self.path, reason, aside)
         return aside
 
 

@@ -3,7 +3,9 @@
 ``${scaled_lr:BASE_LR,BASE_BATCH}`` is the linear scaling rule (Goyal et al. 2017): a recipe
 published for a global batch of ``BASE_BATCH`` gets
 ``BASE_LR × data.batch_size × trainer.devices × trainer.num_nodes ×
-trainer.accumulate_grad_batches / BASE_BATCH``. The CIFAR and ImageNet recipes
+trainer.accumulate_grad_batches / BASE_BATCH``. A third argument replaces ``data.batch_size``:
+a teacher's recipe scales with its own batch,
+``${scaled_lr:0.05,64,${teacher.train.batch_size}}``. The CIFAR and ImageNet recipes
 (``conf/experiment/``) write their learning rates this way, so changing the batch size or the
 number of GPUs keeps the recipe's LR per sample; the resolved value is in the run's saved
 config and in the log. Write a number instead of the resolver to opt out.
@@ -18,8 +20,9 @@ from omegaconf import OmegaConf
 from kdlab.util.errors import KdlabError
 
 
-def global_batch_size(root: Any) -> int:
-    """Samples per optimizer step over all processes: batch × devices × nodes × accumulation."""
+def global_batch_size(root: Any, batch_size: int | None = None) -> int:
+    """Samples per optimizer step over all processes: batch (``data.batch_size`` unless
+    given) × devices × nodes × accumulation."""
     trainer = root.get("trainer") or {}
     devices = trainer.get("devices", 1)
     if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
@@ -31,15 +34,18 @@ def global_batch_size(root: Any) -> int:
                          "them) for ${scaled_lr:...} to know the global batch size")
     nodes = int(trainer.get("num_nodes", 1) or 1)
     accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
-    return int(root.data.batch_size) * devices * nodes * accumulate
+    batch = int(root.data.batch_size if batch_size is None else batch_size)
+    return batch * devices * nodes * accumulate
 
 
-def scaled_lr(base_lr: float, base_batch_size: int, *, _root_: Any) -> float:
-    """``base_lr`` scaled linearly from a global batch of ``base_batch_size`` to this run's."""
+def scaled_lr(base_lr: float, base_batch_size: int, batch_size: int | None = None, *,
+              _root_: Any) -> float:
+    """``base_lr`` scaled linearly from a global batch of ``base_batch_size`` to this run's
+    (with ``batch_size`` per process instead of ``data.batch_size`` when given)."""
     if float(base_batch_size) <= 0:
         raise KdlabError(f"${{scaled_lr:{base_lr},{base_batch_size}}}: the base batch size "
                          "must be positive")
-    return float(base_lr) * global_batch_size(_root_) / float(base_batch_size)
+    return float(base_lr) * global_batch_size(_root_, batch_size) / float(base_batch_size)
 
 
 def register() -> None:

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from kdlab.cli import check_overrides
-from kdlab.engine.build import build_strategy, strategy_name
 from kdlab.engine.module import DistillationModule
 from kdlab.engine.taps import Taps
 from kdlab.models import CNN, MLP
 from kdlab.models.paths import resolve_paths
+from kdlab.modes.build import build_strategy, strategy_name
 from kdlab.strategies import KD, Batch, Composite, Outputs, Strategy
 from kdlab.util.errors import KdlabError
 from tests.conftest import make_cfg

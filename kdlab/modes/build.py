@@ -1,4 +1,8 @@
-"""Turn config nodes into objects: datamodules, models, strategies, trainers."""
+"""The config turned into objects: datamodules, models, strategies, callbacks, loggers, and the
+engine's stage spec (:class:`~kdlab.engine.spec.StageSpec`).
+
+Only the modes read the config; this is where they turn it into what the engine takes. Every
+instantiation error names the config key it came from."""
 
 from __future__ import annotations
 
@@ -7,17 +11,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import kdlab.util.config  # noqa: F401 - registers ${scaled_lr:...}
 from kdlab.data.memory import InMemoryDataModule
-from kdlab.engine.module import LoopOptions
+from kdlab.engine.spec import (
+    NONFINITE_CHOICES,
+    CacheOptions,
+    CompileOptions,
+    LoopOptions,
+    Recipe,
+    StageSpec,
+)
+from kdlab.modes.resume import resume_checkpoint
 from kdlab.strategies.base import Strategy
 from kdlab.strategies.composite import Composite, qualify
 from kdlab.util.errors import KdlabError
@@ -26,7 +38,7 @@ from kdlab.util.tracking import RunLabels, is_wandb, stage_prefix, start_run, wa
 log = logging.getLogger(__name__)
 
 
-def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
+def instantiate_node(node: DictConfig, key: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` whose failures name the config key; our own errors pass."""
     try:
         return instantiate(node, **kwargs)
@@ -42,7 +54,7 @@ def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
 
 def build_datamodule(cfg: DictConfig, **overrides: Any) -> InMemoryDataModule:
     """The datamodule of ``cfg.data`` with some constructor arguments replaced."""
-    return _instantiate(cfg.data, "data", **overrides)
+    return instantiate_node(cfg.data, "data", **overrides)
 
 
 def build_model(model_cfg: DictConfig, data: InMemoryDataModule, key: str) -> nn.Module:
@@ -57,7 +69,7 @@ def build_model(model_cfg: DictConfig, data: InMemoryDataModule, key: str) -> nn
     if "num_classes" not in model_cfg:
         kwargs["num_classes"] = data.num_classes
     try:
-        model = _instantiate(model_cfg, key, **kwargs)
+        model = instantiate_node(model_cfg, key, **kwargs)
     except KdlabError as e:  # zoo errors say model.name=…: name the teacher's or student's
         if str(e).startswith("model."):
             raise KdlabError(f"{key.rsplit('.', 1)[0]}.{e}") from None
@@ -121,7 +133,7 @@ def build_strategy(cfg: DictConfig) -> Strategy | None:
     members = {}
     for name, node in strategy_configs(cfg).items():
         try:
-            member = _instantiate(node, f"distill.{name}")
+            member = instantiate_node(node, f"distill.{name}")
         except KdlabError as e:
             raise KdlabError(qualify(str(e), name)) from None
         if not isinstance(member, Strategy):
@@ -145,64 +157,77 @@ def run_labels(cfg: DictConfig) -> RunLabels:
                      folder=str(cfg.paths.output_dir))
 
 
-def build_trainer(
-    cfg: DictConfig, stage_dir: Path, stage: str, max_epochs: int | None = None,
-    loop: LoopOptions | None = None,
-    extra_callbacks: Sequence[Callback] = (),
-) -> L.Trainer:
-    """A Trainer for one stage (``teacher``, ``student``, ``baseline``) writing to ``stage_dir``:
-    its checkpoints in ``stage_dir/checkpoints``, its logs in ``stage_dir/logs``. Its callbacks
-    are those of ``cfg.callbacks`` followed by ``extra_callbacks``."""
+def is_target(node: DictConfig, cls: type) -> bool:
+    """Whether a config node's ``_target_`` names ``cls`` (by class name)."""
+    target = str(node.get("_target_", ""))
+    return target.rsplit(".", 1)[-1] == cls.__name__
+
+
+def stage_callbacks(cfg: DictConfig, folder: Path, monitor: str = "val/acc") -> list[Callback]:
+    """The callbacks of ``cfg.callbacks`` for one stage: checkpoints in
+    ``<folder>/checkpoints`` (a best-``val/acc`` one monitors ``monitor`` instead); progress
+    bars left out when ``trainer.enable_progress_bar`` is false."""
     callbacks: list[Callback] = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None or "_target_" not in node:
             continue
         if not cfg.trainer.get("enable_progress_bar", True) and "ProgressBar" in node._target_:
             continue
-        kwargs = {"dirpath": str(stage_dir / "checkpoints")} if _is(node, ModelCheckpoint) else {}
-        callbacks.append(_instantiate(node, f"callbacks.{name}", **kwargs))
-    callbacks += list(extra_callbacks)
-    loggers = []
+        kwargs: dict[str, Any] = {}
+        if is_target(node, ModelCheckpoint):
+            kwargs["dirpath"] = str(folder / "checkpoints")
+            if node.get("monitor") == "val/acc" and monitor != "val/acc":
+                kwargs["monitor"] = monitor
+        callbacks.append(instantiate_node(node, f"callbacks.{name}", **kwargs))
+    return callbacks
+
+
+def stage_loggers(cfg: DictConfig, folder: Path, stage: str) -> list[Logger]:
+    """The loggers of ``cfg.logger`` for one stage: files in ``<folder>/logs``; one W&B run
+    per job, shared by its stages (:mod:`kdlab.util.tracking`)."""
+    loggers: list[Logger] = []
     for name, node in (cfg.get("logger") or {}).items():
         if node is None or "_target_" not in node:
             continue
-        if is_wandb(node):  # one W&B run per job, shared by its stages (kdlab/util/tracking.py)
-            logger = _instantiate(node, f"logger.{name}",
-                                  **wandb_kwargs(run_labels(cfg), node, stage))
+        if is_wandb(node):
+            logger = instantiate_node(node, f"logger.{name}",
+                                      **wandb_kwargs(run_labels(cfg), node, stage))
             start_run(logger, stage_prefix(stage))
             loggers.append(logger)
             continue
-        kwargs: dict[str, Any] = {"save_dir": str(stage_dir / "logs")}
+        kwargs: dict[str, Any] = {"save_dir": str(folder / "logs")}
         if "name" in node and node.name is None:
             kwargs["name"] = f"{cfg.task_name}-{stage}"
-        loggers.append(_instantiate(node, f"logger.{name}", **kwargs))
-    trainer_cfg = cfg.trainer.copy()
-    with open_dict(trainer_cfg):
-        if max_epochs is not None:
-            trainer_cfg.max_epochs = max_epochs
-        for key in LOOP_KEYS:  # kdlab's training step does these (manual optimisation)
-            trainer_cfg.pop(key, None)
-        steps = (loop or loop_options(cfg)).steps_per_call
-        if steps > 1 and trainer_cfg.get("log_every_n_steps"):
-            # Lightning counts training-step calls: keep step logs every ~n batches
-            trainer_cfg.log_every_n_steps = max(1, int(trainer_cfg.log_every_n_steps) // steps)
-    return _instantiate(
-        trainer_cfg,
-        "trainer",
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=str(stage_dir),
-    )
+        loggers.append(instantiate_node(node, f"logger.{name}", **kwargs))
+    return loggers
 
 
-#: Trainer arguments that kdlab's training step implements itself (see :func:`loop_options`)
-LOOP_KEYS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
 #: ``steps_per_call: auto`` for in-memory data on one device (measured in docs/BENCHMARKS.md)
 AUTO_STEPS_PER_CALL = 64
+#: Lightning's Trainer, as ``trainer._target_`` may name it
+TRAINERS = ("lightning.pytorch.Trainer", "lightning.Trainer", "pytorch_lightning.Trainer",
+            "lightning.pytorch.trainer.trainer.Trainer")
+
+
+def trainer_args(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.trainer`` as plain Trainer arguments (Lightning's meaning; ``max_epochs`` comes
+    from each stage's recipe)."""
+    args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    target = args.pop("_target_", TRAINERS[0])
+    if target not in TRAINERS:
+        raise KdlabError(f"trainer._target_={target}: kdlab runs Lightning's Trainer "
+                         f"({TRAINERS[0]}); set its arguments under trainer")
+    return args
+
+
+def _distributed(trainer: DictConfig) -> bool:
+    return str(trainer.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed")) \
+        or trainer.get("devices", 1) not in (1, "1") or int(trainer.get("num_nodes", 1)) > 1
 
 
 def loop_options(cfg: DictConfig, in_memory: bool = True) -> LoopOptions:
-    """The training step's options from ``cfg.steps_per_call`` and ``cfg.trainer``.
+    """The loop's options from ``cfg.steps_per_call``, ``cfg.nonfinite_loss`` and
+    ``cfg.trainer`` (accumulation, clipping).
 
     ``steps_per_call: auto`` is :data:`AUTO_STEPS_PER_CALL` for data held in memory
     (``in_memory``) on one device, and 1 under DDP (one backward per forward), with
@@ -211,28 +236,29 @@ def loop_options(cfg: DictConfig, in_memory: bool = True) -> LoopOptions:
     batches at once)."""
     trainer = cfg.trainer
     value = cfg.get("steps_per_call", 1)
-    distributed = str(trainer.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed")) \
-        or trainer.get("devices", 1) not in (1, "1") or int(trainer.get("num_nodes", 1)) > 1
+    distributed = _distributed(trainer)
+    quick = bool(trainer.get("fast_dev_run"))
     if value == "auto":
-        # fast_dev_run means "one batch": a chunk would be AUTO_STEPS_PER_CALL of them
-        quick = bool(trainer.get("fast_dev_run"))
         steps = 1 if distributed or not in_memory or quick else AUTO_STEPS_PER_CALL
     else:
-        try:
-            steps = int(value)
-        except (TypeError, ValueError):
-            raise KdlabError(f"steps_per_call={value!r} must be a positive integer or auto") \
-                from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise KdlabError(f"steps_per_call={value!r} must be a positive integer or auto")
+        steps = int(value)
         if steps < 1:
             raise KdlabError(f"steps_per_call={steps} must be >= 1 (or auto)")
         if steps > 1 and distributed:
             raise KdlabError(f"steps_per_call={steps} needs a single device (DDP runs one "
                              "backward per forward): use steps_per_call=1 or auto")
+        if quick:  # fast_dev_run means "one batch"
+            steps = 1
     accumulate = trainer.get("accumulate_grad_batches")
-    accumulate = 1 if accumulate is None else int(accumulate)
-    if accumulate < 1:
+    accumulate = 1 if accumulate is None else accumulate
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise KdlabError(f"trainer.accumulate_grad_batches={accumulate} must be >= 1")
     clip = trainer.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or clip < 0):
+        raise KdlabError(f"trainer.gradient_clip_val={clip} must be a number >= 0 or null")
     algorithm = str(trainer.get("gradient_clip_algorithm") or "norm")
     if algorithm not in ("norm", "value"):
         raise KdlabError(f"trainer.gradient_clip_algorithm={algorithm} must be norm or value")
@@ -241,17 +267,71 @@ def loop_options(cfg: DictConfig, in_memory: bool = True) -> LoopOptions:
         raise KdlabError(f"nonfinite_loss={nonfinite} must be one of "
                          f"{', '.join(NONFINITE_CHOICES)}")
     return LoopOptions(steps_per_call=steps, accumulate_grad_batches=accumulate,
-                       gradient_clip_val=float(clip) if clip is not None else None,
+                       gradient_clip_val=float(clip) if clip else None,
                        gradient_clip_algorithm=algorithm, nonfinite_loss=nonfinite)
 
 
-#: what a NaN / infinite training loss does (LoopOptions.nonfinite_loss)
-NONFINITE_CHOICES = ("stop", "skip", "off")
+def cache_options(cfg: DictConfig) -> CacheOptions:
+    """``cfg.teacher_cache`` checked; cache files live in ``<paths.teacher_store>/cache``."""
+    options = cfg.get("teacher_cache") or {}
+    enabled = options.get("enabled", "auto")
+    if enabled not in (True, False, "auto"):
+        raise KdlabError(f"teacher_cache.enabled={enabled} must be true, false or auto")
+    max_mb = options.get("max_mb", 1024)
+    if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or max_mb < 0:
+        raise KdlabError(f"teacher_cache.max_mb={max_mb} must be a number >= 0")
+    folder = Path(cfg.paths.teacher_store) / "cache" if options.get("disk", True) else None
+    return CacheOptions(enabled=enabled, dtype=str(options.get("dtype", "float16")),
+                        folder=folder, max_mb=float(max_mb))
 
 
-def _is(node: DictConfig, cls: type) -> bool:
-    target = str(node.get("_target_", ""))
-    return target.rsplit(".", 1)[-1] == cls.__name__
+def compile_options(cfg: DictConfig) -> CompileOptions:
+    """``cfg.compile``: which networks ``torch.compile`` compiles, and its mode."""
+    options = cfg.get("compile") or {}
+    mode = options.get("mode", "default")
+    return CompileOptions(student=bool(options.get("student")),
+                          teacher=bool(options.get("teacher")),
+                          mode=None if mode in (None, "default") else str(mode))
+
+
+def has_target(node: DictConfig | None) -> bool:
+    """Whether a config node builds something (``scheduler=none`` is ``{_target_: null}``)."""
+    return node is not None and node.get("_target_") is not None
+
+
+def recipe(optimizer: DictConfig, scheduler: DictConfig | None, max_epochs: int,
+           key: str = "optimizer") -> Recipe:
+    """A stage's :class:`~kdlab.engine.spec.Recipe` from optimizer and scheduler configs
+    (Hydra ``_partial_`` nodes)."""
+    scheduler_key = "scheduler" if key == "optimizer" else key.replace("optimizer", "scheduler")
+    return Recipe(optimizer=instantiate_node(optimizer, key),
+                  scheduler=instantiate_node(scheduler, scheduler_key)
+                  if has_target(scheduler) else None,
+                  max_epochs=int(max_epochs))
+
+
+def stage_spec(cfg: DictConfig, name: str, folder: Path, student: nn.Module,
+               data: InMemoryDataModule, optimizer: DictConfig, scheduler: DictConfig | None,
+               max_epochs: int | None = None, teacher: nn.Module | None = None,
+               strategy: Strategy | None = None, ckpt_path: str | None = None,
+               callbacks: Sequence[Callback] = (), optimizer_key: str = "optimizer",
+               monitor: str = "val/acc") -> StageSpec:
+    """The engine's description of one stage from the run's config: the trainer, callbacks
+    and loggers of ``cfg`` for ``folder``, the recipe from ``optimizer`` / ``scheduler`` /
+    ``max_epochs`` (default ``trainer.max_epochs``), the loop options, the cache and compile
+    options. A resumed run continues the stage from ``<folder>/checkpoints/last.ckpt``."""
+    epochs = cfg.trainer.max_epochs if max_epochs is None else max_epochs
+    return StageSpec(
+        name=name, folder=folder, student=student, data=data,
+        recipe=recipe(optimizer, scheduler, epochs, optimizer_key),
+        loop=loop_options(cfg, in_memory=getattr(data, "in_memory", False)),
+        teacher=teacher, strategy=strategy, trainer=trainer_args(cfg),
+        callbacks=[*stage_callbacks(cfg, folder, monitor), *callbacks],
+        loggers=stage_loggers(cfg, folder, name),
+        cache=cache_options(cfg), compile=compile_options(cfg),
+        channels_last=bool(cfg.get("channels_last", False)),
+        hparams=to_container(cfg), ckpt_path=ckpt_path or resume_checkpoint(folder),
+        test_last=bool(cfg.get("test_last", False)), monitor=monitor)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
