@@ -7,7 +7,7 @@ The small public API (imported lazily, so ``import kdlab`` is cheap):
   (:mod:`kdlab.api`);
 - :class:`Strategy`, :class:`Outputs`, :class:`Batch`: the base of distillation strategies
   (:mod:`kdlab.strategies.base`);
-- :mod:`kdlab.models` (``kdlab.models.create("resnet8x4", num_classes=100)``) and
+- :mod:`kdlab.models` (``kdlab.models.create("resnet8x4", [3, 32, 32], 100)``) and
   :mod:`kdlab.data` (the datamodules);
 - :class:`KdlabError`: the error every user mistake raises, with a one-line message.
 

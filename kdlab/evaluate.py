@@ -23,8 +23,9 @@ from kdlab.modes.build import build_datamodule
 from kdlab.modes.checkpoints import checkpoint_student, load_run_config, run_teacher
 from kdlab.modes.runner import evaluate as evaluate_on
 from kdlab.util.config import CONF_DIR
+from kdlab.util.files import write_json
 from kdlab.util.measure import footprint, ratios
-from kdlab.util.report import model_name, write_json
+from kdlab.util.report import model_name
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from kdlab.modes.build import build_datamodule
 from kdlab.modes.checkpoints import checkpoint_student, load_run_config
 from kdlab.util.config import CONF_DIR
 from kdlab.util.errors import KdlabError
-from kdlab.util.report import model_name, write_json
+from kdlab.util.files import write_json
+from kdlab.util.report import model_name
 
 log = logging.getLogger(__name__)
 

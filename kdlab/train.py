@@ -24,7 +24,8 @@ from kdlab.modes.resume import prepare_run, resume_marker_matches, select_last_r
 from kdlab.util.config import CONF_DIR
 from kdlab.util.distributed import ddp_ranks_for_multirun_job, is_rank_zero
 from kdlab.util.errors import KdlabError
-from kdlab.util.report import markdown_table, print_table, write_json
+from kdlab.util.files import write_json
+from kdlab.util.report import markdown_table, print_table
 from kdlab.util.runtime import apply_speed_settings
 from kdlab.util.tracking import finish_run
 

@@ -34,8 +34,9 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path):
 
     from kdlab.engine.fit import build_trainer
     from kdlab.modes import mode_runner
-    from kdlab.modes.build import recipe, stage_callbacks, stage_spec
+    from kdlab.modes.build import recipe, stage_callbacks
     from kdlab.modes.compress import Compression
+    from kdlab.modes.runner import stage_spec
 
     cfg = make_cfg(tmp_path, [f"{group}={option}"])
     assert cfg.seed == 0

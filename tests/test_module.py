@@ -9,8 +9,8 @@ from hydra.utils import instantiate
 
 from kdlab.engine.fit import build_trainer
 from kdlab.engine.module import DistillationModule
-from kdlab.modes.build import build_datamodule, build_model, build_strategy, stage_spec
-from kdlab.modes.runner import train_stage
+from kdlab.modes.build import build_datamodule, build_model, build_strategy
+from kdlab.modes.runner import stage_spec, train_stage
 
 
 def _setup(cfg):

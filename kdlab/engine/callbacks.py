@@ -7,7 +7,9 @@ import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+
+from kdlab.engine.loop import ChunkedLoader
 
 
 class Throughput(Callback):
@@ -15,7 +17,13 @@ class Throughput(Callback):
 
     The clock runs from the start of an epoch to the end of its last training batch, so
     validation and checkpointing are not counted (they are the same work however fast the
-    loop is). Samples are counted from the batches themselves (the first tensor's length).
+    loop is). Samples are counted from the batches themselves (the first tensor's length; a
+    chunk's batches summed).
+
+    Why not Lightning's ``ThroughputMonitor``: it writes windowed rates to the loggers and keeps
+    no per-epoch history, while ``results.json`` and the benchmarks need one training rate per
+    epoch with validation and checkpointing left out; it also synchronises CUDA after every
+    training step and warns unless the module defines ``flops_per_batch``.
     """
 
     def __init__(self) -> None:
@@ -55,3 +63,40 @@ def batch_size(batch: Any) -> int:
             return sum(batch_size(b) for b in batch)
         batch = batch[0]
     return len(batch)
+
+
+class BatchProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar counting training *batches* when the loop runs chunks of
+    them (``steps_per_call``), as Lightning counts them with one batch per step; everything
+    else is ``TQDMProgressBar``'s (``refresh_rate`` counts batches too)."""
+
+    def __init__(self, refresh_rate: int = 1, leave: bool = False) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        self._done = 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        loader = self.trainer.train_dataloader
+        if isinstance(loader, ChunkedLoader):
+            return loader.num_batches
+        return super().total_train_batches
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._done = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not isinstance(trainer.train_dataloader, ChunkedLoader):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        before = self._done
+        self._done += len(batch)
+        bar = self.train_progress_bar
+        total = self.total_train_batches
+        if bar is None or bar.disable or not self.is_enabled:
+            return None
+        if self._done // self.refresh_rate > before // self.refresh_rate or self._done >= total:
+            bar.n = self._done
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+        return None

@@ -103,6 +103,7 @@ class DistillationModule(L.LightningModule):
         self.skipped_batches = 0  # batches whose loss was not finite (nonfinite_loss: skip)
         self._scheduler_interval: str | None = None
         self._backward_fn: Callable[[torch.Tensor], None] | None = None  # set at train start
+        self._stepped: list[nn.Parameter] = []  # the optimizer's parameters, set at train start
         #: whether training targets may be UNLABELLED (-1); False allows the plain mean CE
         self.has_unlabelled = True
         if strategy is not None and strategy.needs_teacher and teacher is None:
@@ -312,6 +313,8 @@ class DistillationModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._backward_fn = self._backward()
+        self._stepped = [p for optimizer in self.trainer.optimizers
+                         for group in optimizer.param_groups for p in group["params"]]
         clip = self.loop.gradient_clip_val
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if clip is not None and scaler is not None:
@@ -347,7 +350,8 @@ class DistillationModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.loop.gradient_clip_val,
                                 gradient_clip_algorithm=self.loop.gradient_clip_algorithm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for param in self._stepped:  # what zero_grad(set_to_none=True) does, without its
+            param.grad = None  # profiler scope and param-group walk (~10 µs a step on CPU)
         if self._micro_batches:  # (an nn.Module attribute write costs ~2 µs: skip it at 0)
             self._micro_batches = 0
         if scheduler is not None:

@@ -7,7 +7,6 @@ instantiation error names the config key it came from."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,7 @@ from kdlab.engine.spec import (
     CompileOptions,
     LoopOptions,
     Recipe,
-    StageSpec,
 )
-from kdlab.modes.resume import resume_checkpoint
 from kdlab.strategies.base import Strategy
 from kdlab.strategies.composite import Composite, qualify
 from kdlab.util.errors import KdlabError
@@ -203,7 +200,7 @@ def stage_loggers(cfg: DictConfig, folder: Path, stage: str) -> list[Logger]:
 
 
 #: ``steps_per_call: auto`` for in-memory data on one device (measured in docs/BENCHMARKS.md)
-AUTO_STEPS_PER_CALL = 64
+AUTO_STEPS_PER_CALL = 128
 #: Lightning's Trainer, as ``trainer._target_`` may name it
 TRAINERS = ("lightning.pytorch.Trainer", "lightning.Trainer", "pytorch_lightning.Trainer",
             "lightning.pytorch.trainer.trainer.Trainer")
@@ -308,30 +305,6 @@ def recipe(optimizer: DictConfig, scheduler: DictConfig | None, max_epochs: int,
                   scheduler=instantiate_node(scheduler, scheduler_key)
                   if has_target(scheduler) else None,
                   max_epochs=int(max_epochs))
-
-
-def stage_spec(cfg: DictConfig, name: str, folder: Path, student: nn.Module,
-               data: InMemoryDataModule, optimizer: DictConfig, scheduler: DictConfig | None,
-               max_epochs: int | None = None, teacher: nn.Module | None = None,
-               strategy: Strategy | None = None, ckpt_path: str | None = None,
-               callbacks: Sequence[Callback] = (), optimizer_key: str = "optimizer",
-               monitor: str = "val/acc") -> StageSpec:
-    """The engine's description of one stage from the run's config: the trainer, callbacks
-    and loggers of ``cfg`` for ``folder``, the recipe from ``optimizer`` / ``scheduler`` /
-    ``max_epochs`` (default ``trainer.max_epochs``), the loop options, the cache and compile
-    options. A resumed run continues the stage from ``<folder>/checkpoints/last.ckpt``."""
-    epochs = cfg.trainer.max_epochs if max_epochs is None else max_epochs
-    return StageSpec(
-        name=name, folder=folder, student=student, data=data,
-        recipe=recipe(optimizer, scheduler, epochs, optimizer_key),
-        loop=loop_options(cfg, in_memory=getattr(data, "in_memory", False)),
-        teacher=teacher, strategy=strategy, trainer=trainer_args(cfg),
-        callbacks=[*stage_callbacks(cfg, folder, monitor), *callbacks],
-        loggers=stage_loggers(cfg, folder, name),
-        cache=cache_options(cfg), compile=compile_options(cfg),
-        channels_last=bool(cfg.get("channels_last", False)),
-        hparams=to_container(cfg), ckpt_path=ckpt_path or resume_checkpoint(folder),
-        test_last=bool(cfg.get("test_last", False)), monitor=monitor)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

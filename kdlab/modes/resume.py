@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdlab.util.errors import KdlabError
-from kdlab.util.report import write_json
+from kdlab.util.files import write_json
 
 log = logging.getLogger(__name__)
 

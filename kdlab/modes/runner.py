@@ -17,10 +17,45 @@ from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.evaluate import evaluate_model
 from kdlab.engine.fit import StageResult, fit_module, fit_stage
 from kdlab.engine.module import DistillationModule, freeze
-from kdlab.modes.build import stage_spec
+from kdlab.engine.spec import StageSpec
+from kdlab.modes.build import (
+    cache_options,
+    compile_options,
+    loop_options,
+    recipe,
+    stage_callbacks,
+    stage_loggers,
+    to_container,
+    trainer_args,
+)
+from kdlab.modes.resume import resume_checkpoint
 from kdlab.strategies.base import Strategy
 from kdlab.util.measure import describe_model
 from kdlab.util.report import model_name  # noqa: F401 - re-exported
+
+
+def stage_spec(cfg: DictConfig, name: str, folder: Path, student: nn.Module,
+               data: InMemoryDataModule, optimizer: DictConfig, scheduler: DictConfig | None,
+               max_epochs: int | None = None, teacher: nn.Module | None = None,
+               strategy: Strategy | None = None, ckpt_path: str | None = None,
+               callbacks: Sequence[Callback] = (), optimizer_key: str = "optimizer",
+               monitor: str = "val/acc") -> StageSpec:
+    """The engine's description of one stage from the run's config: the trainer, callbacks
+    and loggers of ``cfg`` for ``folder``, the recipe from ``optimizer`` / ``scheduler`` /
+    ``max_epochs`` (default ``trainer.max_epochs``), the loop options, the cache and compile
+    options. A resumed run continues the stage from ``<folder>/checkpoints/last.ckpt``."""
+    epochs = cfg.trainer.max_epochs if max_epochs is None else max_epochs
+    return StageSpec(
+        name=name, folder=folder, student=student, data=data,
+        recipe=recipe(optimizer, scheduler, epochs, optimizer_key),
+        loop=loop_options(cfg, in_memory=getattr(data, "in_memory", False)),
+        teacher=teacher, strategy=strategy, trainer=trainer_args(cfg),
+        callbacks=[*stage_callbacks(cfg, folder, monitor), *callbacks],
+        loggers=stage_loggers(cfg, folder, name),
+        cache=cache_options(cfg), compile=compile_options(cfg),
+        channels_last=bool(cfg.get("channels_last", False)),
+        hparams=to_container(cfg), ckpt_path=ckpt_path or resume_checkpoint(folder),
+        test_last=bool(cfg.get("test_last", False)), monitor=monitor)
 
 
 def train_stage(cfg: DictConfig, name: str, folder: Path, student: nn.Module,

@@ -71,7 +71,12 @@ def new_head(model: nn.Module, pretrained: nn.Module, head: str) -> dict[str, An
 
 class FrozenBackbone(Callback):
     """Keeps every module outside ``head`` in eval mode while training (a linear probe: the
-    backbone's batch-norm statistics must not move either)."""
+    backbone's batch-norm statistics must not move either).
+
+    Why not Lightning's ``BaseFinetuning.freeze``: with ``train_bn=False`` it turns BatchNorm's
+    ``track_running_stats`` off, so in training mode the frozen backbone would normalise with
+    each batch's statistics instead of the pretrained ones — not the feature extractor that is
+    evaluated. Keeping the backbone in eval mode uses the pretrained statistics throughout."""
 
     def __init__(self, model: nn.Module, head: str) -> None:
         self.modules = [m for name, m in model.named_modules()

@@ -112,7 +112,7 @@ class VerifiedFile:
         """``torch.save(obj)`` atomically, then the sidecar with size, SHA-256 and ``meta``."""
         save_atomic(obj, self.path)
         record = {**(meta or {}), "bytes": self.path.stat().st_size, "sha256": sha256(self.path)}
-        write_json_atomic(self.sidecar, record)
+        write_json(self.sidecar, record)
 
     def move_aside(self, reason: str, label: str) -> Path:
         """Rename the damaged file to ``<name>.corrupt-<time>`` and log ``reason``."""
@@ -123,7 +123,7 @@ class VerifiedFile:
         return aside
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON through a temporary file in the same folder and a rename:
     readers see the old file or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 ROLES = ("teacher", "student", "baseline")
@@ -15,13 +12,6 @@ def model_name(model_cfg: Mapping[str, Any]) -> str:
     """A model config's ``name`` (zoo models: ``resnet8x4`` …), else the class name of its
     ``_target_`` (``CNN``, ``MLP`` …)."""
     return str(model_cfg.get("name") or str(model_cfg["_target_"]).rsplit(".", 1)[-1])
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON through a temporary file and a rename."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def table_rows(results: Mapping[str, Any]) -> list[list[str]]:

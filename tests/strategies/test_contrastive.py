@@ -166,10 +166,10 @@ def test_setup_needs_one_layer_per_side_and_the_training_split_size():
         crd.setup(probe, probe, 10)
 
 
-def test_crd_yaml_runs_fast_dev(tmp_path):
-    from tests.strategies.harness import run_fast_dev
+def test_crd_yaml_learns_in_a_short_run(tmp_path):
+    from tests.strategies.harness import assert_learned, run_short
 
-    results = run_fast_dev("crd", tmp_path)
+    results = run_short("crd", tmp_path)
     assert results["strategy"] == "crd"
     assert results["config"]["distill"]["crd"]["_target_"] == "kdlab.strategies.contrastive.CRD"
-    assert results["student"]["metrics"]["test/acc"] >= 0
+    assert_learned(results)

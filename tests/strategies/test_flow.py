@@ -1,6 +1,6 @@
 """FSP and KDSVD: losses against their formulas computed independently (plain Python, einsum,
-NumPy), gradient paths, the SVD backward, hyper-parameter checks and a fast_dev_run of each
-config."""
+NumPy), gradient paths, the SVD backward, hyper-parameter checks and a short run of each
+config that learns."""
 
 import math
 
@@ -225,8 +225,8 @@ def test_kdsvd_checks_k_and_channel_widths_against_the_layers():
 
 
 @pytest.mark.parametrize("distill", ["fsp", "kdsvd"])
-def test_fast_dev_run(distill, tmp_path):
-    from tests.strategies.harness import run_fast_dev
+def test_a_short_run_learns(distill, tmp_path):
+    from tests.strategies.harness import assert_learned, run_short
 
-    results = run_fast_dev(distill, tmp_path)
-    assert results["student"]["metrics"]["test/acc"] >= 0
+    results = run_short(distill, tmp_path)
+    assert_learned(results)
