@@ -11,7 +11,7 @@ wall-clock timers around their parts (a few hundred nanoseconds each) and every 
 in µs per batch, the median over the epochs after the first.
 
 kdlab's parts: ``DistillationModule.batch_loss`` (student forward, cache lookup, CE + KD),
-the backward pass, ``_optimizer_step`` (fused AdamW with Lightning's step counters), ``log``
+the backward pass, ``_optimizer_step`` (fused AdamW through Lightning's optimizer), ``log``
 (Lightning's ``self.log`` of the chunk's terms), the rest of ``training_step`` (finiteness
 test, the chunk's loop and means) and everything outside ``training_step`` (Lightning's loop,
 fetching the chunk: the index gathers, hooks, progress bar).
@@ -42,7 +42,7 @@ KDLAB_PARTS = ("training_step", "batch_loss", "_optimizer_step", "log")
 ROWS = [
     ("batch_loss", "forward + loss (kdlab: `batch_loss`: student forward, cache lookup, CE+KD)"),
     ("backward", "backward"),
-    ("step", "optimizer step (kdlab: fused AdamW and Lightning's step counters)"),
+    ("step", "optimizer step (kdlab: fused AdamW through Lightning's optimizer wrapper)"),
     ("log", "logging (`self.log` of the chunk's terms, per batch)"),
     ("rest", "rest of `training_step` (finiteness test, chunk loop, term means)"),
     ("outside", "outside the step: batch gathers (raw) / Lightning's loop and fetch (kdlab)"),

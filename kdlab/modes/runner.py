@@ -60,19 +60,14 @@ def stage_spec(cfg: DictConfig, name: str, folder: Path, student: nn.Module,
 
 def train_stage(cfg: DictConfig, name: str, folder: Path, student: nn.Module,
                 data: InMemoryDataModule, optimizer: DictConfig, scheduler: DictConfig | None,
-                max_epochs: int | None = None, teacher: nn.Module | None = None,
-                strategy: Strategy | None = None, ckpt_path: str | None = None,
-                callbacks: Sequence[Callback] = (), optimizer_key: str = "optimizer",
-                monitor: str = "val/acc") -> StageResult:
-    """Train ``student`` as stage ``name`` in ``folder`` (distilling from ``teacher`` with
-    ``strategy`` if given) with the run's trainer, loop, callbacks and loggers, and test its
-    best-validation checkpoint: the config becomes a :class:`~kdlab.engine.spec.StageSpec`
-    (:func:`kdlab.modes.build.stage_spec`) that the engine runs."""
-    spec = stage_spec(cfg, name, folder, student, data, optimizer, scheduler,
-                      max_epochs=max_epochs, teacher=teacher, strategy=strategy,
-                      ckpt_path=ckpt_path, callbacks=callbacks, optimizer_key=optimizer_key,
-                      monitor=monitor)
-    return fit_stage(spec)
+                **options: Any) -> StageResult:
+    """Train ``student`` as stage ``name`` in ``folder`` with the run's trainer, loop,
+    callbacks and loggers, and test its best-validation checkpoint: the config becomes a
+    :class:`~kdlab.engine.spec.StageSpec` (:func:`stage_spec`, whose keyword ``options`` —
+    ``teacher``, ``strategy``, ``max_epochs``, ``callbacks``, ``monitor`` … — it takes) that
+    the engine runs."""
+    return fit_stage(stage_spec(cfg, name, folder, student, data, optimizer, scheduler,
+                                **options))
 
 
 def train_module(cfg: DictConfig, name: str, folder: Path, module: DistillationModule,
