@@ -9,7 +9,9 @@ chain, combine or replace those stages. Each stage is run by the engine
 
 from __future__ import annotations
 
+import logging
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -17,17 +19,20 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from kdlab.cli import friendly_errors, guard_argv
+from kdlab.cli import fail, friendly_errors, guard_argv
+from kdlab.engine.fit import SKIPPED_WARNING
 from kdlab.modes import mode_runner
 from kdlab.modes.build import to_container
 from kdlab.modes.resume import prepare_run, resume_marker_matches, select_last_run, set_resuming
 from kdlab.util.config import CONF_DIR
 from kdlab.util.distributed import ddp_ranks_for_multirun_job, is_rank_zero
 from kdlab.util.errors import KdlabError
-from kdlab.util.files import write_json
+from kdlab.util.files import finite_json, write_json
 from kdlab.util.report import markdown_table, print_table
-from kdlab.util.runtime import apply_speed_settings
+from kdlab.util.runtime import RunStopped, apply_speed_settings, stop_on_signals
 from kdlab.util.tracking import finish_run
+
+log = logging.getLogger(__name__)
 
 
 def execute(cfg: DictConfig) -> dict[str, Any]:
@@ -60,18 +65,63 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     results["config"] = to_container(cfg)
     if not is_rank_zero():  # DDP: the other ranks ran every stage in step; rank 0 reports
         return results
+    results, nonfinite = finite_json(results)
+    if nonfinite:  # strict JSON readers reject NaN: null, and why
+        results["nonfinite"] = {"keys": nonfinite, "why": "these values were NaN or infinite "
+                                "(e.g. nonfinite_loss=off let a diverged loss through); JSON "
+                                "has no NaN, so they are written as null"}
     write_json(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(markdown_table(results) + "\n")
     finish_run(results)
     label = results.get("strategy") if mode == "offline" else mode
     print_table(results, title=f"{cfg.task_name}: {label} "
                                f"({results['wall_time_s']:.0f} s) → {run_dir}")
+    warn_about_the_results(results)
     return results
 
 
-#: :func:`execute` as the command line runs it: a :class:`KdlabError` is printed as one line on
-#: stderr and the process exits with code 2
-run = friendly_errors(execute)
+def warn_about_the_results(results: dict[str, Any]) -> None:
+    """The lines a reader of the table must not miss, last on stderr: stages that skipped
+    more than 1% of their batches, values that were not finite."""
+    for entry in results.get("stages") or []:
+        fraction = (entry.get("metrics") or {}).get("skipped_fraction") or 0
+        if fraction > SKIPPED_WARNING:
+            log.warning("kdlab: warning: stage %s skipped %.1f%% of its training batches "
+                        "(non-finite loss, nonfinite_loss=skip): its numbers are not those of "
+                        "a normal training", entry.get("stage"), 100 * fraction)
+    if results.get("nonfinite"):
+        log.warning("kdlab: warning: %s were not finite and are null in results.json",
+                    ", ".join(results["nonfinite"]["keys"]))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`execute` as the command line runs it: a :class:`KdlabError` is printed as one line
+    on stderr and the process exits with code 2; a run stopped by SIGTERM or Ctrl-C
+    (:class:`~kdlab.util.runtime.RunStopped`) exits with ``128 + signal`` after one line giving
+    the command that continues it."""
+    try:
+        with stop_on_signals():
+            return friendly_errors(execute)(cfg)
+    except RunStopped as stop:
+        fail(f"stopped by {stop} before the run finished (no results.json); the same command "
+             f"in the same folder continues it from its last checkpoint: "
+             f"{resume_command(cfg)}", code=stop.exit_code)
+        raise  # unreachable: fail() exits
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """``kdlab-train <the job's overrides> hydra.run.dir=<its folder>``: the command that
+    continues this run (a multirun job as a single run in its folder)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+    else:  # the Python API: the run's config is the composed one
+        overrides = []
+    folder = str(cfg.paths.output_dir)
+    overrides = [o for o in overrides if not o.startswith(("hydra.run.dir=", "paths.output_dir="))]
+    return " ".join(["kdlab-train", *(shlex.quote(o) for o in overrides),
+                     shlex.quote(f"hydra.run.dir={folder}")])
 
 
 def writable_folder(folder: Path, key: str) -> Path:

@@ -69,7 +69,7 @@ BATCH, LR, WD, T, ALPHA = 128, 3e-3, 1e-4, 4.0, 0.9
 def fashion_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     from kdlab.data import FashionMNISTDataModule
 
-    data = FashionMNISTDataModule(root=str(ROOT / "data"), num_labels=None)
+    data = FashionMNISTDataModule(num_labels=None)
     data.setup()
     return data.x_train, data.y_train
 
@@ -217,7 +217,7 @@ def kdlab_epochs(workdir: Path, teacher_ckpt: Path, epochs: int,
     base = [
         f"paths.output_dir={out}", f"paths.teacher_store={workdir}/teachers",
         f"paths.log_dir={workdir}/logs", f"teacher.ckpt={teacher_ckpt}", "teacher=cnn",
-        "student=mlp", "data.num_labels=null", f"data.root={ROOT / 'data'}", "scheduler=none",
+        "student=mlp", "data.num_labels=null", "scheduler=none",
         "baseline=false", f"trainer.max_epochs={epochs}", "latency.repeats=2",
     ]
     if paired:

@@ -63,3 +63,24 @@ def test_a_damaged_last_checkpoint_is_never_resumed_from(tmp_path):
             resume_checkpoint(stage)
     finally:
         set_resuming(False)
+
+
+def test_a_failed_json_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    """results.json and the sidecars go through a temporary file in the same folder and a
+    rename: a write that fails (here the rename) leaves the old file and no temporary."""
+    import os
+
+    from kdlab.util.files import write_json
+
+    path = tmp_path / "results.json"
+    write_json(path, {"a": 1, "nan": float("nan")})
+    assert json.loads(path.read_text()) == {"a": 1, "nan": None}  # strict JSON
+
+    def broken(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError):
+        write_json(path, {"a": 2})
+    assert json.loads(path.read_text())["a"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -39,6 +39,8 @@ CONFIG_CASES = [
      r"student.model.name=resnet8x5 is not a kdlab model \(did you mean resnet8x4"),
     (["data=cifar100"], r"cifar100 not found: data.root=data has no cifar-100-python/ .*"
                         r"data=synthetic_cifar100"),
+    (["data.root=/nonexistent/fashion"], r"data.root=/nonexistent/fashion does not exist: point "
+                                         r"it at the folder with the four idx files"),
     (["distill=fitnets", "distill.fitnets.student_layers=[stages.9]"],
      r"distill.fitnets.student_layers: 'stages.9' is not a module of CNN \(did you mean stages.1"),
     (["distill=at", "distill.at.teacher_layers=[blocks.1]"],
@@ -152,7 +154,7 @@ def test_missing_data_files_say_how_to_get_them(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "nowhere")
     line = _run_fails(make_cfg(tmp_path, [*FAST, f"data.root={tmp_path}/empty"]), capsys,
                       tmp_path / "run")
-    assert "Fashion-MNIST idx files not found in data.root=" in line
+    assert f"data.root={tmp_path}/empty does not exist" in line
     assert "apt-get install dataset-fashion-mnist" in line and "data.download=true" in line
 
 

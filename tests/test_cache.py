@@ -78,12 +78,20 @@ def test_a_cached_run_ends_where_a_live_run_does_and_the_cache_is_reused(
 def test_augmentation_runs_the_teacher_live_or_fails_when_the_cache_is_required(
         fast_cfg, caplog, capsys):
     caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
-    run(fast_cfg(*KD, "data.augment=true", "trainer.fast_dev_run=true"))
+    run(fast_cfg(*KD, "data.augment=true", "trainer.limit_train_batches=4"))
     assert "Teacher cache: off" in caplog.text and "data.augment=true" in caplog.text
     with pytest.raises(SystemExit) as exit_info:
         run(fast_cfg(*KD, "data.augment=true", "teacher_cache.enabled=true"))
     assert exit_info.value.code == 2
     assert "teacher_cache.enabled=true but data.augment=true" in capsys.readouterr().err
+
+
+def test_fast_dev_run_runs_the_teacher_live_instead_of_over_the_whole_split(fast_cfg, tmp_path,
+                                                                          caplog):
+    caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
+    run(fast_cfg(*KD, "trainer.fast_dev_run=true"))
+    assert "Teacher cache: off under trainer.fast_dev_run" in caplog.text
+    assert not list((tmp_path / "teachers").glob("cache/*.pt"))
 
 
 def test_features_too_large_for_the_budget_run_live(fast_cfg, tmp_path):

@@ -74,8 +74,25 @@ def test_missing_data_names_the_key_and_how_to_get_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "nowhere")
     dm = fm.FashionMNISTDataModule(root=str(tmp_path / "empty"))
-    with pytest.raises(KdlabError, match=r"data.root=.*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(KdlabError, match=r"data.root=.*empty does not exist: .*apt-get install "
+                                         r"dataset-fashion-mnist"):
         dm.setup()
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(KdlabError, match=r"holds no Fashion-MNIST idx files"):
+        fm.FashionMNISTDataModule(root=str(other)).setup()
+    missing = fm.FashionMNISTDataModule(root=None, download_dir=str(tmp_path / "nothing"))
+    with pytest.raises(KdlabError, match=r"not found in .*nothing \(paths.data_dir\) nor in"):
+        missing.setup()
+
+
+def test_a_data_root_without_the_files_never_falls_back_to_another_folder(tmp_path):
+    """Debian's copy is there, but data.root names another folder: that is an error."""
+    import kdlab.data.fashion_mnist as fm
+
+    assert fm.locate(None) == fm.DEBIAN_DIR  # the default finds the installed dataset
+    with pytest.raises(KdlabError, match=r"data.root=.*elsewhere does not exist"):
+        fm.FashionMNISTDataModule(root=str(tmp_path / "elsewhere")).setup()
 
 
 def test_bad_num_labels_is_reported():

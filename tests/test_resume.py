@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -121,3 +122,42 @@ def test_a_folder_of_another_unfinished_run_is_refused(fast_cfg, tmp_path):
         prepare_run(fast_cfg("distill=none"), folder)
     (folder / "results.json").write_text("{}")  # finished: the folder may be reused
     assert prepare_run(fast_cfg("distill=none"), folder) is False
+
+
+def test_sigterm_stops_with_a_nonzero_exit_and_the_command_that_resumes(tmp_path):
+    """A scheduler's stop (SIGTERM) in the middle of the student's training: exit code 143,
+    no results.json, one line with the command; that command finishes the run."""
+    folder, store = tmp_path / "run", tmp_path / "store"
+    command = _command(folder, store)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    student_last = folder / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while proc.poll() is None and not student_last.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the student's first epoch did"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not (folder / "results.json").exists()
+    (line,) = [x for x in stderr.splitlines() if x.startswith("kdlab: error: ")]
+    assert "stopped by SIGTERM before the run finished (no results.json)" in line
+    resume = line.split("continues it from its last checkpoint: ", 1)[1]
+    assert resume.startswith("kdlab-train ") and f"hydra.run.dir={folder}" in resume
+    args = shlex.split(resume)[1:]  # the line is a shell command
+    done = subprocess.run([sys.executable, "-m", "kdlab.train", *args], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Resuming " in done.stdout + done.stderr
+    assert json.loads((folder / "results.json").read_text())["student"]["metrics"]["epochs"] == 3
+
+
+def test_ctrl_c_and_sigterm_raise_run_stopped_with_the_shells_exit_code():
+    from kdlab.util.runtime import RunStopped, stop_on_signals
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with pytest.raises(RunStopped) as stopped, stop_on_signals():
+            os.kill(os.getpid(), signum)
+            time.sleep(1)
+        assert stopped.value.exit_code == 128 + signum and str(stopped.value) == signum.name
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from kdlab.data.idx import find_idx, read_idx
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.util.errors import KdlabError
+
+log = logging.getLogger(__name__)
 
 #: where Debian's ``dataset-fashion-mnist`` package installs the idx files
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -21,13 +24,15 @@ _STEMS = (
 )
 
 
-def locate(root: str | Path | None) -> Path | None:
-    """The first folder holding all four idx files: ``root``, ``root/FashionMNIST/raw``
-    (torchvision's layout), then Debian's package folder."""
-    candidates = []
+def locate(root: str | Path | None, search: str | Path | None = None) -> Path | None:
+    """The folder holding all four idx files. ``root`` given: ``root`` or ``root/FashionMNIST/raw``
+    (torchvision's layout) and nowhere else. ``root`` null: ``search`` (``paths.data_dir``, and
+    its torchvision layout), then Debian's package folder."""
     if root is not None:
-        candidates += [Path(root), Path(root) / "FashionMNIST" / "raw"]
-    candidates.append(DEBIAN_DIR)
+        candidates = [Path(root), Path(root) / "FashionMNIST" / "raw"]
+    else:
+        candidates = [Path(search), Path(search) / "FashionMNIST" / "raw"] if search else []
+        candidates.append(DEBIAN_DIR)
     for folder in candidates:
         if all(find_idx(folder, stem) for stem in _STEMS):
             return folder
@@ -58,36 +63,48 @@ class FashionMNISTDataModule(InMemoryDataModule):
     mean = 0.2860
     std = 0.3530
 
-    def __init__(self, root: str | None = None, download: bool = False, **kwargs) -> None:
+    def __init__(self, root: str | None = None, download: bool = False,
+                 download_dir: str | None = "data", **kwargs) -> None:
         super().__init__(**kwargs)
         self.root = root
         self.download = download
+        self.download_dir = download_dir
 
     def prepare_data(self) -> None:
-        if locate(self.root) is None and self.download:
+        if locate(self.root, self.download_dir) is None and self.download:
             from torchvision.datasets import FashionMNIST
 
+            target = str(self.root or self.download_dir or "data")
             try:
-                FashionMNIST(str(self.root or "data"), train=True, download=True)
-                FashionMNIST(str(self.root or "data"), train=False, download=True)
+                FashionMNIST(target, train=True, download=True)
+                FashionMNIST(target, train=False, download=True)
             except Exception as e:  # no network, or the mirror is down
                 raise KdlabError(
-                    f"data.download=true could not download Fashion-MNIST into {self.root} "
+                    f"data.download=true could not download Fashion-MNIST into {target} "
                     f"({type(e).__name__}: {e}); install it offline with "
                     "`apt-get install dataset-fashion-mnist` or set data.root=FOLDER"
                 ) from None
 
     def source(self) -> str:
-        folder = locate(self.root)
+        folder = locate(self.root, self.download_dir)
         return str(folder.resolve()) if folder is not None else f"missing:{self.root}"
 
     def load(self) -> tuple[torch.Tensor, ...]:
         self.prepare_data()
-        folder = locate(self.root)
+        folder = locate(self.root, self.download_dir)
+        if folder is None and self.root is not None:  # never another folder than the one named
+            problem = "does not exist" if not Path(self.root).exists() else \
+                "holds no Fashion-MNIST idx files (nor its FashionMNIST/raw/)"
+            raise KdlabError(
+                f"data.root={self.root} {problem}: point it at the folder with the four idx "
+                f"files, or data.root=null to search paths.data_dir ({self.download_dir}) and "
+                f"Debian's {DEBIAN_DIR} (apt-get install dataset-fashion-mnist), or add "
+                "data.download=true (needs internet)")
         if folder is None:
             raise KdlabError(
-                f"Fashion-MNIST idx files not found in data.root={self.root} nor in "
-                f"{DEBIAN_DIR}: run `apt-get install dataset-fashion-mnist`, set "
+                f"Fashion-MNIST idx files not found in {self.download_dir} (paths.data_dir) nor "
+                f"in {DEBIAN_DIR}: run `apt-get install dataset-fashion-mnist`, set "
                 "data.root=FOLDER, or data.download=true (needs internet)"
             )
+        log.info("Fashion-MNIST: the idx files in %s", folder.resolve())
         return _read(folder)

@@ -170,10 +170,12 @@ def _per_sample_bytes(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
 
 def prepare_cache(options: CacheOptions, teacher: nn.Module | None, taps: Taps | None,
                   x_train: torch.Tensor | None, augment: bool, channels_last: bool,
-                  mix: str = "none") -> TeacherCache | None:
+                  mix: str = "none", quick: bool = False) -> TeacherCache | None:
     """The cache for this stage per ``options`` (``teacher_cache.*``), or ``None`` (a live
     teacher). Random augmentation (``augment``) and batch mixing (``mix`` other than ``none``,
-    see :mod:`kdlab.data.mix`) change the student's input every step, so they rule it out."""
+    see :mod:`kdlab.data.mix`) change the student's input every step, so they rule it out. A
+    ``quick`` stage (``trainer.fast_dev_run``: a few batches) runs the teacher live rather than
+    over the whole training split, unless the cache is required."""
     enabled = options.enabled
     if teacher is None:
         return None
@@ -191,6 +193,11 @@ def prepare_cache(options: CacheOptions, teacher: nn.Module | None, taps: Taps |
                              "teacher_cache.enabled=auto to run the teacher live instead")
         log.info("Teacher cache: off, the teacher runs every step (%s)", reason)
 
+    if quick and enabled != True:  # noqa: E712 - auto, not required
+        log.info("Teacher cache: off under trainer.fast_dev_run (a few batches): the teacher "
+                 "runs live instead of over all %s training samples",
+                 len(x_train) if x_train is not None else "the")
+        return None
     if mix not in (None, "none"):
         live(f"data.mix={mix} gives the student a new mixed view every step, which the "
              "teacher must see too (consistent teaching)")

@@ -30,6 +30,9 @@ from kdlab.util.runtime import release_free_memory
 
 log = logging.getLogger(__name__)
 
+#: the fraction of skipped batches (``nonfinite_loss=skip``) above which a stage is flagged
+SKIPPED_WARNING = 0.01
+
 
 @dataclass
 class StageResult:
@@ -80,7 +83,8 @@ def build_module(spec: StageSpec) -> DistillationModule:
     if spec.strategy is not None and spec.strategy.needs_teacher:
         module.teacher_cache = prepare_cache(spec.cache, module.teacher, module.teacher_taps,
                                              getattr(data, "x_train", None), data.augment,
-                                             spec.channels_last, mix=getattr(data, "mix", "none"))
+                                             spec.channels_last, mix=getattr(data, "mix", "none"),
+                                             quick=bool(spec.trainer.get("fast_dev_run")))
     compile_models(spec.compile, module)
     return module
 
@@ -140,8 +144,15 @@ def fit_module(spec: StageSpec, module: DistillationModule) -> StageResult:
     metrics["epochs"] = epochs
     if last_acc is not None:
         metrics["last/test/acc"] = last_acc
-    if getattr(module, "skipped_batches", 0):
-        metrics["skipped_batches"] = module.skipped_batches
+    skipped = getattr(module, "skipped_batches", 0)
+    if skipped:  # nonfinite_loss=skip dropped batches: say how many, loudly past 1%
+        seen = max(1, getattr(module, "_batches_seen", skipped))
+        metrics["skipped_batches"] = skipped
+        metrics["skipped_fraction"] = skipped / seen
+        if skipped / seen > SKIPPED_WARNING:
+            log.warning("[%s] %d of %d training batches (%.1f%%) were skipped for a non-finite "
+                        "loss: this stage's result is not that of a normal training",
+                        spec.name, skipped, seen, 100 * skipped / seen)
     return StageResult(module=module, metrics=metrics, best_ckpt=best, last_ckpt=last,
                        samples_per_s=list(speed))
 

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -123,13 +124,31 @@ class VerifiedFile:
         return aside
 
 
+def finite_json(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (strict JSON has no NaN),
+    and the dotted keys where that happened."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [where or "."]
+    if isinstance(obj, dict):
+        out, keys = {}, []
+        for k, v in obj.items():
+            out[k], found = finite_json(v, f"{where}.{k}" if where else str(k))
+            keys += found
+        return out, keys
+    if isinstance(obj, (list, tuple)):
+        items = [finite_json(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [v for v, _ in items], [k for _, found in items for k in found]
+    return obj, []
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON through a temporary file in the same folder and a rename:
-    readers see the old file or the complete new one."""
+    """Write ``obj`` as strict, indented JSON (a non-finite float becomes ``null``:
+    :func:`finite_json`) through a temporary file in the same folder and a rename: readers see
+    the old file or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        tmp.write_text(json.dumps(finite_json(obj)[0], indent=2, default=str, allow_nan=False))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,8 +22,12 @@ def table_rows(results: Mapping[str, Any]) -> list[list[str]]:
         {"stage": role, **results[role]} for role in ROLES if results.get(role)]
     for entry in entries:
         metrics = entry.get("metrics", {})
+        stage = str(entry.get("stage", ""))
+        if metrics.get("skipped_batches"):  # nonfinite_loss=skip: never hidden
+            stage += (f" (skipped {int(metrics['skipped_batches'])} batches, "
+                      f"{100 * metrics.get('skipped_fraction', 0):.1f}%)")
         rows.append([
-            str(entry.get("stage", "")),
+            stage,
             str(entry.get("model", "")),
             f"{entry['params']:,}",
             _pct(metrics.get("test/acc")),
@@ -37,7 +41,9 @@ HEADERS = ["stage", "model", "params", "test acc %", "val acc %", "CPU ms/batch"
 
 
 def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.2f}"
+    if value is None or value != value:  # missing, or NaN (written as null in results.json)
+        return "—"
+    return f"{100 * value:.2f}"
 
 
 def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -1,12 +1,18 @@
-"""Process-level speed settings applied when a run starts."""
+"""Process-level settings of a run: allocator and NVML speed settings, memory handed back
+between stages, and signals that stop a run (:class:`RunStopped`)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +107,39 @@ def apply_speed_settings(tune_malloc: bool = True) -> None:
     skip_failing_nvml_check()
     if tune_malloc:
         tune_allocator()
+
+
+class RunStopped(BaseException):
+    """The run was stopped by a signal before it finished: SIGTERM (a scheduler's stop,
+    ``timeout``) or SIGINT (Ctrl-C). A ``BaseException``, like ``KeyboardInterrupt``, so that
+    no ``except Exception`` on the way swallows it; the command line exits with
+    ``128 + signal`` and the command that resumes the run (:mod:`kdlab.train`)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signal number``, as a shell reports a process killed by the signal."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT raise :class:`RunStopped` (in the main thread;
+    elsewhere nothing changes). Lightning's own SIGTERM handler, installed while a Trainer fits,
+    calls this one after noting the signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise RunStopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
