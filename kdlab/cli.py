@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdlab.util.config import config_groups, group_options
+from omegaconf import DictConfig, OmegaConf
+
+from kdlab.util.config import CONF_DIR, config_groups, group_options
 from kdlab.util.errors import KdlabError, close_matches
 
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp",
@@ -118,6 +121,45 @@ def check_overrides(argv: Sequence[str]) -> None:
                                      f"{', '.join(options)}{_zoo_hint(plain, choice)}")
 
 
+def check_keys(argv: Sequence[str]) -> None:
+    """Fail in one line, with the close matches, on an override of a key that does not exist
+    (``distill.kd.temprature=2``): Hydra's own message is several lines and suggests ``+key``,
+    which would add the misspelt key. Composes the config once (a multirun's sweeps are left to
+    Hydra, and so is any other composition error)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    pairs, multirun, dirs = overrides(argv)
+    if multirun or any(k.lstrip("+~") in ("hparams_search", "hydra/sweeper") for k, _ in pairs):
+        return
+    task = [f"{k}={v}" for k, v in pairs if not k.lstrip("+~").startswith("hydra")]
+    if dirs:
+        task.insert(0, "hydra.searchpath=[" + ",".join(f"file://{Path(d).resolve()}"
+                                                       for d in dirs) + "]")
+    key = None
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            try:
+                compose("train", overrides=task)
+                return
+            except ConfigCompositionException as e:
+                match = re.search(r"Could not override '([^']+)'", str(e))
+                if match is None:
+                    return
+                key = match.group(1)
+            base = compose("train", overrides=[o for o in task
+                                               if o.split("=", 1)[0].lstrip("~") != key])
+    except Exception:  # noqa: BLE001 - anything else is Hydra's to report, as it would
+        return
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(base, parent) if parent else base
+    siblings = [str(k) for k in node] if isinstance(node, DictConfig) else []
+    where = f"under {parent}" if parent else "at the top level"
+    raise KdlabError(f"{key}: no such key {where}{close_matches(leaf, siblings)}; the keys "
+                     f"there: {', '.join(siblings) or 'none'} (+{key}=… adds a key, only for a "
+                     "class that takes it)")
+
+
 def _comma_message(key: str, value: str, items: list[str], group: bool) -> str:
     first, second = items[0].strip(), items[1].strip()
     if group:
@@ -195,6 +237,7 @@ def guard_argv() -> None:
     )
     try:
         check_overrides(sys.argv[1:])
+        check_keys(sys.argv[1:])
         check_plugins(sys.argv[1:])
     except KdlabError as e:
         fail(str(e))

@@ -23,6 +23,7 @@ from kdlab.cli import fail, friendly_errors, guard_argv
 from kdlab.engine.fit import SKIPPED_WARNING
 from kdlab.modes import mode_runner
 from kdlab.modes.build import to_container
+from kdlab.modes.checks import check_values
 from kdlab.modes.resume import prepare_run, resume_marker_matches, select_last_run, set_resuming
 from kdlab.util.config import CONF_DIR
 from kdlab.util.distributed import ddp_ranks_for_multirun_job, is_rank_zero
@@ -40,6 +41,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     A user's mistake raises :class:`KdlabError` (:func:`run` turns it into one line and exit
     code 2, as the command line does)."""
     start = time.perf_counter()
+    check_values(cfg)  # types and ranges, before anything is built or trained
     apply_speed_settings(bool(cfg.get("tune_allocator", True)))
     select_last_run(cfg)  # ckpt_path=last: the newest unfinished run of this config
     run_dir = writable_folder(Path(cfg.paths.output_dir), "paths.output_dir")

@@ -31,6 +31,9 @@ CLI_CASES = [
     (["distill=kd,dkd"], r"distill=kd,dkd is a comma list, which Hydra runs as a sweep: add -m "
                          r".*distill=\[kd,dkd\] is one run that uses both"),
     (["scheduler=null"], r"scheduler=null selects no option .*write scheduler=none"),
+    (["distill.kd.temprature=2"], r"distill.kd.temprature: no such key under distill.kd \(did you "
+                                  r"mean temperature\?\)"),
+    (["sed=3"], r"sed: no such key at the top level \(did you mean seed"),
 ]
 
 #: config values caught when the run builds its parts
@@ -64,15 +67,21 @@ CONFIG_CASES = [
     (["data.classes=[11,2]"], r"data.classes=\[11, 2\] has unknown class ids \[11\]"),
     (["data.num_labels=5"], r"data.num_labels=5 is below the number of classes \(10\)"),
     (["data.val_size=70000"], r"data.val_size=70000 leaves no training images"),
-    (["data.batch_size=0"], r"data.batch_size=0 must be positive"),
+    (["data.batch_size=0"], r"data.batch_size=0 must be a positive integer"),
     (["data.mix=cutmixx"], r"data.mix=cutmixx must be one of none, mixup, cutmix"),
     (["ckpt_path=/nonexistent/last.ckpt"], r"ckpt_path=/nonexistent/last.ckpt does not exist"),
     (["trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0 must be >= 1"),
     (["trainer.gradient_clip_algorithm=foo"], r"gradient_clip_algorithm=foo must be norm or"),
-    (["trainer.max_epochs=-5"], r"trainer could not be built: `max_epochs` must be"),
+    (["trainer.max_epochs=-5"], r"trainer.max_epochs=-5 must be an integer >= -1"),
+    (["trainer.max_epochs=two"], r"trainer.max_epochs='two' must be an integer >= -1"),
+    (["seed=abc"], r"seed='abc' must be an integer"),
+    (["optimizer.lr=abc"], r"optimizer.lr='abc' must be a number > 0"),
+    (["data.num_labels=none"], r"data.num_labels='none' must be a positive integer, or null"),
+    (["data.eval_batch_size=0"], r"data.eval_batch_size=0 must be a positive integer"),
+    (["teacher.train.batch_size=-8"], r"teacher.train.batch_size=-8 must be a positive integer"),
     (["steps_per_call=0"], r"steps_per_call=0 must be >= 1 \(or auto\)"),
     (["nonfinite_loss=ignore"], r"nonfinite_loss=ignore must be one of stop, skip, off"),
-    (["optimizer.lr=-1"], r"optimizer \(or teacher.train.optimizer\): Invalid learning rate"),
+    (["optimizer.lr=-1"], r"optimizer.lr=-1 must be a number > 0"),
     (["latency.batch_size=0"], r"latency.batch_size=0 must be a positive integer"),
     (["teacher_cache.dtype=float8"], r"teacher_cache.dtype=float8 must be one of float16"),
     (["compress=prune", "compress.prune.amount=1.5"], r"compress.prune.amount=1.5 must be a"),

@@ -1,5 +1,7 @@
 """The Fashion-MNIST datamodule: splits, labelled subset, transfer set, augmentation."""
 
+import logging
+
 import pytest
 import torch
 
@@ -98,3 +100,11 @@ def test_a_data_root_without_the_files_never_falls_back_to_another_folder(tmp_pa
 def test_bad_num_labels_is_reported():
     with pytest.raises(KdlabError, match="data.num_labels=5"):
         FashionMNISTDataModule(num_labels=5)
+
+
+def test_a_batch_larger_than_the_data_is_one_full_batch_with_a_note(caplog):
+    dm = FashionMNISTDataModule(batch_size=100_000, num_labels=None)
+    with caplog.at_level(logging.WARNING):
+        dm.setup()
+    assert dm.batch_size == 55_000 and len(dm.train_dataloader()) == 1
+    assert "data.batch_size=100000 is more than the 55000 training samples" in caplog.text

@@ -49,7 +49,7 @@ def test_free_memory_held_inside_the_heap_is_returned_between_stages():
         "def rss():\n"
         "    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
         "big = [torch.ones(2**18) for _ in range(300)]  # 300 x 1 MB, under the mmap threshold\n"
-        "pin = torch.ones(16)  # allocated above them: the heap's top stays in use\n"
+        "pin = torch.ones(2**18)  # 1 MB above them (no free chunk below fits it): the top\n"
         "del big\n"
         "held = rss()\n"
         "print(release_free_memory(), round(held - rss()))\n"

@@ -18,6 +18,7 @@ dataset never train on each other's validation images.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,8 @@ from kdlab.data.loader import BatchLoader
 from kdlab.data.mix import check_mix, mix_batch
 from kdlab.util.errors import KdlabError
 from kdlab.util.files import tensor_digest
+
+log = logging.getLogger(__name__)
 
 UNLABELLED = -1  #: target value of a transfer-set sample whose label is hidden
 #: the normalised splits of the last dataset set up, shared by datamodules (read-only tensors)
@@ -226,6 +229,11 @@ class InMemoryDataModule(L.LightningDataModule):
         if self.classes is not None:  # copies: the shared full splits stay untouched
             self._restrict(self.classes)
         n_train = len(self.x_train)
+        if self.batch_size > n_train:  # one batch per epoch: say so, never a larger tensor
+            log.warning("data.batch_size=%d is more than the %d training samples: each epoch "
+                        "is one batch of %d (full-batch training)", self.batch_size, n_train,
+                        n_train)
+            self.batch_size = n_train
         if self.num_labels is None:
             self.labelled = torch.arange(n_train)
         else:
