@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from kdlab.cli import fail, friendly_errors, guard_argv
@@ -46,9 +47,8 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     select_last_run(cfg)  # ckpt_path=last: the newest unfinished run of this config
     run_dir = writable_folder(Path(cfg.paths.output_dir), "paths.output_dir")
     check_latency(cfg)
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
-        raise KdlabError(f"ckpt_path={cfg.ckpt_path} does not exist: give a last.ckpt to resume, "
-                         "or ckpt_path=last")
+    if cfg.ckpt_path:
+        check_checkpoint(Path(cfg.ckpt_path))
     if is_rank_zero():
         prepare_run(cfg, run_dir)  # resume the run in this folder if it has the same config
     else:
@@ -124,6 +124,26 @@ def resume_command(cfg: DictConfig) -> str:
     overrides = [o for o in overrides if not o.startswith(("hydra.run.dir=", "paths.output_dir="))]
     return " ".join(["kdlab-train", *(shlex.quote(o) for o in overrides),
                      shlex.quote(f"hydra.run.dir={folder}")])
+
+
+def check_checkpoint(path: Path) -> None:
+    """``ckpt_path`` is a kdlab (Lightning) checkpoint that loads with ``weights_only=True``:
+    a missing file, a folder, a file of another kind or one that would run code is one line."""
+    if path.is_dir():
+        raise KdlabError(f"ckpt_path={path} is a folder: give the last.ckpt inside its "
+                         "checkpoints/ to resume, or ckpt_path=last")
+    if not path.is_file():
+        raise KdlabError(f"ckpt_path={path} does not exist: give a last.ckpt to resume, "
+                         "or ckpt_path=last")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - not a checkpoint, damaged, or code to run
+        raise KdlabError(f"ckpt_path={path} is not a checkpoint that loads safely with "
+                         f"weights_only=True ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:150] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
+        raise KdlabError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict and "
+                         "epoch): give a run's checkpoints/last.ckpt")
 
 
 def writable_folder(folder: Path, key: str) -> Path:

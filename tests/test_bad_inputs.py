@@ -200,3 +200,77 @@ def test_kdlab_eval_of_a_file_that_is_no_kdlab_checkpoint(tmp_path, capsys):
 
 def test_the_catalogue_has_at_least_25_cases():
     assert len(CLI_CASES) + len(CONFIG_CASES) + 6 >= 25
+
+
+def _idx_files(folder: Path, images, labels, test_labels=None) -> None:
+    """Fashion-MNIST's four idx files in ``folder``: ``images`` ``(n, h, w)`` uint8."""
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    for prefix, x, y in (("train", images, labels),
+                         ("t10k", images[:50], labels[:50] if test_labels is None
+                          else test_labels)):
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3]) + np.array(x.shape, ">i4").tobytes() + x.numpy().tobytes())
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            bytes([0, 0, 8, 1]) + np.array([len(y)], ">i4").tobytes() + y.numpy().tobytes())
+
+
+def _broken_data(kind: str, folder: Path) -> None:
+    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
+    labels = (torch.arange(300) % 10).to(torch.uint8)
+    if kind == "count":
+        _idx_files(folder, images, labels[:250])
+    elif kind == "shape":
+        _idx_files(folder, torch.zeros(300, 32, 32, dtype=torch.uint8), labels)
+    elif kind == "labels":
+        _idx_files(folder, images, torch.full((300,), 12, dtype=torch.uint8))
+    else:
+        _idx_files(folder, images, labels)
+        target = folder / "train-images-idx3-ubyte"
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2] if kind == "truncated" else b"GIF89a" * 100)
+
+
+@pytest.mark.parametrize("kind, pattern", [
+    ("garbage", r"cannot be read: .*train-images-idx3-ubyte is not an IDX file"),
+    ("truncated", r"cannot be read: .*train-images-idx3-ubyte is truncated"),
+    ("count", r"the training split has 300 images but 250 labels"),
+    ("shape", r"training images of shape \[1, 32, 32\], not \[1, 28, 28\]"),
+    ("labels", r"300 training labels outside 0\.\.9, e\.g\. \[12\]"),
+])
+def test_bad_data_files_are_one_line_naming_the_folder(kind, pattern, tmp_path, capsys):
+    folder = tmp_path / "fashion"
+    _broken_data(kind, folder)
+    line = _run_fails(make_cfg(tmp_path, [*FAST, f"data.root={folder}", "data.val_size=50",
+                                          "data.num_labels=null"]), capsys, tmp_path / "run")
+    assert re.search(pattern, line), line
+    assert str(folder) in line
+
+
+@pytest.mark.parametrize("kind, pattern", [
+    ("folder", r"ckpt_path=.* is a folder: give the last\.ckpt"),
+    ("text", r"ckpt_path=.* is not a checkpoint that loads safely with weights_only=True"),
+    ("state_dict", r"ckpt_path=.* is not a Lightning checkpoint \(no state_dict and epoch\)"),
+    ("evil", r"ckpt_path=.* is not a checkpoint that loads safely with weights_only=True"),
+])
+def test_a_ckpt_path_that_is_not_a_checkpoint_is_one_line(kind, pattern, tmp_path, capsys):
+    path = tmp_path / "thing"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "text":
+        path.write_text("not a checkpoint")
+    elif kind == "state_dict":
+        torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    else:
+        with path.open("wb") as f:
+            pickle.dump({"state_dict": _Payload()}, f)
+    line = _run_fails(make_cfg(tmp_path, [*FAST, f"ckpt_path={path}"]), capsys, tmp_path / "run")
+    assert re.search(pattern, line), line
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_a_folder_as_teacher_ckpt_is_named(tmp_path, capsys):
+    line = _run_fails(make_cfg(tmp_path, [*FAST, f"teacher.ckpt={tmp_path}"]), capsys,
+                      tmp_path / "run")
+    assert f"teacher.ckpt={tmp_path} is a folder, not a weights file" in line

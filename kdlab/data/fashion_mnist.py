@@ -107,4 +107,9 @@ class FashionMNISTDataModule(InMemoryDataModule):
                 "data.root=FOLDER, or data.download=true (needs internet)"
             )
         log.info("Fashion-MNIST: the idx files in %s", folder.resolve())
-        return _read(folder)
+        try:
+            return _read(folder)
+        except (ValueError, OSError, EOFError) as e:  # garbage, truncated, a broken .gz
+            raise KdlabError(f"Fashion-MNIST in {folder} cannot be read: {e}; replace the "
+                             "files (apt-get install --reinstall dataset-fashion-mnist, or "
+                             "data.download=true into an empty data.root)") from None

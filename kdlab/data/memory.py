@@ -269,8 +269,29 @@ class InMemoryDataModule(L.LightningDataModule):
         split share their tensors instead of holding a copy each."""
         return ""
 
+    def _check_loaded(self, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                      y_test: torch.Tensor) -> None:
+        """What :meth:`load` read is a dataset of this module's shape and classes: as many
+        labels as images, images of ``input_shape``, labels in ``0..classes-1``; anything else
+        is one line naming the data's source."""
+        source = self.source() or self.name
+        for split, x, y in (("training", x_train, y_train), ("test", x_test, y_test)):
+            if len(x) != len(y):
+                raise KdlabError(f"{self.name} ({source}): the {split} split has {len(x)} images "
+                                 f"but {len(y)} labels: its image and label files do not belong "
+                                 "together")
+            if tuple(x.shape[1:]) != tuple(self.input_shape):
+                raise KdlabError(f"{self.name} ({source}): {split} images of shape "
+                                 f"{list(x.shape[1:])}, not {list(self.input_shape)}")
+            bad = y[(y < 0) | (y >= self.dataset_classes)]
+            if len(bad):
+                raise KdlabError(f"{self.name} ({source}): {len(bad)} {split} labels outside "
+                                 f"0..{self.dataset_classes - 1}, e.g. "
+                                 f"{sorted({int(v) for v in bad[:100]})[:5]}")
+
     def _split(self) -> dict[str, Any]:
         x_train, y_train, x_test, y_test = self.load()
+        self._check_loaded(x_train, y_train, x_test, y_test)
         n = len(x_train)
         if self.val_size >= n:
             raise KdlabError(f"data.val_size={self.val_size} leaves no training images (of {n})")

@@ -36,6 +36,9 @@ def load_weights(path: str | Path, key: str = "teacher.ckpt") -> dict[str, torch
     or a plain state dict — always with ``torch.load(weights_only=True)``; errors name
     ``key``."""
     path = Path(path)
+    if path.is_dir():
+        raise KdlabError(f"{key}={path} is a folder, not a weights file: give the teacher.pt, "
+                         "checkpoint or state dict inside it")
     if not path.is_file():
         raise KdlabError(f"{key}={path} does not exist: give an existing file, or "
                          "teacher.ckpt=null to train (or reuse) a teacher from the store")
