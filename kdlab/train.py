@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from kdlab.cli import fail, friendly_errors, guard_argv
@@ -29,7 +28,7 @@ from kdlab.modes.resume import prepare_run, resume_marker_matches, select_last_r
 from kdlab.util.config import CONF_DIR
 from kdlab.util.distributed import ddp_ranks_for_multirun_job, is_rank_zero
 from kdlab.util.errors import KdlabError
-from kdlab.util.files import finite_json, write_json
+from kdlab.util.files import finite_json, load_safely, write_json
 from kdlab.util.report import markdown_table, print_table
 from kdlab.util.runtime import RunStopped, apply_speed_settings, stop_on_signals
 from kdlab.util.tracking import finish_run
@@ -129,18 +128,9 @@ def resume_command(cfg: DictConfig) -> str:
 def check_checkpoint(path: Path) -> None:
     """``ckpt_path`` is a kdlab (Lightning) checkpoint that loads with ``weights_only=True``:
     a missing file, a folder, a file of another kind or one that would run code is one line."""
-    if path.is_dir():
-        raise KdlabError(f"ckpt_path={path} is a folder: give the last.ckpt inside its "
-                         "checkpoints/ to resume, or ckpt_path=last")
-    if not path.is_file():
-        raise KdlabError(f"ckpt_path={path} does not exist: give a last.ckpt to resume, "
-                         "or ckpt_path=last")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - not a checkpoint, damaged, or code to run
-        raise KdlabError(f"ckpt_path={path} is not a checkpoint that loads safely with "
-                         f"weights_only=True ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:150] if str(e) else ''})") from None
+    ckpt = load_safely(path, "ckpt_path", missing="give a last.ckpt to resume, or "
+                       "ckpt_path=last", folder="give the last.ckpt inside its checkpoints/ to "
+                       "resume, or ckpt_path=last")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
         raise KdlabError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict and "
                          "epoch): give a run's checkpoints/last.ckpt")

@@ -250,9 +250,9 @@ def test_bad_data_files_are_one_line_naming_the_folder(kind, pattern, tmp_path, 
 
 @pytest.mark.parametrize("kind, pattern", [
     ("folder", r"ckpt_path=.* is a folder: give the last\.ckpt"),
-    ("text", r"ckpt_path=.* is not a checkpoint that loads safely with weights_only=True"),
+    ("text", r"ckpt_path=.* could not be loaded with weights_only=True"),
     ("state_dict", r"ckpt_path=.* is not a Lightning checkpoint \(no state_dict and epoch\)"),
-    ("evil", r"ckpt_path=.* is not a checkpoint that loads safely with weights_only=True"),
+    ("evil", r"ckpt_path=.* could not be loaded with weights_only=True"),
 ])
 def test_a_ckpt_path_that_is_not_a_checkpoint_is_one_line(kind, pattern, tmp_path, capsys):
     path = tmp_path / "thing"
@@ -273,4 +273,4 @@ def test_a_ckpt_path_that_is_not_a_checkpoint_is_one_line(kind, pattern, tmp_pat
 def test_a_folder_as_teacher_ckpt_is_named(tmp_path, capsys):
     line = _run_fails(make_cfg(tmp_path, [*FAST, f"teacher.ckpt={tmp_path}"]), capsys,
                       tmp_path / "run")
-    assert f"teacher.ckpt={tmp_path} is a folder, not a weights file" in line
+    assert f"teacher.ckpt={tmp_path} is a folder: give the teacher.pt" in line

@@ -26,7 +26,7 @@ from torch import nn
 
 from kdlab.util.distributed import is_rank_zero
 from kdlab.util.errors import KdlabError
-from kdlab.util.files import VerifiedFile, locked
+from kdlab.util.files import VerifiedFile, load_safely, locked
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +36,9 @@ def load_weights(path: str | Path, key: str = "teacher.ckpt") -> dict[str, torch
     or a plain state dict — always with ``torch.load(weights_only=True)``; errors name
     ``key``."""
     path = Path(path)
-    if path.is_dir():
-        raise KdlabError(f"{key}={path} is a folder, not a weights file: give the teacher.pt, "
-                         "checkpoint or state dict inside it")
-    if not path.is_file():
-        raise KdlabError(f"{key}={path} does not exist: give an existing file, or "
-                         "teacher.ckpt=null to train (or reuse) a teacher from the store")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise KdlabError(f"{key}={path} could not be loaded with weights_only=True "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    obj = load_safely(path, key, missing="give an existing file, or teacher.ckpt=null to train "
+                      "(or reuse) a teacher from the store",
+                      folder="give the teacher.pt, checkpoint or state dict inside it")
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping):
         raise KdlabError(f"{key}={path} holds no state dict")

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from kdlab.util.errors import KdlabError
+
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +57,23 @@ def tensor_digest(*tensors: torch.Tensor, extra: str = "") -> str:
         if t.numel():  # the tensor's own buffer: no copy of a 170 MB training set
             digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def load_safely(path: Path, key: str, missing: str, folder: str) -> Any:
+    """``torch.load(weights_only=True)`` of a file a user named with ``key``: a folder, a missing
+    file, or a file that does not load safely (another format, damaged, or a pickle that would
+    run code) is one :class:`KdlabError` line naming it, ending in ``missing`` / ``folder``."""
+    path = Path(path)
+    if path.is_dir():
+        raise KdlabError(f"{key}={path} is a folder: {folder}")
+    if not path.is_file():
+        raise KdlabError(f"{key}={path} does not exist: {missing}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch says, the line is the same
+        detail = str(e).splitlines()[0][:150] if str(e) else ""
+        raise KdlabError(f"{key}={path} could not be loaded with weights_only=True "
+                         f"({type(e).__name__}: {detail})") from None
 
 
 def sha256(path: Path) -> str:
