@@ -28,7 +28,7 @@ from kdlab.modes.resume import prepare_run, resume_marker_matches, select_last_r
 from kdlab.util.config import CONF_DIR
 from kdlab.util.distributed import ddp_ranks_for_multirun_job, is_rank_zero
 from kdlab.util.errors import KdlabError
-from kdlab.util.files import finite_json, load_safely, write_json
+from kdlab.util.files import finite_json, load_safely, write_atomic, write_json
 from kdlab.util.report import markdown_table, print_table
 from kdlab.util.runtime import RunStopped, apply_speed_settings, stop_on_signals
 from kdlab.util.tracking import finish_run
@@ -72,7 +72,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
                                 "(e.g. nonfinite_loss=off let a diverged loss through); JSON "
                                 "has no NaN, so they are written as null"}
     write_json(run_dir / "results.json", results)
-    (run_dir / "results.md").write_text(markdown_table(results) + "\n")
+    write_atomic(run_dir / "results.md", (markdown_table(results) + "\n").encode())
     finish_run(results)
     label = results.get("strategy") if mode == "offline" else mode
     print_table(results, title=f"{cfg.task_name}: {label} "

@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kdlab.data.mix import check_stage
 from kdlab.engine.cache import prepare_cache
 from kdlab.engine.callbacks import Throughput
+from kdlab.engine.checkpoint_io import AtomicCheckpointIO
 from kdlab.engine.loop import trainer_arguments
 from kdlab.engine.module import DistillationModule
 from kdlab.engine.spec import CompileOptions, StageSpec
@@ -103,6 +104,8 @@ def build_trainer(spec: StageSpec, module: DistillationModule
     args, data = trainer_arguments(dict(spec.trainer), module.loop.steps_per_call, spec.data)
     args["max_epochs"] = spec.recipe.max_epochs
     try:
+        # checkpoints renamed into place in their folder, never copied from /tmp
+        args["plugins"] = [*(args.get("plugins") or []), AtomicCheckpointIO()]
         trainer = L.Trainer(**args, callbacks=list(spec.callbacks),
                             logger=list(spec.loggers) or False,
                             default_root_dir=str(spec.folder))

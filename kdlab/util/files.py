@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -36,14 +38,50 @@ def locked(path: Path) -> Iterator[None]:
 
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``: readers
-    see the old file or the complete new one, never a partial write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    see the old file or the complete new one, never a partial write (:func:`write_atomic`)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getbuffer())
+
+
+#: the one function that puts bytes on disk for :func:`write_atomic` (tests replace it to
+#: simulate a full disk half-way through a write)
+def _write_all(handle: BinaryIO, data: memoryview | bytes) -> None:
+    handle.write(data)
+
+
+def write_atomic(path: Path, data: memoryview | bytes) -> None:
+    """Write ``data`` to a temporary file in ``path``'s folder (never the system's temporary
+    folder: a rename within one filesystem is atomic, a copy across two is not), flush it to
+    the disk, then rename it over ``path``. On any write error (a full disk, a quota, a file
+    size limit) the temporary file is removed, ``path`` keeps its previous content, and the
+    error is one :class:`KdlabError` line naming ``path``, the bytes it needed and the space
+    left there."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            _write_all(handle, data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise KdlabError(write_failure(path, len(data), e)) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_failure(path: Path, needed: int, error: OSError) -> str:
+    """The line for a failed write: the path, why, the space it needed and the space left."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MB free there"
+    except OSError:
+        free = "the free space there is unknown"
+    kept = f"the previous {path.name} is intact" if path.exists() else "nothing was left there"
+    return (f"could not write {path} ({error.strerror or type(error).__name__}): it needs "
+            f"{needed / 2**20:.1f} MB, {free}; {kept}. Free some space (or point paths.log_dir "
+            "at another disk) and run the same command again to continue")
 
 
 def tensor_digest(*tensors: torch.Tensor, extra: str = "") -> str:
@@ -162,12 +200,7 @@ def finite_json(obj: Any, where: str = "") -> tuple[Any, list[str]]:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as strict, indented JSON (a non-finite float becomes ``null``:
-    :func:`finite_json`) through a temporary file in the same folder and a rename: readers see
-    the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(finite_json(obj)[0], indent=2, default=str, allow_nan=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    :func:`finite_json`) atomically (:func:`write_atomic`): readers see the old file or the
+    complete new one."""
+    text = json.dumps(finite_json(obj)[0], indent=2, default=str, allow_nan=False)
+    write_atomic(Path(path), text.encode())
