@@ -91,6 +91,23 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
         a, b = _weights(expected[role]["last_ckpt"]), _weights(resumed[role]["last_ckpt"])
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{role} weights differ after resume"
+    # every stage's metrics.csv holds the whole history, each row once, as if never stopped
+    files = sorted(p.relative_to(reference) for p in reference.rglob("metrics.csv"))
+    assert len(files) == 3 and files == sorted(p.relative_to(folder)
+                                               for p in folder.rglob("metrics.csv"))
+    for name in files:
+        assert _history(folder / name) == _history(reference / name), name
+    assert not list(folder.rglob("*.before-resume"))
+
+
+def _history(path: Path) -> list[tuple]:
+    """A metrics.csv's rows without the timing columns (speed/…), sorted."""
+    import csv
+
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return sorted(tuple(sorted((k, v) for k, v in r.items() if v and not k.startswith("speed/")))
+                  for r in rows)
 
 
 def test_ckpt_path_last_finds_the_unfinished_run(fast_cfg, tmp_path):

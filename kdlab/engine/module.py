@@ -179,6 +179,7 @@ class DistillationModule(L.LightningModule):
         return self.student(self._input(x))
 
     def on_train_epoch_start(self) -> None:
+        self.flush_logs()  # the previous epoch's rows logged after its checkpoint
         if self.strategy is not None:
             self.strategy.on_epoch_start(self.current_epoch)
 
@@ -302,6 +303,16 @@ class DistillationModule(L.LightningModule):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["kdlab_rng"] = rng
+        # written at the end of an epoch (the resumed run starts the next one) or inside it
+        checkpoint["kdlab_epoch_done"] = bool(self.trainer.is_last_batch)
+        self.flush_logs()  # the rows up to this checkpoint are on disk if the run is killed
+
+    def flush_logs(self) -> None:
+        """Write what the loggers hold (the CSV logger keeps up to 100 rows in memory): called
+        at each checkpoint and epoch start, so a killed run loses no row a resume would not
+        log again (:mod:`kdlab.engine.history`)."""
+        for logger in self.trainer.loggers:
+            logger.save()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng = checkpoint.get("kdlab_rng")

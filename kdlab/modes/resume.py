@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kdlab.engine.history import BACKUP_SUFFIX, ReplayHistory, csv_metrics_files, rows_to_keep
 from kdlab.util.errors import KdlabError
 from kdlab.util.files import write_json
 
@@ -127,3 +129,18 @@ def resume_checkpoint(stage_dir: Path) -> str | None:
                          "over") from None
     log.info("Resuming %s from %s", stage_dir, last)
     return str(last)
+
+
+def history_callback(loggers: list[Logger], ckpt_path: str | None) -> ReplayHistory | None:
+    """When a stage resumes from ``ckpt_path``: the callback that keeps the metrics its CSV
+    logger wrote before the stop (:mod:`kdlab.engine.history`), or ``None``."""
+    if not ckpt_path:
+        return None
+    files = csv_metrics_files(loggers)
+    if not files:
+        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    rows = rows_to_keep(files[0], int(ckpt.get("epoch", 0)),
+                        bool(ckpt.get("kdlab_epoch_done", True)))
+    backup = files[0].with_name(files[0].name + BACKUP_SUFFIX)
+    return ReplayHistory(rows, backup) if rows else None

@@ -28,7 +28,7 @@ from kdlab.modes.build import (
     to_container,
     trainer_args,
 )
-from kdlab.modes.resume import resume_checkpoint
+from kdlab.modes.resume import history_callback, resume_checkpoint
 from kdlab.strategies.base import Strategy
 from kdlab.util.measure import describe_model
 from kdlab.util.report import model_name  # noqa: F401 - re-exported
@@ -45,16 +45,19 @@ def stage_spec(cfg: DictConfig, name: str, folder: Path, student: nn.Module,
     ``max_epochs`` (default ``trainer.max_epochs``), the loop options, the cache and compile
     options. A resumed run continues the stage from ``<folder>/checkpoints/last.ckpt``."""
     epochs = cfg.trainer.max_epochs if max_epochs is None else max_epochs
+    resume = ckpt_path or resume_checkpoint(folder)
+    loggers = stage_loggers(cfg, folder, name)
+    history = history_callback(loggers, resume)  # the metrics logged before a stop
     return StageSpec(
         name=name, folder=folder, student=student, data=data,
         recipe=recipe(optimizer, scheduler, epochs, optimizer_key),
         loop=loop_options(cfg, in_memory=getattr(data, "in_memory", False)),
         teacher=teacher, strategy=strategy, trainer=trainer_args(cfg),
-        callbacks=[*stage_callbacks(cfg, folder, monitor), *callbacks],
-        loggers=stage_loggers(cfg, folder, name),
-        cache=cache_options(cfg), compile=compile_options(cfg),
+        callbacks=[*stage_callbacks(cfg, folder, monitor), *callbacks,
+                   *([history] if history else [])],
+        loggers=loggers, cache=cache_options(cfg), compile=compile_options(cfg),
         channels_last=bool(cfg.get("channels_last", False)),
-        hparams=to_container(cfg), ckpt_path=ckpt_path or resume_checkpoint(folder),
+        hparams=to_container(cfg), ckpt_path=resume,
         test_last=bool(cfg.get("test_last", False)), monitor=monitor)
 
 
