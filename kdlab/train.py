@@ -13,18 +13,27 @@ import logging
 import os
 import shlex
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from kdlab.cli import fail, friendly_errors, guard_argv
 from kdlab.engine.fit import SKIPPED_WARNING
 from kdlab.modes import mode_runner
 from kdlab.modes.build import to_container
 from kdlab.modes.checks import check_values
-from kdlab.modes.resume import prepare_run, resume_marker_matches, select_last_run, set_resuming
+from kdlab.modes.resume import (
+    continue_unfinished,
+    followed_folder,
+    hold_run_folder,
+    prepare_run,
+    resume_marker_matches,
+    select_last_run,
+    set_resuming,
+)
 from kdlab.util.config import CONF_DIR
 from kdlab.util.distributed import ddp_ranks_for_multirun_job, is_rank_zero
 from kdlab.util.errors import KdlabError
@@ -44,29 +53,50 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     check_values(cfg)  # types and ranges, before anything is built or trained
     apply_speed_settings(bool(cfg.get("tune_allocator", True)))
     select_last_run(cfg)  # ckpt_path=last: the newest unfinished run of this config
+    if is_rank_zero():
+        if not folder_chosen():  # the plain re-run continues the newest unfinished one
+            continue_unfinished(cfg, Path(cfg.paths.output_dir))
+    else:  # DDP: the other ranks follow rank 0 to the folder it continued in
+        follow_rank_zero(cfg)
     run_dir = writable_folder(Path(cfg.paths.output_dir), "paths.output_dir")
     check_latency(cfg)
     if cfg.ckpt_path:
         check_checkpoint(Path(cfg.ckpt_path))
-    if is_rank_zero():
-        prepare_run(cfg, run_dir)  # resume the run in this folder if it has the same config
-    else:
-        set_resuming(resume_marker_matches(cfg, run_dir))
+    with ExitStack() as held:
+        if is_rank_zero():
+            held.enter_context(hold_run_folder(run_dir))  # one run per folder
+            prepare_run(cfg, run_dir)  # resume the run in this folder if it has the same config
+        else:
+            set_resuming(resume_marker_matches(cfg, run_dir))
+        results = run_mode(cfg, run_dir)
+        results["wall_time_s"] = time.perf_counter() - start
+        results["config"] = to_container(cfg)
+        if is_rank_zero():  # DDP: the other ranks ran every stage in step; rank 0 reports
+            report(cfg, results, run_dir)
+    return results
+
+
+def run_mode(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The run's mode in ``run_dir``: its stages, as ``results.json`` entries."""
     mode = str((cfg.get("mode") or {}).get("name", "offline"))
     trainer = cfg.trainer
     try:
         # a multirun job with DDP starts its other ranks here (after the folder is marked)
         with ddp_ranks_for_multirun_job(str(trainer.get("strategy", "auto")),
                                         trainer.get("devices", 1), trainer.get("num_nodes", 1)):
-            results = {"run_dir": str(run_dir), **mode_runner(mode)(cfg, run_dir)}
+            return {"run_dir": str(run_dir), **mode_runner(mode)(cfg, run_dir)}
     except BaseException:
         finish_run(None)  # a W&B run of this job ends as failed, not left open
         raise
-    results["wall_time_s"] = time.perf_counter() - start
-    results["config"] = to_container(cfg)
-    if not is_rank_zero():  # DDP: the other ranks ran every stage in step; rank 0 reports
-        return results
-    results, nonfinite = finite_json(results)
+
+
+def report(cfg: DictConfig, results: dict[str, Any], run_dir: Path) -> None:
+    """Write ``results.json`` (strict JSON: NaN as null, and why) and ``results.md``, end the
+    W&B run, print the table and the warnings a reader must not miss."""
+    mode = str((cfg.get("mode") or {}).get("name", "offline"))
+    clean, nonfinite = finite_json(results)
+    results.clear()
+    results.update(clean)
     if nonfinite:  # strict JSON readers reject NaN: null, and why
         results["nonfinite"] = {"keys": nonfinite, "why": "these values were NaN or infinite "
                                 "(e.g. nonfinite_loss=off let a diverged loss through); JSON "
@@ -78,7 +108,27 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     print_table(results, title=f"{cfg.task_name}: {label} "
                                f"({results['wall_time_s']:.0f} s) → {run_dir}")
     warn_about_the_results(results)
-    return results
+
+
+def folder_chosen() -> bool:
+    """Whether the user named the run's folder (``hydra.run.dir``, ``hydra.sweep.dir``,
+    ``paths.output_dir``, or the Python API): then it is the run's, and a re-run resumes only
+    the run in it; otherwise Hydra made a fresh one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return True
+    overrides = HydraConfig.get().overrides
+    keys = ("hydra.run.dir=", "hydra.sweep.dir=", "hydra.sweep.subdir=", "paths.output_dir=")
+    return any(o.lstrip("+~").startswith(keys) for o in [*overrides.hydra, *overrides.task])
+
+
+def follow_rank_zero(cfg: DictConfig) -> None:
+    """A DDP rank other than 0 works in the folder rank 0 continued in, if it did."""
+    folder = followed_folder(Path(cfg.paths.output_dir))
+    if folder is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(folder)
 
 
 def warn_about_the_results(results: dict[str, Any]) -> None:

@@ -178,3 +178,81 @@ def test_ctrl_c_and_sigterm_raise_run_stopped_with_the_shells_exit_code():
             time.sleep(1)
         assert stopped.value.exit_code == 128 + signum and str(stopped.value) == signum.name
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+
+def test_the_run_key_leaves_out_where_the_run_writes(tmp_path):
+    """The default CSV logger's save_dir is ${paths.output_dir}: two launches of one config in
+    two folders (and other log, store folders) are the same run."""
+    from kdlab.modes.resume import run_key
+    from tests.conftest import make_cfg
+
+    a, b = make_cfg(tmp_path / "a", FAST), make_cfg(tmp_path / "b", FAST)
+    assert a.logger.csv.save_dir != b.logger.csv.save_dir
+    assert run_key(a) == run_key(b)
+    assert run_key(a) != run_key(make_cfg(tmp_path / "a", [*FAST, "seed=7"]))
+
+
+def _stop_when(proc: subprocess.Popen, path_glob: str, log_dir: Path) -> None:
+    """SIGTERM ``proc`` as soon as a file matching ``path_glob`` exists under ``log_dir``."""
+    deadline = time.time() + 300
+    while proc.poll() is None and not list(log_dir.glob(path_glob)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+def test_the_plain_rerun_continues_the_unfinished_run_teacher_included(tmp_path):
+    """No hydra.run.dir: each launch gets a fresh Hydra folder. Stopped while the teacher
+    trains, the same command continues that run in its folder (teacher from its last.ckpt);
+    stopped again in the student, ckpt_path=last finishes it there."""
+    logs, store = tmp_path / "logs", tmp_path / "store"
+    command = [sys.executable, "-m", "kdlab.train", *ARGS, f"paths.log_dir={logs}",
+               f"paths.teacher_store={store}", "trainer.deterministic=false"]
+
+    def launch():
+        return subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    _stop_when(launch(), "runs/*/teacher/checkpoints/last.ckpt", logs)
+    (first,) = list((logs / "runs").iterdir())
+    time.sleep(1.1)  # Hydra's folders are named by the second
+    proc = launch()
+    _stop_when(proc, "runs/*/checkpoints/last.ckpt", logs)
+    second = [f for f in (logs / "runs").iterdir() if f != first]
+    assert len(second) == 1 and json.loads((second[0] / "kdlab_continued.json").read_text()) \
+        == {"continued_in": str(first)}
+    assert not (second[0] / "checkpoints").exists()  # nothing trained in the fresh folder
+    assert "Resuming " in (first / "train.log").read_text()  # the teacher went on mid-way
+    time.sleep(1.1)
+    done = subprocess.run([*command, "ckpt_path=last"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((first / "results.json").read_text())
+    assert results["student"]["metrics"]["epochs"] == 3
+    teacher = torch.load(first / "teacher" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert teacher["epoch"] == 1  # its 2 epochs, trained in the first folder
+    assert not [f for f in (logs / "runs").iterdir() if (f / "results.json").exists()
+                and f != first]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(fast_cfg, tmp_path):
+    """The first run holds the folder's lock: a second one into it is one line naming the
+    first (pid), and a folder in use is never picked to be continued."""
+    from kdlab.modes.resume import MARKER, find_unfinished, hold_run_folder, run_key
+    from kdlab.train import execute
+    from kdlab.util.errors import KdlabError
+
+    cfg = fast_cfg()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / MARKER).write_text(json.dumps({"key": run_key(cfg)}))
+    with hold_run_folder(folder):
+        with pytest.raises(KdlabError, match=rf"paths.output_dir={folder} is in use by another "
+                                             rf"kdlab run \(pid {os.getpid()} on .* since "):
+            execute(cfg)
+        assert find_unfinished(tmp_path, run_key(cfg)) is None
+    (tmp_path / "runs").mkdir()
+    os.replace(folder, tmp_path / "runs" / "old")
+    assert find_unfinished(tmp_path, run_key(cfg)) == tmp_path / "runs" / "old"

@@ -9,17 +9,28 @@ the loader's data order is a function of (seed, epoch), so on CPU with
 ``trainer.deterministic=true`` the resumed run ends where an uninterrupted one does. A stage
 that had finished resumes at its last epoch and trains no further; a stored teacher is reused.
 
-With Hydra's timestamped run folders, ``ckpt_path=last`` finds the newest unfinished run of the
-same config under ``paths.log_dir`` and continues in its folder.
+With Hydra's timestamped run folders, the plain re-run of the same command (no
+``hydra.run.dir``) continues the newest unfinished run of the same config under
+``paths.log_dir`` in its folder (:func:`continue_unfinished`; ``resume=false`` starts anew),
+and ``ckpt_path=last`` does so or fails if there is none. The config's identity leaves out
+where the run writes, so the run's own folder never makes two launches differ. A run holds its
+folder's lock (:func:`hold_run_folder`) while it works: a second run into the same folder is
+refused, and a folder in use is never continued.
 """
 
 from __future__ import annotations
 
 import contextvars
+import copy
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +45,23 @@ from kdlab.util.files import write_json
 log = logging.getLogger(__name__)
 
 MARKER = "kdlab_run.json"
+#: in a folder Hydra made for a launch that continued an unfinished run: where it went
+POINTER = "kdlab_continued.json"
+#: held (``flock``) by the run working in a folder
+LOCK = ".kdlab.lock"
 #: config keys that say where a run writes, or how it shows progress, not what it computes
 VOLATILE = ("paths", "ckpt_path", "resume", "hydra")
 _resuming: contextvars.ContextVar[bool] = contextvars.ContextVar("kdlab_resuming", default=False)
 
 
 def run_key(cfg: DictConfig) -> str:
-    """A hash of the resolved config without the keys of :data:`VOLATILE` and progress bars."""
+    """A hash of the resolved config without the keys of :data:`VOLATILE` and progress bars.
+    The run's own folder is replaced by a placeholder before resolving, so values derived
+    from it (the default CSV logger's ``save_dir: ${paths.output_dir}``) do not make two
+    launches of the same config differ."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = "<run folder>"
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     for key in VOLATILE:
         config.pop(key, None)
@@ -56,12 +77,14 @@ def _marker(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def find_unfinished(log_dir: Path, key: str) -> Path | None:
-    """The newest run folder under ``log_dir`` with this config and no ``results.json``."""
+def find_unfinished(log_dir: Path, key: str, exclude: Path | None = None) -> Path | None:
+    """The newest run folder under ``log_dir`` with this config, no ``results.json`` and no
+    run working in it now (``exclude``: a folder not to return, the launch's own)."""
     candidates = [p.parent for p in [*log_dir.glob(f"runs/*/{MARKER}"),
                                      *log_dir.glob(f"multiruns/*/*/{MARKER}")]]
     unfinished = [f for f in candidates if (_marker(f) or {}).get("key") == key
-                  and not (f / "results.json").exists()]
+                  and not (f / "results.json").exists() and f != exclude
+                  and in_use_by(f) is None]
     return max(unfinished, key=lambda f: (f / MARKER).stat().st_mtime, default=None)
 
 
@@ -78,6 +101,90 @@ def select_last_run(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.paths.output_dir = str(folder)
         cfg.ckpt_path = None
+
+
+def continue_unfinished(cfg: DictConfig, new_folder: Path) -> Path | None:
+    """The plain re-run of a command: when this launch's folder is a fresh one Hydra made (the
+    caller knows), the newest unfinished run of the same config under ``paths.log_dir`` is
+    continued in its folder instead (``resume=false`` starts a new run). ``new_folder`` gets
+    a pointer to it (:data:`POINTER`, followed by the other ranks of a DDP run), and this
+    process's log files are written to that folder too. Returns the folder, or ``None``."""
+    if not cfg.get("resume", True) or cfg.get("ckpt_path"):
+        return None
+    folder = find_unfinished(Path(cfg.paths.log_dir), run_key(cfg), exclude=new_folder)
+    if folder is None:
+        return None
+    log.info("Continuing the unfinished run of this config in %s (resume=false starts a new "
+             "one instead)", folder)
+    write_json(new_folder / POINTER, {"continued_in": str(folder)})
+    follow_logs(new_folder, folder)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(folder)
+    return folder
+
+
+def followed_folder(folder: Path) -> Path | None:
+    """The folder a launch in ``folder`` continued in (its :data:`POINTER`), or ``None``."""
+    try:
+        return Path(json.loads((folder / POINTER).read_text())["continued_in"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def follow_logs(old: Path, new: Path) -> None:
+    """Every log file of the root logger that is in ``old`` is also appended to in ``new``."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == old:
+            twin = logging.FileHandler(new / Path(handler.baseFilename).name, mode="a")
+            twin.setLevel(handler.level)
+            twin.setFormatter(handler.formatter)
+            root.addHandler(twin)
+
+
+def in_use_by(folder: Path) -> str | None:
+    """Who holds ``folder``'s run lock (``pid … since …``), or ``None`` when no run does."""
+    path = folder / LOCK
+    if not path.exists():
+        return None
+    try:
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def hold_run_folder(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s run lock while the run works in it: a second run started into the
+    same folder is refused in one line naming the first (its pid and start time), instead
+    of both writing the same checkpoints and logs."""
+    path = folder / LOCK
+    handle = open(path, "a+")  # noqa: SIM115 - held until the run ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise KdlabError(f"paths.output_dir={folder} is in use by another kdlab run ({holder}): "
+                         "wait for it to finish, or start this one in another folder "
+                         "(drop hydra.run.dir)") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def prepare_run(cfg: DictConfig, run_dir: Path) -> bool:
