@@ -143,3 +143,90 @@ def test_a_teacher_stored_under_the_old_key_is_reported_with_the_command(fast_cf
     assert "does not capture the training data's content" in caplog.text
     reused, info = get_teacher(fast_cfg(f"teacher.ckpt={legacy}"), tmp_path / "run2")
     assert info["source"] == "ckpt"
+
+
+def _in_read_only(folder, command: list[str]) -> list[str] | None:
+    """``command`` run with ``folder`` mounted read-only (a user namespace: a real EROFS, even
+    for root), or ``None`` where this machine cannot do that."""
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind -o ro {folder} {folder}"
+                            f" && ! touch {folder}/.probe"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    return ["unshare", "-rm", "sh", "-c", f"mount --bind -o ro {shlex.quote(str(folder))} "
+            f"{shlex.quote(str(folder))} && exec {shlex.join(command)}"]
+
+
+def test_a_read_only_store_holding_the_teacher_is_used(tmp_path):
+    """A shared store of trained teachers mounted read-only: the teacher it holds is reused
+    (no lock needed), a missing teacher-output cache is computed for the run only, and a
+    teacher it does not hold is one line saying so."""
+    import subprocess
+    import sys
+
+    from tests.conftest import FAST
+
+    store = tmp_path / "store"
+
+    def command(folder: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "kdlab.train", *FAST, f"hydra.run.dir={tmp_path / folder}",
+                f"paths.teacher_store={store}", f"paths.log_dir={tmp_path}", *extra]
+
+    first = subprocess.run(command("a"), cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for cached in (store / "cache").glob("*.pt"):
+        cached.unlink()
+    wrapped = _in_read_only(store, command("b"))
+    if wrapped is None:
+        pytest.skip("this machine cannot mount a folder read-only in a user namespace")
+    reuse = subprocess.run(wrapped, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert reuse.returncode == 0, reuse.stderr[-2000:]
+    out = reuse.stdout + reuse.stderr
+    assert "from the store (trained once" in out
+    assert "not writable (Read-only file system), so the teacher's outputs are computed for " \
+           "this run only" in out
+    missing = subprocess.run(_in_read_only(store, command("c", "teacher.train.max_epochs=2")),
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2
+    (line,) = [x for x in missing.stderr.splitlines() if x.startswith("kdlab: error: ")]
+    assert f"paths.teacher_store={store} cannot be written (" in line
+    assert "Read-only file system) and it holds no teacher " in line
+    assert not (tmp_path / "c" / "results.json").exists()
+
+
+def test_a_process_waiting_for_a_lock_says_for_what_and_whom(tmp_path, caplog, monkeypatch):
+    import os
+    import threading
+    import time
+
+    from kdlab.util import files
+
+    monkeypatch.setattr(files, "WAIT_NOTE_S", 0.2)
+    lock = tmp_path / ".key.lock"
+    taken, release = threading.Event(), threading.Event()
+
+    def holder():
+        with files.locked(lock, "teacher x"):
+            taken.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    taken.wait(5)
+    threading.Timer(0.7, release.set).start()
+    caplog.set_level(logging.INFO)
+    start = time.monotonic()
+    with files.locked(lock, "teacher resnet56-abc (its training)"):
+        waited = time.monotonic() - start
+    thread.join()
+    assert waited >= 0.5
+    assert (f"Waiting for teacher resnet56-abc (its training): another process (pid "
+            f"{os.getpid()} on ") in caplog.text
+    assert "Still waiting for teacher resnet56-abc (its training) (held by pid " in caplog.text
+    assert "Done waiting for teacher resnet56-abc (its training)" in caplog.text

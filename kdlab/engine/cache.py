@@ -18,6 +18,7 @@ so), and ``teacher_cache.enabled=true`` fails with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from kdlab.engine.spec import CacheOptions
 from kdlab.engine.taps import Taps
 from kdlab.strategies.base import Outputs
 from kdlab.util.errors import KdlabError
-from kdlab.util.files import VerifiedFile, locked, tensor_digest
+from kdlab.util.files import ReadOnlyFolder, VerifiedFile, locked, tensor_digest
 from kdlab.util.runtime import release_free_memory
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,17 @@ def prepare_cache(options: CacheOptions, teacher: nn.Module | None, taps: Taps |
     if options.folder is None:
         return _build(teacher, taps, x_train, channels_last, dtype, None)
     entry = VerifiedFile(Path(options.folder) / f"{key}.pt")
-    with locked(entry.path.with_name(f".{key}.lock")):
+    cache = _load(entry, len(x_train), repair=False)  # an intact file needs no lock
+    if cache is not None:
+        return cache
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(locked(entry.path.with_name(f".{key}.lock"),
+                                      f"the teacher-output cache {key}"))
+        except ReadOnlyFolder as e:
+            log.info("Teacher cache: %s, so the teacher's outputs are computed for this run "
+                     "only", e)
+            return _build(teacher, taps, x_train, channels_last, dtype, None)
         cache = _load(entry, len(x_train))
         if cache is None:
             cache = _build(teacher, taps, x_train, channels_last, dtype, entry.path)
@@ -253,10 +264,10 @@ def _build(teacher: nn.Module, taps: Taps | None, x: torch.Tensor, channels_last
     return cache
 
 
-def _load(entry: VerifiedFile, samples: int) -> TeacherCache | None:
+def _load(entry: VerifiedFile, samples: int, repair: bool = True) -> TeacherCache | None:
     """A saved cache, memory-mapped; ``None`` when missing. A file that cannot be proven intact
     (:class:`~kdlab.util.files.VerifiedFile`), cannot be read or holds another number of
-    samples is reported and rebuilt."""
+    samples is reported and rebuilt (``repair``, under the lock), or just not used."""
     if not entry.exists():
         return None
     problem = entry.problem()
@@ -270,7 +281,8 @@ def _load(entry: VerifiedFile, samples: int) -> TeacherCache | None:
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
             problem = f"unreadable content ({type(e).__name__})"
     if problem is not None:
-        entry.move_aside(problem, "Teacher cache")
+        if repair:
+            entry.move_aside(problem, "Teacher cache")
         return None
     log.info("Teacher cache: reusing %s (%d samples, memory-mapped)", entry.path, samples)
     return TeacherCache(logits, features, entry.path)

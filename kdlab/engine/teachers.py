@@ -26,7 +26,7 @@ from torch import nn
 
 from kdlab.util.distributed import is_rank_zero
 from kdlab.util.errors import KdlabError
-from kdlab.util.files import VerifiedFile, load_safely, locked
+from kdlab.util.files import ReadOnlyFolder, VerifiedFile, load_safely, locked
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,17 @@ class TeacherStore:
         the stored entry); waiting on its lock would deadlock the process group."""
         entry = self.entry(key)
         rank_zero = is_rank_zero()
-        with locked(self.root / f".{key}.lock") if rank_zero else contextlib.nullcontext():
+        # an intact entry is read without the lock (entries are renamed into place, their
+        # record last): a read-only store of trained teachers is usable as it is
+        saved = self._read(entry)
+        if saved is not None:
+            return self._reuse(entry, saved, model, key, label)
+        with contextlib.ExitStack() as held:
+            if rank_zero:  # DDP: the other ranks would deadlock the group waiting on it
+                self._lock(key, label, held)
             saved = self._load(entry, rank_zero, label)
             if saved is not None:
-                load_into(model, saved["state_dict"], f"teacher store entry {entry.path}")
-                log.info("%s: reusing %s from the store (trained once, %s)", label, key,
-                         _accuracy(saved.get("metrics", {})))
-                return {"source": "store", "key": key, "path": str(entry.path),
-                        "metrics": saved.get("metrics", {})}
+                return self._reuse(entry, saved, model, key, label)
             metrics = train()
             if not rank_zero or not store:
                 return {"source": "trained", "key": key, "stored": False, "metrics": metrics}
@@ -108,6 +111,39 @@ class TeacherStore:
             log.info("%s: stored as %s (%s)", label, entry.path, _accuracy(metrics))
             return {"source": "trained", "key": key, "path": str(entry.path), "stored": True,
                     "metrics": metrics}
+
+    def _lock(self, key: str, label: str, held: contextlib.ExitStack) -> None:
+        """Take the entry's lock into ``held``; a store where it cannot be written is one line."""
+        try:
+            held.enter_context(locked(self.root / f".{key}.lock",
+                                      f"{label.lower()} {key} (its training)"))
+        except ReadOnlyFolder as e:
+            entry = self.entry(key)
+            state = (f"its entry {entry.path} has {entry.problem()}" if entry.exists()
+                     else f"it holds no {label.lower()} {key}")
+            raise KdlabError(f"paths.teacher_store={self.root} cannot be written ({e.reason}) and "
+                             f"{state}: point paths.teacher_store at a writable folder to "
+                             "train and store it there, or give teacher.ckpt=<weights>") from None
+
+    @staticmethod
+    def _read(entry: VerifiedFile) -> dict[str, Any] | None:
+        """An intact entry's content without locking, or ``None`` (missing, or not proven
+        intact: then the locked path decides, so a concurrent rewrite is never moved aside)."""
+        if not entry.exists() or entry.problem() is not None:
+            return None
+        try:
+            return torch.load(entry.path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - reported by _load, under the lock
+            return None
+
+    @staticmethod
+    def _reuse(entry: VerifiedFile, saved: dict[str, Any], model: nn.Module, key: str,
+               label: str) -> dict[str, Any]:
+        load_into(model, saved["state_dict"], f"teacher store entry {entry.path}")
+        log.info("%s: reusing %s from the store (trained once, %s)", label, key,
+                 _accuracy(saved.get("metrics", {})))
+        return {"source": "store", "key": key, "path": str(entry.path),
+                "metrics": saved.get("metrics", {})}
 
     @staticmethod
     def _load(entry: VerifiedFile, rank_zero: bool, label: str) -> dict[str, Any] | None:
@@ -131,3 +167,4 @@ class TeacherStore:
 def _accuracy(metrics: Mapping[str, Any]) -> str:
     acc = metrics.get("test/acc")
     return f"test/acc {acc:.4f}" if isinstance(acc, (int, float)) else "no test metric"
+

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,17 +24,67 @@ from kdlab.util.errors import KdlabError
 log = logging.getLogger(__name__)
 
 
+class ReadOnlyFolder(KdlabError):
+    """A store folder in which no lock (and so no entry) can be written."""
+
+    reason = ""  #: the operating system's words (``Read-only file system``)
+
+
+#: seconds between "still waiting" lines (doubling) while another process holds a lock
+WAIT_NOTE_S = 30.0
+
+
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path, what: str = "it") -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block, so
-    concurrent runs that build the same file build it once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    concurrent runs that build the same file build it once. The holder writes who it is in
+    the file; a process that has to wait says what it waits for (``what``), for whom and,
+    every while, for how long. A folder where the lock cannot be created (read-only) raises
+    :class:`ReadOnlyFolder`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - closed below; "w" would erase the holder
+    except OSError as e:
+        error = ReadOnlyFolder(f"{path.parent} is not writable ({e.strerror})")
+        error.reason = str(e.strerror)
+        raise error from None
+    try:
+        _acquire(handle, what)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
+def _acquire(handle: Any, what: str) -> None:
+    """``flock`` ``handle``, saying so when another process holds it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    log.info("Waiting for %s: another process (%s) is building it", what, holder)
+    start, note = time.monotonic(), WAIT_NOTE_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(0.2)
+        waited = time.monotonic() - start
+        if waited >= note:
+            log.info("Still waiting for %s (held by %s): %.0f s so far", what, holder, waited)
+            note *= 2
+    log.info("Done waiting for %s (%.0f s)", what, time.monotonic() - start)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
