@@ -121,11 +121,12 @@ def check_overrides(argv: Sequence[str]) -> None:
                                      f"{', '.join(options)}{_zoo_hint(plain, choice)}")
 
 
-def check_keys(argv: Sequence[str]) -> None:
+def check_keys(argv: Sequence[str], config_name: str = "train") -> None:
     """Fail in one line, with the close matches, on an override of a key that does not exist
-    (``distill.kd.temprature=2``): Hydra's own message is several lines and suggests ``+key``,
-    which would add the misspelt key. Composes the config once (a multirun's sweeps are left to
-    Hydra, and so is any other composition error)."""
+    (``distill.kd.temprature=2``) in the command's config ``conf/<config_name>.yaml``: Hydra's
+    own message is several lines and suggests ``+key``, which would add the misspelt key.
+    Composes the config once (a multirun's sweeps are left to Hydra, and so is any other
+    composition error)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
@@ -140,15 +141,15 @@ def check_keys(argv: Sequence[str]) -> None:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             try:
-                compose("train", overrides=task)
+                compose(config_name, overrides=task)
                 return
             except ConfigCompositionException as e:
                 match = re.search(r"Could not override '([^']+)'", str(e))
                 if match is None:
                     return
                 key = match.group(1)
-            base = compose("train", overrides=[o for o in task
-                                               if o.split("=", 1)[0].lstrip("~") != key])
+            base = compose(config_name, overrides=[o for o in task
+                                                   if o.split("=", 1)[0].lstrip("~") != key])
     except Exception:  # noqa: BLE001 - anything else is Hydra's to report, as it would
         return
     parent, _, leaf = key.rpartition(".")
@@ -229,15 +230,16 @@ def friendly_errors(task: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def guard_argv() -> None:
+def guard_argv(config_name: str = "train") -> None:
     """Check the command line's overrides before Hydra reads them (:func:`check_overrides`,
-    :func:`check_plugins`); quiet Lightning's ads. The command line itself is left as it is."""
+    :func:`check_keys` against ``conf/<config_name>.yaml``, :func:`check_plugins`); quiet
+    Lightning's ads. The command line itself is left as it is."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in str(record.msg)
     )
     try:
         check_overrides(sys.argv[1:])
-        check_keys(sys.argv[1:])
+        check_keys(sys.argv[1:], config_name)
         check_plugins(sys.argv[1:])
     except KdlabError as e:
         fail(str(e))

@@ -1,16 +1,18 @@
 """Evaluate a network on the validation and test splits; ``kdlab-eval ckpt_path=…``.
 
-A kdlab checkpoint stores its run's resolved config, so ``kdlab-eval`` rebuilds the student and
-the data from it; any key can still be overridden (``data.root=…``, ``trainer=gpu``). The run's
-teacher (its ``teacher.ckpt`` or stored teacher) is evaluated beside it, and the report gives
-accuracy, parameters, FLOPs, weight size and CPU latency of both with the teacher ÷ student
-ratios (:mod:`kdlab.util.measure`)."""
+``ckpt_path`` is a checkpoint file, or a finished run folder: then the student checkpoint whose
+test accuracy the run's ``results.json`` reports (its best-validation checkpoint). A kdlab
+checkpoint stores its run's resolved config, so ``kdlab-eval`` rebuilds the student and the data
+from it; any key can still be overridden (``data.root=…``, ``trainer=gpu``). The run's teacher
+(its ``teacher.ckpt`` or stored teacher) is evaluated beside it, and the report gives accuracy,
+parameters, FLOPs, weight size and CPU latency of both with the teacher ÷ student ratios
+(:mod:`kdlab.util.measure`). ``eval.json`` is written beside the run it reads,
+``<run>/eval/<checkpoint>/eval.json``, or into ``out=DIR``."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -20,7 +22,13 @@ from torch import nn
 from kdlab.cli import friendly_errors, guard_argv
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.modes.build import build_datamodule
-from kdlab.modes.checkpoints import checkpoint_student, load_run_config, run_teacher
+from kdlab.modes.checkpoints import (
+    checkpoint_student,
+    load_run_config,
+    output_folder,
+    resolve_checkpoint,
+    run_teacher,
+)
 from kdlab.modes.runner import evaluate as evaluate_on
 from kdlab.util.config import CONF_DIR
 from kdlab.util.files import write_json
@@ -45,17 +53,22 @@ def _entry(model: nn.Module, model_cfg: DictConfig, data: InMemoryDataModule,
 @friendly_errors
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild the checkpoint's student (and the run's teacher) and data; report accuracy,
-    parameters, FLOPs, size, CPU latency and the teacher/student ratios; write ``eval.json``."""
-    run_cfg = load_run_config(cfg.ckpt_path)
+    parameters, FLOPs, size, CPU latency and the teacher/student ratios; write ``eval.json``
+    beside the run (:func:`~kdlab.modes.checkpoints.output_folder`) or into ``cfg.out``."""
+    checkpoint = resolve_checkpoint(str(cfg.ckpt_path))
+    out_dir = output_folder(checkpoint, cfg.get("out"), "eval", cfg.get("member"))
+    log.info("kdlab-eval: %s (%s)", checkpoint.path, checkpoint.chosen)
+    run_cfg = load_run_config(checkpoint.path)
     for key in ("data", "trainer"):  # command-line overrides of the eval config win
         if cfg.get(key):
             run_cfg[key] = OmegaConf.merge(run_cfg[key], cfg[key])
     run_cfg.channels_last = run_cfg.get("channels_last", False)
     data = build_datamodule(run_cfg, transfer=False)
-    model, model_cfg = checkpoint_student(run_cfg, cfg.ckpt_path, data, cfg.get("member"))
+    model, model_cfg = checkpoint_student(run_cfg, checkpoint.path, data, cfg.get("member"))
     student = _entry(model, model_cfg, data, run_cfg, cfg.latency)
-    student["checkpoint_bytes"] = Path(cfg.ckpt_path).stat().st_size
-    result: dict[str, Any] = {"ckpt_path": str(cfg.ckpt_path), "student": student}
+    student["checkpoint_bytes"] = checkpoint.path.stat().st_size
+    result: dict[str, Any] = {"ckpt_path": str(checkpoint.path), "chosen": checkpoint.chosen,
+                              "run_dir": str(checkpoint.run_dir), "student": student}
     teacher, source = run_teacher(run_cfg, str(cfg.get("with_teacher", "auto")))
     if teacher is not None:
         result["teacher"] = _entry(teacher, run_cfg.teacher.model, data, run_cfg, cfg.latency)
@@ -63,8 +76,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result["ratios"] = ratios(result["teacher"], student)
     else:
         result["teacher_skipped"] = source
-    print_footprint(result, title=f"kdlab-eval {cfg.ckpt_path}")
-    out = Path(cfg.paths.output_dir) / "eval.json"
+    print_footprint(result, title=f"kdlab-eval {checkpoint.path}")
+    out = out_dir / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     log.info("Wrote %s", out)
@@ -107,6 +120,6 @@ def _main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    """``kdlab-eval ckpt_path=PATH [overrides]``."""
-    guard_argv()
+    """``kdlab-eval ckpt_path=RUN_FOLDER|CKPT [out=DIR] [overrides]``."""
+    guard_argv("eval")
     _main()

@@ -6,6 +6,10 @@ a ``torch.export`` program (``.pt2``), each with a dynamic batch dimension. Ever
 back and run on real test images (ONNX with onnxruntime when it is installed) and its outputs
 compared with PyTorch's; a difference above ``atol`` fails the export. ``export.json`` records
 the files, the differences and the input normalisation a deployment must apply.
+
+``ckpt_path`` is a checkpoint file, or a finished run folder: then the student checkpoint whose
+test accuracy the run's ``results.json`` reports. The files go beside the run they come from,
+``<run>/export/<checkpoint>/``, or into ``out=DIR``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from torch import nn
 
 from kdlab.cli import friendly_errors, guard_argv
 from kdlab.modes.build import build_datamodule
-from kdlab.modes.checkpoints import checkpoint_student, load_run_config
+from kdlab.modes.checkpoints import (
+    checkpoint_student,
+    load_run_config,
+    output_folder,
+    resolve_checkpoint,
+)
 from kdlab.util.config import CONF_DIR
 from kdlab.util.errors import KdlabError
 from kdlab.util.files import write_json
@@ -154,20 +163,25 @@ def _plain(value: float | tuple[float, ...]) -> float | list[float]:
 @friendly_errors
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild the checkpoint's student, export it and check every file; write
-    ``export.json``."""
-    run_cfg = load_run_config(cfg.ckpt_path)
+    ``export.json``, all beside the run (:func:`~kdlab.modes.checkpoints.output_folder`) or
+    into ``cfg.out``."""
+    checkpoint = resolve_checkpoint(str(cfg.ckpt_path))
+    out_dir = output_folder(checkpoint, cfg.get("out"), "export", cfg.get("member"))
+    log.info("kdlab-export: %s (%s)", checkpoint.path, checkpoint.chosen)
+    run_cfg = load_run_config(checkpoint.path)
     formats = choose_formats(cfg.get("formats", "auto"))
     data = build_datamodule(run_cfg, transfer=False)
-    model, model_cfg = checkpoint_student(run_cfg, cfg.ckpt_path, data, cfg.get("member"))
+    model, model_cfg = checkpoint_student(run_cfg, checkpoint.path, data, cfg.get("member"))
     data.setup("test")
     x = data.x_test[: int(cfg.check_samples)].cpu().contiguous()
     if len(x) < 3:
         raise KdlabError(f"check_samples={cfg.check_samples} must be at least 3")
-    out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = export_model(model, x, out_dir, formats, float(cfg.atol))
     result = {
-        "ckpt_path": str(cfg.ckpt_path),
+        "ckpt_path": str(checkpoint.path),
+        "chosen": checkpoint.chosen,
+        "run_dir": str(checkpoint.run_dir),
         "model": model_name(model_cfg),
         "input_shape": [None, *data.input_shape],
         "input_normalisation": {"scale": 1 / 255, "mean": _plain(data.mean),
@@ -179,6 +193,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "files": files,
     }
     write_json(out_dir / "export.json", result)
+    log.info("Wrote %s", out_dir / "export.json")
     for name, entry in files.items():
         diff = entry["max_abs_diff"]
         print(f"{name:12s} {entry['path']}  ({entry['bytes'] / 1024:.0f} KB, max |Δ| vs "
@@ -192,6 +207,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    """``kdlab-export ckpt_path=PATH [formats=[onnx,torchscript,pt2]] [atol=1e-4]``."""
-    guard_argv()
+    """``kdlab-export ckpt_path=RUN_FOLDER|CKPT [out=DIR] [formats=[onnx,torchscript,pt2]]
+    [atol=1e-4]``."""
+    guard_argv("export")
     _main()

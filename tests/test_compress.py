@@ -1,6 +1,7 @@
 """Compression of the student: magnitude pruning (schedules, masks, checkpoints), dynamic int8,
 the report, and whole runs with compress=prune."""
 
+import copy
 import json
 
 import pytest
@@ -17,7 +18,13 @@ from kdlab.engine.compression import (
 )
 from kdlab.engine.teachers import load_into, load_weights
 from kdlab.models import CNN
-from kdlab.modes.compress import Compression, compression_report
+from kdlab.modes import compress as compress_mod
+from kdlab.modes.compress import (
+    Compression,
+    compression_report,
+    report_table,
+    side_by_side_latency_ms,
+)
 from kdlab.train import run
 from kdlab.util.errors import KdlabError
 
@@ -48,6 +55,17 @@ def test_global_pruning_hits_the_target_and_masks_are_nested():
     # global: the smallest magnitudes over all layers, not per layer
     kept = layer_weights(model)[layer_weights(model) != 0].abs()
     assert kept.min() > 0
+
+
+def test_permanent_pruning_keeps_the_weights_memory_layout():
+    # channels_last conv weights stay channels_last: a first conv with one input channel used
+    # to come out of prune.remove in NCHW strides, and ran twice as slow on channels_last input
+    model = student().to(memory_format=torch.channels_last)
+    before = {n: m.weight.stride() for n, m in prunable_weights(model)}
+    global_magnitude_prune(model, 0.9)
+    make_permanent(model)
+    assert {n: m.weight.stride() for n, m in prunable_weights(model)} == before
+    assert sparsity(model) == pytest.approx(0.9, abs=1e-3)
 
 
 def test_cubic_schedule():
@@ -114,6 +132,75 @@ def test_int8_outputs_close_to_fp32_and_report():
     assert report["quantized_modules"] == linear
 
 
+class TinyData:
+    """What the report reads: a test split of 4-feature samples in 2 classes."""
+
+    num_classes = 2
+    x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+
+    def test_dataloader(self):
+        return [(self.x, self.y)]
+
+
+def test_report_counts_the_non_zero_weights_of_the_pruned_model():
+    # hand-checked: 12 layer weights |1..8|, |0.5, 9, 10, 0|; pruning half (6) removes
+    # 0, 0.5, 1, 2, 3, 4 and keeps 5..10; one bias of 4 is non-zero: 7 of 16 parameters
+    model = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2, 3, -4], [5, -6, 7, -8]]))
+        model[0].bias.copy_(torch.tensor([0.0, 1.0]))
+        model[2].weight.copy_(torch.tensor([[0.5, -9], [10, 0]]))
+        model[2].bias.zero_()
+    dense = copy.deepcopy(model)
+    global_magnitude_prune(model, 0.5)
+    make_permanent(model)
+    latency = ((4,), {"batch_size": 2, "repeats": 2}, False)
+    report = compression_report(dense, model, None, TinyData(), latency)
+    pruned = report["models"]["pruned"]
+    assert (pruned["params"], pruned["nonzero_params"]) == (16, 7)
+    assert pruned["nonzero_params"] == sum(int((p != 0).sum()) for p in model.parameters())
+    assert (report["models"]["dense"]["params"], report["models"]["dense"]["nonzero_params"]) \
+        == (16, 12)
+    # the printed report puts the non-zero count next to the parameter count
+    table = report_table(report).splitlines()
+    assert "| params | non-zero params |" in table[0]
+    assert table[3].startswith("| pruned | ") and "| 16 | 7 |" in table[3]
+    assert "| 16 | 12 |" in table[2]
+
+
+class Recorder(nn.Module):
+    """A fake network: each forward pass is logged and advances a fake clock by ``cost``
+    plus a drift that grows with every call (a machine that slows down)."""
+
+    def __init__(self, name: str, calls: list, clock: list, cost: float) -> None:
+        super().__init__()
+        self.name, self.calls, self.clock, self.cost = name, calls, clock, cost
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.clock[0] += self.cost + 0.01 * len(self.calls)
+        self.calls.append(self.name)
+        return x
+
+
+def test_latencies_are_measured_side_by_side(monkeypatch):
+    calls, clock = [], [0.0]
+    monkeypatch.setattr(compress_mod, "perf_counter", lambda: clock[0])
+    a, b = Recorder("a", calls, clock, 1.0), Recorder("b", calls, clock, 1.0)
+    b.eval()
+    ms = side_by_side_latency_ms({"a": a, "b": b}, (3,), batch_size=2, repeats=4, warmup=1)
+    # one warm-up round, then four rounds that alternate their order
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+    # under a steady drift, two identical networks measure the same (one after the other,
+    # the second would measure slower)
+    assert ms["a"] == pytest.approx(ms["b"])
+    assert a.training and not b.training  # their modes are restored
+    calls.clear()
+    slow = Recorder("slow", calls, clock, 2.0)
+    ms = side_by_side_latency_ms({"a": a, "slow": slow}, (3,), batch_size=2, repeats=6)
+    assert ms["slow"] - ms["a"] == pytest.approx(1000.0)  # 1 s more per call, drift cancels
+
+
 @pytest.mark.parametrize("override,key", [
     ("compress.prune.amount=1.0", "compress.prune.amount"),
     ("compress.prune.amount=-0.1", "compress.prune.amount"),
@@ -178,6 +265,13 @@ def test_run_prune_during(fast_cfg, tmp_path, store):
     assert results["student"]["metrics"]["test/acc"] == pytest.approx(pruned["test_acc"])
     header = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "prune/sparsity" in header.split(",")
+    # the run's table shows the latencies measured side by side and the non-zero counts
+    assert report["latency"]["method"].startswith("side by side")
+    stages = {s["stage"]: s for s in saved["stages"]}
+    for stage, name in (("student", "pruned"), ("student_dense", "dense"),
+                        ("student_pruned_int8", "pruned_int8")):
+        assert stages[stage]["latency_ms"] == report["models"][name]["latency_ms"]
+        assert stages[stage]["nonzero_params"] == report["models"][name]["nonzero_params"]
 
 
 def test_run_prune_after(fast_cfg, tmp_path, store):

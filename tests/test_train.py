@@ -1,6 +1,7 @@
 """Whole runs: fast_dev_run for each strategy, results.json, multirun, kdlab-eval."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,7 +66,8 @@ def test_run_writes_results_json_with_all_three_roles(tmp_path):
         teacher["flops_per_sample"] / student["flops_per_sample"])
     assert ratio["accuracy_gap_points"] == pytest.approx(
         100 * (teacher["metrics"]["test/acc"] - student["metrics"]["test/acc"]))
-    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    best = Path(results["student"]["best_ckpt"])  # eval.json goes beside the run it reads
+    saved = json.loads((tmp_path / "run" / "eval" / best.stem / "eval.json").read_text())
     assert saved["ratios"]["compression_params"] == pytest.approx(ratio["compression_params"])
 
 

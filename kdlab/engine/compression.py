@@ -71,10 +71,26 @@ def global_magnitude_prune(model: nn.Module, amount: float) -> int:
 
 
 def make_permanent(model: nn.Module) -> None:
-    """``prune.remove`` on every pruned layer: plain ``weight`` parameters with zeros."""
+    """``prune.remove`` on every pruned layer: plain ``weight`` parameters with zeros, in the
+    memory layout the weights had before pruning (:func:`keep_layout`)."""
     for _, module in prunable_weights(model):
         if hasattr(module, "weight_mask"):
+            strides = module.weight_orig.stride()
             prune.remove(module, "weight")
+            keep_layout(module, strides)
+
+
+def keep_layout(module: nn.Module, strides: tuple[int, ...]) -> None:
+    """Put ``module.weight``'s values back into ``strides``. ``prune.remove`` builds the weight
+    as ``weight_orig × weight_mask``, and the product can come out in another layout: a conv
+    with one input channel loses ``channels_last`` (its strides are ambiguous), and the CPU
+    convolution then reorders the weight at every call, twice as slow for kdlab's CNN."""
+    weight = module.weight
+    if weight.stride() == tuple(strides):
+        return
+    kept = torch.empty_strided(weight.shape, strides, dtype=weight.dtype, device=weight.device)
+    kept.copy_(weight.detach())
+    weight.data = kept
 
 
 def layer_weights(model: nn.Module) -> Iterator[torch.Tensor]:

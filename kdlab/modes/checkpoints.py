@@ -1,12 +1,16 @@
-"""Networks rebuilt from a kdlab checkpoint: the config stored in it, its student (or a cohort
-member), and the teacher its run distilled from. Used by ``kdlab-eval`` and ``kdlab-export``."""
+"""Networks rebuilt from a kdlab checkpoint: which checkpoint a ``ckpt_path`` means (a file, or
+a run folder's reported student checkpoint), the run folder it belongs to and where a command's
+outputs about it go, the config stored in it, its student (or a cohort member), and the teacher
+its run distilled from. Used by ``kdlab-eval`` and ``kdlab-export``."""
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -16,23 +20,151 @@ from kdlab.modes.build import build_model, strategy_configs
 from kdlab.modes.mutual import member_configs
 from kdlab.modes.teacher import get_teacher
 from kdlab.util.errors import KdlabError
+from kdlab.util.files import load_safely
 
 log = logging.getLogger(__name__)
 
+#: files or folders that mark a run folder (results.json once finished; the others from the start)
+RUN_MARKERS = ("results.json", "kdlab_run.json", ".hydra")
+#: how many folders above a checkpoint its run folder may be (<run>/<stage>/checkpoints/x.ckpt)
+_RUN_DEPTH = 3
 
-def load_run_config(ckpt_path: str) -> DictConfig:
-    """The resolved config stored in a kdlab checkpoint."""
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The checkpoint file a ``ckpt_path`` stands for, the run folder it belongs to, its name
+    there (``best-epoch11-acc0.9061``, ``baseline-last``) and how it was chosen."""
+
+    path: Path
+    run_dir: Path
+    name: str
+    chosen: str
+
+
+def resolve_checkpoint(ckpt_path: str) -> Checkpoint:
+    """``ckpt_path`` as given on the command line: a checkpoint file is used as it is; a run
+    folder stands for the student checkpoint its ``results.json`` reports (see
+    :func:`reported_student_checkpoint`)."""
     path = Path(ckpt_path)
+    if path.is_dir():
+        ckpt, chosen = reported_student_checkpoint(path)
+        run_dir = path
+    elif path.is_file():
+        ckpt, chosen, run_dir = path, "given as ckpt_path", run_folder(path)
+    else:
+        raise KdlabError(f"ckpt_path={ckpt_path} does not exist: give a kdlab checkpoint "
+                         "(.ckpt) or a finished run folder")
+    return Checkpoint(path=ckpt, run_dir=run_dir, name=checkpoint_name(ckpt, run_dir),
+                      chosen=chosen)
+
+
+def run_folder(ckpt: Path) -> Path:
+    """The run folder of a checkpoint file: the nearest folder above it (at most three levels)
+    that holds a ``results.json``, ``kdlab_run.json`` or ``.hydra``; else the folder of its
+    ``checkpoints/`` folder, or its own folder."""
+    for folder in list(ckpt.resolve().parents)[:_RUN_DEPTH]:
+        if any((folder / marker).exists() for marker in RUN_MARKERS):
+            return folder
+    parent = ckpt.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def checkpoint_name(ckpt: Path, run_dir: Path) -> str:
+    """A checkpoint's name within its run folder, for the folder of a command's outputs: its
+    path there without ``checkpoints/`` and the suffix (``checkpoints/last.ckpt`` → ``last``,
+    ``baseline/checkpoints/best-….ckpt`` → ``baseline-best-…``)."""
+    try:
+        parts = ckpt.resolve().relative_to(run_dir.resolve()).with_suffix("").parts
+    except ValueError:  # a checkpoint outside the folder (results.json named another place)
+        parts = (ckpt.stem,)
+    return "-".join(p for p in parts if p != "checkpoints") or ckpt.stem
+
+
+def _read_results(run_dir: Path) -> dict[str, Any]:
+    """``<run_dir>/results.json``; a folder without one (an unfinished run, or no run folder
+    at all) is refused with the checkpoint to give instead."""
+    path = run_dir / "results.json"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    instead = f"ckpt_path={last}" if last.is_file() else "ckpt_path=<one of its .ckpt files>"
     if not path.is_file():
-        raise KdlabError(f"ckpt_path={ckpt_path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    config = ckpt.get("hyper_parameters", {}).get("config")
+        raise KdlabError(f"ckpt_path={run_dir}: this folder has no results.json (an unfinished "
+                         f"run, or not a run folder), so no reported checkpoint to pick; give "
+                         f"a checkpoint file instead: {instead}")
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise KdlabError(f"{path} cannot be read ({str(e).splitlines()[0]}); give a checkpoint "
+                         f"file instead: {instead}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("student"), dict):
+        raise KdlabError(f"{path} has no student entry; give a checkpoint file instead: "
+                         f"{instead}")
+    return results
+
+
+def _relocated(recorded: str, results: dict[str, Any], run_dir: Path) -> Path | None:
+    """A checkpoint path recorded in ``results.json``, found in ``run_dir`` (also after the run
+    folder was moved or copied: the part below the recorded run folder is kept), or where it
+    was recorded; ``None`` when neither exists."""
+    path = Path(recorded)
+    old_run = results.get("run_dir") or ((results.get("config") or {}).get("paths") or {}).get(
+        "output_dir")
+    if old_run:
+        try:
+            moved = run_dir / path.relative_to(old_run)
+        except ValueError:
+            moved = None
+        if moved is not None and moved.is_file():
+            return moved
+    return path if path.is_file() else None
+
+
+def reported_student_checkpoint(run_dir: Path) -> tuple[Path, str]:
+    """The student checkpoint of a finished run folder whose accuracy its ``results.json``
+    reports, and why: the student entry's ``best_ckpt`` (the best-validation checkpoint, which
+    the stage tested), else its ``last_ckpt`` (a stage without a best checkpoint tests its
+    final weights, which ``last.ckpt`` holds)."""
+    results = _read_results(run_dir)
+    entry = results["student"]
+    why = {"best_ckpt": "results.json's student best_ckpt: the best-validation checkpoint, "
+                        "whose test accuracy results.json reports",
+           "last_ckpt": "results.json's student last_ckpt: the stage kept no best checkpoint, "
+                        "so its reported test accuracy is of these final weights"}
+    for key in ("best_ckpt", "last_ckpt"):
+        recorded = entry.get(key)
+        if not recorded:
+            continue
+        found = _relocated(str(recorded), results, run_dir)
+        if found is None:
+            raise KdlabError(f"{run_dir / 'results.json'}: the student's {key} {recorded} is "
+                             "missing (moved or deleted?); give a checkpoint file instead: "
+                             "ckpt_path=<one of its .ckpt files>")
+        return found, why[key]
+    raise KdlabError(f"{run_dir / 'results.json'}: the student entry records no checkpoint (a "
+                     "trainer.fast_dev_run run saves none), so there is nothing to read")
+
+
+def output_folder(checkpoint: Checkpoint, out: str | None, command: str,
+                  member: int | None = None) -> Path:
+    """Where ``command`` (``eval``, ``export``) writes about ``checkpoint``: ``out`` when
+    given, else ``<run folder>/<command>/<checkpoint name>[-member<i>]``, beside the run."""
+    if out not in (None, ""):
+        return Path(str(out))
+    name = checkpoint.name + ("" if member is None else f"-member{int(member)}")
+    return checkpoint.run_dir / command / name
+
+
+def load_run_config(ckpt_path: str | Path) -> DictConfig:
+    """The resolved config stored in a kdlab checkpoint (a file that is none, or does not load
+    safely, is one :class:`KdlabError` line)."""
+    ckpt = load_safely(Path(ckpt_path), "ckpt_path", missing="give a kdlab checkpoint (.ckpt) "
+                       "or a finished run folder", folder="give a kdlab checkpoint (.ckpt)")
+    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if not config:
         raise KdlabError(f"ckpt_path={ckpt_path} is not a kdlab checkpoint (no stored config)")
     return OmegaConf.create(config)
 
 
-def checkpoint_student(run_cfg: DictConfig, ckpt_path: str, data: InMemoryDataModule,
+def checkpoint_student(run_cfg: DictConfig, ckpt_path: str | Path, data: InMemoryDataModule,
                        member: int | None = None) -> tuple[nn.Module, DictConfig]:
     """The network a kdlab checkpoint holds, rebuilt from its stored config, and its model
     config: the student, or member ``member`` (default 0) of a ``mode=mutual`` cohort, whose

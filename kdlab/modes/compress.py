@@ -33,7 +33,12 @@ of the ``nn.Linear`` layers (int8 weights, activations quantised on the fly; Jac
 Inference"). Convolutions have no dynamic int8 kernel and stay fp32; the report lists both.
 
 :func:`compression_report` measures the dense fp32, pruned and pruned+int8 students on the CPU:
-test accuracy (the whole test set), non-zero parameters, size on disk and latency.
+test accuracy (the whole test set), parameters and non-zero parameters, size on disk and
+latency. The latencies are measured side by side, in one process, after all the training: the
+models take turns on the same batch, round after round in alternating order, and each gets the
+median of its rounds (:func:`side_by_side_latency_ms`); timed one after the other, minutes
+apart, the same network can measure twice as slow. The stage entries of these networks take the
+side-by-side latency and the non-zero count, and the log prints the report as a table.
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import statistics
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import lightning as L
@@ -67,7 +74,7 @@ from kdlab.engine.fit import accuracy
 from kdlab.modes.build import build_model, build_strategy
 from kdlab.modes.runner import model_name, stage_entry, train_stage
 from kdlab.util.errors import KdlabError
-from kdlab.util.measure import cpu_latency_ms
+from kdlab.util.report import markdown
 
 log = logging.getLogger(__name__)
 
@@ -132,37 +139,61 @@ def cpu_accuracy(model: nn.Module, data: InMemoryDataModule, channels_last: bool
                     channels_last)
 
 
-class _Anchored(nn.Module):
-    """Wraps a model without parameters (a fully quantised MLP) so that
-    :func:`kdlab.util.report.cpu_latency_ms` can read its device."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+def _deployable(model: nn.Module) -> nn.Module:
+    """``model`` as it would be deployed: a copy with the pruning made permanent when its
+    layers are still reparametrised (``weight_orig × weight_mask`` on every forward pass)."""
+    if any(hasattr(m, "weight_mask") for _, m in prunable_weights(model)):
+        model = copy.deepcopy(model)
+        make_permanent(model)
+    return model
 
 
-def measure(model: nn.Module, data: InMemoryDataModule, latency: tuple,
+@torch.no_grad()
+def side_by_side_latency_ms(models: Mapping[str, nn.Module], input_shape: tuple[int, ...],
+                            batch_size: int, repeats: int, warmup: int = 3,
+                            channels_last: bool = False) -> dict[str, float]:
+    """Median wall time (ms) of one eval-mode CPU forward pass of each model on the same
+    ``batch_size`` batch, measured side by side: every round runs each model once, in an order
+    that reverses from one round to the next (A B, B A, A B …), so a machine that speeds up or
+    slows down (other processes, clock boost, caches) weighs on every model alike, and no model
+    always runs right after another. The models are left on their devices and in their modes."""
+    states = {name: (_device(m), m.training) for name, m in models.items()}
+    for model in models.values():
+        model.cpu().eval()
+    x = torch.randn(batch_size, *input_shape)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            start = perf_counter()
+            models[name](x)
+            if round_ >= warmup:
+                times[name].append(perf_counter() - start)
+    for name, model in models.items():
+        device, training = states[name]
+        model.to(device).train(training)
+    return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
+
+
+def _device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for one without: a quantised MLP)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def measure(model: nn.Module, data: InMemoryDataModule, channels_last: bool,
             sparse: bool = False) -> dict[str, Any]:
-    """Test accuracy, non-zero parameters, size on disk and CPU latency of one model."""
-    input_shape, latency_cfg, channels_last = latency
+    """Test accuracy, parameters and non-zero parameters, sparsity and size on disk of one
+    model (its latency is measured beside the others: :func:`side_by_side_latency_ms`)."""
     nonzero, total = nonzero_parameters(model)
-    timed = model if any(True for _ in model.parameters()) else _Anchored(model)
     return {
         "test_acc": cpu_accuracy(model, data, channels_last),
         "params": total,
         "nonzero_params": nonzero,
         "sparsity": sparsity(model),
         **disk_size(model, sparse=sparse),
-        "latency_ms": cpu_latency_ms(timed, tuple(input_shape),
-                                     batch_size=int(latency_cfg["batch_size"]),
-                                     repeats=int(latency_cfg["repeats"]),
-                                     channels_last=channels_last),
-        "latency_batch_size": int(latency_cfg["batch_size"]),
-        "latency_threads": torch.get_num_threads(),
     }
 
 
@@ -172,21 +203,57 @@ def compression_report(dense: nn.Module | None, pruned: nn.Module | None,
     """Measurements (:func:`measure`, on the CPU) of the dense fp32 student, the pruned student
     and the int8 student (the pruned one quantised, or the dense one without pruning); a model
     given as ``None`` is left out. Sizes: ``bytes`` of the saved state_dict, ``zipped_bytes``
-    (zlib -9 of it), and for the pruned model ``sparse_bytes`` (bitmask + non-zero values)."""
+    (zlib -9 of it), and for the pruned model ``sparse_bytes`` (bitmask + non-zero values).
+    ``params`` counts every weight, ``nonzero_params`` those that are not zero. The latencies
+    of all the models are measured together, interleaved (:func:`side_by_side_latency_ms`),
+    with ``latency`` = ``(input_shape, {batch_size, repeats}, channels_last)``."""
+    input_shape, latency_cfg, channels_last = latency
+    networks: dict[str, nn.Module] = {}
     models: dict[str, Any] = {}
     if dense is not None:
-        models["dense"] = measure(dense, data, latency, sparse=pruned is not None)
+        networks["dense"] = dense
+        models["dense"] = measure(dense, data, channels_last, sparse=pruned is not None)
     if pruned is not None:
-        models["pruned"] = measure(pruned, data, latency, sparse=True)
+        networks["pruned"] = _deployable(pruned)
+        models["pruned"] = measure(pruned, data, channels_last, sparse=True)
     report: dict[str, Any] = {"models": models}
     source = pruned if pruned is not None else dense
     if quantize == "dynamic_int8" and source is not None:
         quantized, linear, convs = quantize_dynamic_int8(source)
         name = "pruned_int8" if pruned is not None else "dense_int8"
-        models[name] = measure(quantized, data, latency)
+        networks[name] = quantized
+        models[name] = measure(quantized, data, channels_last)
         report["quantized_modules"] = linear
         report["fp32_modules"] = convs
+    batch_size, repeats = int(latency_cfg["batch_size"]), int(latency_cfg["repeats"])
+    timed = side_by_side_latency_ms(networks, tuple(input_shape), batch_size, repeats,
+                                    channels_last=channels_last)
+    for name, entry in models.items():
+        entry.update(latency_ms=timed[name], latency_batch_size=batch_size,
+                     latency_threads=torch.get_num_threads())
+    report["latency"] = {"method": "side by side: one process, the models interleaved in "
+                                   "alternating order, median of each",
+                         "batch_size": batch_size, "repeats": repeats,
+                         "threads": torch.get_num_threads()}
     return report
+
+
+#: columns of :func:`report_table`
+REPORT_HEADERS = ["model", "test acc %", "params", "non-zero params", "sparsity %",
+                  "state_dict KB", "zipped KB", "bitmask+values KB", "CPU ms/batch"]
+
+
+def report_table(report: Mapping[str, Any]) -> str:
+    """The compression report as a Markdown table, a row per model: test accuracy, parameters
+    and non-zero parameters side by side, sparsity, sizes and the side-by-side latency."""
+    rows = []
+    for name, m in report["models"].items():
+        sparse = m.get("sparse_bytes")
+        rows.append([name, f"{100 * m['test_acc']:.2f}", f"{m['params']:,}",
+                     f"{m['nonzero_params']:,}", f"{100 * m['sparsity']:.1f}",
+                     f"{m['bytes'] / 1024:.1f}", f"{m['zipped_bytes'] / 1024:.1f}",
+                     "—" if sparse is None else f"{sparse / 1024:.1f}", f"{m['latency_ms']:.2f}"])
+    return markdown(REPORT_HEADERS, rows)
 
 
 # -- config and the offline mode's use of it ----------------------------------------------------
@@ -262,10 +329,13 @@ class Compression:
         dense = pruned = None
         dense_source = "the student stage"
         info: dict[str, Any] = {"quantize": self.quantize, "prune": None}
+        #: the stage of results["stages"] that each measured network is
+        stage_of = {"dense": "student"}
         if self.prune is None:
             dense = student
         elif self.prune.schedule == "during":
             pruned = student
+            stage_of = {"pruned": "student", "dense": "student_dense"}
             info["prune"] = {**dict(self.prune), "history": self.pruning.history}
             if self.prune.get("dense_reference", True):
                 log.info("compress: the dense reference, same initialisation and budget")
@@ -286,6 +356,7 @@ class Compression:
                 results["stages"].append(self._train("student_pruned", run_dir, student, data,
                                                      teacher, latency, max_epochs=epochs,
                                                      callbacks=[pruning]))
+                stage_of["pruned"] = "student_pruned"
             else:
                 with torch.no_grad():
                     global_magnitude_prune(student, float(self.prune.amount))
@@ -303,11 +374,31 @@ class Compression:
                     "latency_ms": entry["latency_ms"],
                     "latency_batch_size": entry["latency_batch_size"],
                     "latency_threads": entry["latency_threads"]})
+                stage_of[name] = f"student_{name}"
+        share_measurements(results["stages"], report, stage_of)
         self._log(report)
 
     @staticmethod
     def _log(report: dict[str, Any]) -> None:
-        for name, m in report["models"].items():
-            log.info("compress: %-11s test acc %.4f, non-zero %d/%d, %d bytes (zipped %d), "
-                     "%.2f ms", name, m["test_acc"], m["nonzero_params"], m["params"],
-                     m["bytes"], m["zipped_bytes"], m["latency_ms"])
+        lat = report["latency"]
+        log.info("compress: CPU ms per batch of %d measured side by side (%d threads, median of "
+                 "%d interleaved repeats each); params counts every weight, non-zero params "
+                 "those left after pruning\n%s", lat["batch_size"], lat["threads"],
+                 lat["repeats"], report_table(report))
+
+
+def share_measurements(stages: list[dict[str, Any]], report: Mapping[str, Any],
+                       stage_of: Mapping[str, str]) -> None:
+    """Give each stage entry that is a network of the compression report (``stage_of``: report
+    name → stage name) the report's side-by-side latency and its non-zero parameter count, so
+    that the run's table compares the dense and compressed students as measured together."""
+    by_name = {entry.get("stage"): entry for entry in stages}
+    for name, stage in stage_of.items():
+        entry, measured = by_name.get(stage), report["models"].get(name)
+        if entry is None or measured is None:
+            continue
+        entry.update(nonzero_params=measured["nonzero_params"],
+                     latency_ms=measured["latency_ms"],
+                     latency_batch_size=measured["latency_batch_size"],
+                     latency_threads=measured["latency_threads"],
+                     latency_measured="side by side with the other compressed models")
