@@ -72,9 +72,10 @@ def test_a_hyperparameter_sweep_groups_by_that_key(tmp_path):
     for i, (temperature, seed) in enumerate([(2.0, 0), (2.0, 1), (8.0, 0), (8.0, 1)]):
         _write_run(tmp_path / str(i), "kd", seed, 0.8 + temperature / 100, temperature)
     result = compare([tmp_path], out=tmp_path / "out", plots=False)
-    assert result["keys"] == ["distill.kd.temperature"]
+    assert group_keys(load_runs([tmp_path])) == ["distill.kd.temperature"]
+    assert result["keys"] == ["temperature"]  # the short name: no other key ends with it
     labels = sorted(row.label for row in result["rows"] if row.stage == "student")
-    assert labels == ["distill.kd.temperature=2", "distill.kd.temperature=8"]
+    assert labels == ["temperature=2", "temperature=8"]
 
 
 def test_separate_folders_and_explicit_keys(sweep, tmp_path):
@@ -116,8 +117,9 @@ def test_compare_a_real_multirun(multirun_2x2, tmp_path):
     out = tmp_path / "cmp"
     cli([str(p.parent.parent) for p in runs[:1]] + ["--out", str(out)])
     rows, written = (out / "compare.csv"), sorted(p.name for p in out.iterdir())
-    assert written == ["accuracy.png", "accuracy_vs_latency.png", "accuracy_vs_params.png",
-                       "compare.csv", "compare.md", "learning_curves.png"]
+    figures = ["accuracy", "accuracy_vs_latency", "accuracy_vs_params", "learning_curves"]
+    assert written == sorted([*(f"{f}.{e}" for f in figures for e in ("pdf", "png")),
+                              "compare.csv", "compare.md", "compare_seeds.csv"])
     with rows.open() as f:
         table = list(csv.DictReader(f))
     loaded = [json.loads(p.read_text()) for p in runs]
@@ -130,3 +132,223 @@ def test_compare_a_real_multirun(multirun_2x2, tmp_path):
         assert row["n"] == "2"
     for png in out.glob("*.png"):
         _non_trivial_png(png)
+
+
+# -- what researchers read: labels, lengths, per-seed values and gains, one baseline ---------
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """``extra`` written over ``base``, nested mappings merged."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            value = _merge(dict(base[key]), value)
+        base[key] = value
+    return base
+
+
+def _job(folder: Path, distill: str = "kd", seed: int = 0, acc: float = 0.8,
+         baseline: float | None = None, key: str | None = None, epochs: int = 2,
+         config: dict | None = None, curve: bool = False, **extra) -> Path:
+    """The results.json of one kdlab-train job as the offline mode writes it: the stored
+    teacher, the student and (``baseline``: its test/acc) the baseline, each trained stage with
+    its ``epochs`` and checkpoints; ``key``: the baseline's store key; ``config`` overrides the
+    smoke-like config; ``curve``: a CSV log of val/acc per epoch for each trained stage."""
+    folder.mkdir(parents=True)
+    cfg = _merge({
+        "seed": seed, "task_name": "kdlab", "baseline": baseline is not None,
+        "paths": {"output_dir": str(folder)},
+        "logger": {"csv": {"save_dir": str(folder)}},
+        "data": {"label_seed": seed, "shuffle_seed": seed, "num_labels": 1000},
+        "teacher": {"train": {"max_epochs": 1}},
+        "distill": {distill: {"_target_": f"kdlab.strategies.{distill}", "temperature": 4.0}},
+        "compress": {"prune": None, "quantize": None},
+        "optimizer": {"lr": 0.003},
+        "trainer": {"max_epochs": 2, "max_steps": -1, "limit_train_batches": 10}},
+        config or {})
+    teacher = {"stage": "teacher", "model": "CNN", "params": 1000, "latency_ms": 5.0,
+               "source": {"source": "store", "key": "cnn-0123456789ab"},
+               "metrics": {"test/acc": 0.9, "val/acc": 0.91}}
+    stages = [teacher, {"stage": "student", "model": "CNN", "params": 100, "latency_ms": 1.0,
+                        "best_ckpt": str(folder / "checkpoints" / "best.ckpt"),
+                        "metrics": {"test/acc": acc, "val/acc": acc + 0.01,
+                                    "epochs": epochs}}]
+    if baseline is not None:
+        stages.append({"stage": "baseline", "model": "CNN", "params": 100, "latency_ms": 1.0,
+                       "best_ckpt": str(folder / "baseline" / "checkpoints" / "best.ckpt"),
+                       "metrics": {"test/acc": baseline, "val/acc": baseline + 0.01,
+                                   "epochs": epochs},
+                       **({"key": key} if key else {}), **extra})
+    if curve:
+        for stage in stages[1:]:
+            logs = Path(stage["best_ckpt"]).parent.parent / "logs"
+            logs.mkdir(parents=True)
+            final = stage["metrics"]["val/acc"]
+            lines = [f"{e},{final - 0.02 * (epochs - 1 - e)}" for e in range(epochs)]
+            (logs / "metrics.csv").write_text("epoch,val/acc\n" + "\n".join(lines) + "\n")
+    results = {"mode": "offline", "strategy": distill, "stages": stages,
+               "student": stages[1], "config": cfg}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+PRUNED = {"trainer": {"max_epochs": 3},
+          "compress": {"prune": {"amount": 0.9, "start_epoch": 0, "end_epoch": 2},
+                       "quantize": "dynamic_int8"}}
+
+
+def test_groups_are_labelled_by_every_key_that_differs(tmp_path):
+    # a pruned 3-epoch run without a baseline beside a plain 2-epoch sweep: the labels name
+    # both the compression and the length, not one of them (nor baseline=False)
+    _job(tmp_path / "sweep" / "0", seed=0, baseline=0.7)
+    _job(tmp_path / "sweep" / "1", seed=1, baseline=0.7)
+    _job(tmp_path / "pruned", seed=0, epochs=3, config=PRUNED)
+    runs = load_runs([tmp_path])
+    # compress.prune.* and compress.quantize only change with the choice compress.name;
+    # baseline, paths, the logger's folder and the seed's followers never label a group
+    assert group_keys(runs) == ["compress.name", "trainer.max_epochs"]
+    result = compare([tmp_path], out=tmp_path / "out", plots=False)
+    assert result["keys"] == ["compress", "max_epochs"]
+    labels = {row.label for row in result["rows"]}
+    assert labels == {"compress=none, max_epochs=2", "compress=prune+quantize, max_epochs=3"}
+    header = (tmp_path / "out" / "compare.md").read_text().splitlines()[0]
+    assert header.startswith("| compress | max_epochs | stage |")
+
+
+def test_short_key_names_only_where_unambiguous(tmp_path):
+    # trainer.max_epochs and teacher.train.max_epochs both differ: both shown in full
+    _job(tmp_path / "0", seed=0)
+    _job(tmp_path / "1", seed=0, epochs=3, config={"trainer": {"max_epochs": 3},
+                                                    "teacher": {"train": {"max_epochs": 5}}})
+    result = compare([tmp_path], out=tmp_path / "out", plots=False)
+    assert result["keys"] == ["trainer.max_epochs", "teacher.train.max_epochs"]
+    assert {row.label for row in result["rows"]} == {
+        "trainer.max_epochs=2, teacher.train.max_epochs=1",
+        "trainer.max_epochs=3, teacher.train.max_epochs=5"}
+
+
+def test_a_strategy_option_is_shown_where_it_varies_within_the_strategy(tmp_path):
+    for i, (temperature, seed) in enumerate([(2.0, 0), (2.0, 1), (8.0, 0), (8.0, 1)]):
+        _job(tmp_path / f"kd{i}", seed=seed, acc=0.8 + temperature / 100,
+             config={"distill": {"kd": {"temperature": temperature}}})
+    _job(tmp_path / "dkd", distill="dkd", seed=0)
+    result = compare([tmp_path], out=tmp_path / "out", plots=False)
+    students = sorted(row.label for row in result["rows"] if row.stage == "student")
+    # distill.dkd.temperature and the _target_ keys come with the choice: not in the labels
+    assert students == ["distill=dkd", "distill=kd, temperature=2",
+                        "distill=kd, temperature=8"]
+
+
+def test_runs_of_different_length_are_flagged(tmp_path, capsys):
+    _job(tmp_path / "kd0", "kd", seed=0)
+    _job(tmp_path / "kd1", "kd", seed=1)
+    _job(tmp_path / "at0", "at", seed=0)
+    _job(tmp_path / "at1", "at", seed=1)
+    _job(tmp_path / "dkd0", "dkd", seed=0, epochs=3, config={"trainer": {"max_epochs": 3}})
+    _job(tmp_path / "ft0", "ft", seed=0)
+    _job(tmp_path / "ft1", "ft", seed=1, epochs=1)  # the same budget, one epoch trained
+    result = compare([tmp_path], out=tmp_path / "out", plots=False)
+    flagged = {row.group["distill"] for row in result["rows"] if row.length_differs}
+    assert flagged == {"dkd", "ft"}
+    out = capsys.readouterr().out
+    markdown = (tmp_path / "out" / "compare.md").read_text()
+    for text in (out, markdown):
+        assert "student rows of different length side by side: 2 epochs (distill=at, " \
+               "max_epochs=2; distill=ft, max_epochs=2; distill=kd, max_epochs=2) vs 3 epochs " \
+               "(distill=dkd, max_epochs=3) vs 1 epoch of max_epochs=2 (distill=ft, " \
+               "max_epochs=2)" in " ".join(text.split())
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")
+             for line in markdown.splitlines() if "| student |" in line}
+    column = markdown.splitlines()[0].split(" | ").index("epochs")
+    assert {name: cells[name][column] for name in cells} == {
+        "kd": "2", "at": "2", "dkd": "3 ≠", "ft": "1–2 ≠"}
+    table = {r["distill"]: r for r in _csv(tmp_path / "out" / "compare.csv")
+             if r["stage"] == "student"}
+    assert {name: table[name]["length differs"] for name in table} == {
+        "kd": "False", "at": "False", "dkd": "True", "ft": "True"}
+    assert table["dkd"]["epochs"] == "3"
+    assert table["ft"]["epochs"] == "1 2"
+
+
+def test_same_length_is_not_flagged(sweep, tmp_path):
+    result = compare([sweep[0]], out=tmp_path / "out", plots=False)
+    assert not any(row.length_differs for row in result["rows"])
+    assert "different length" not in (tmp_path / "out" / "compare.md").read_text()
+
+
+def test_csv_has_per_seed_values_and_the_gain_over_the_baseline(tmp_path):
+    accs = {0: (0.80, 0.70), 1: (0.82, 0.71), 2: (0.84, 0.75)}
+    for seed, (acc, base) in accs.items():
+        _job(tmp_path / f"kd{seed}", "kd", seed=seed, acc=acc, baseline=base)
+    # baseline=false: paired with the baseline of the kd run of its seed (same config but the
+    # strategy); seed 5 has none
+    _job(tmp_path / "dkd0", "dkd", seed=0, acc=0.90)
+    _job(tmp_path / "dkd5", "dkd", seed=5, acc=0.60)
+    compare([tmp_path], out=tmp_path / "out", plots=False)
+    summary = {(r["distill"], r["stage"]): r for r in _csv(tmp_path / "out" / "compare.csv")}
+    kd = summary["kd", "student"]
+    gains = [acc - base for acc, base in accs.values()]
+    assert float(kd["test/acc gain mean"]) == pytest.approx(statistics.fmean(gains))
+    assert float(kd["test/acc gain std"]) == pytest.approx(statistics.stdev(gains))
+    assert kd["gain n"] == "3" and kd["seeds"] == "0 1 2"
+    dkd = summary["dkd", "student"]
+    assert dkd["n"] == "2" and dkd["gain n"] == "1"
+    assert float(dkd["test/acc gain mean"]) == pytest.approx(0.90 - 0.70)
+    assert dkd["test/acc gain std"] == ""
+    assert summary["kd", "baseline"]["test/acc gain mean"] == ""
+
+    seeds = _csv(tmp_path / "out" / "compare_seeds.csv")
+    students = {(r["distill"], r["seed"]): r for r in seeds if r["stage"] == "student"}
+    assert len(seeds) == 3 * 3 + 2 * 2  # teacher, student (and baseline) of every run
+    for seed, (acc, base) in accs.items():
+        line = students["kd", str(seed)]
+        assert float(line["test/acc"]) == acc and float(line["baseline test/acc"]) == base
+        assert float(line["test/acc gain"]) == pytest.approx(acc - base)
+        assert float(line["val/acc"]) == pytest.approx(acc + 0.01)
+        assert line["epochs"] == "2" and line["run"] == str((tmp_path / f"kd{seed}").resolve())
+    assert students["dkd", "5"]["test/acc gain"] == ""
+    markdown = (tmp_path / "out" / "compare.md").read_text()
+    assert "| kd | student | CNN | 3 | 82.00 ± 2.00 | +10.00 ± 1.00 |" in markdown
+    assert "| dkd | student | CNN | 2 | 75.00 ± 21.21 | +20.00 (n=1) |" in markdown
+
+
+def test_a_baseline_shared_by_strategies_is_shown_once(tmp_path):
+    keys = {0: "a" * 16, 1: "b" * 16}
+    for distill in ("kd", "dkd"):
+        for seed in (0, 1):
+            _job(tmp_path / f"{distill}{seed}", distill, seed=seed, baseline=0.7 + seed / 100,
+                 key=keys[seed], **({"reused": True} if distill == "dkd" else {}))
+    for seed in (0, 1):  # another baseline (other keys): its own row
+        _job(tmp_path / f"at{seed}", "at", seed=seed, baseline=0.7 + seed / 100,
+             key=f"{seed}" * 16)
+    result = compare([tmp_path], out=tmp_path / "out", plots=False)
+    baselines = [row for row in result["rows"] if row.stage == "baseline"]
+    # runs in folder order (at, dkd, kd): the shared row is where dkd's baseline was
+    assert [row.group["distill"] for row in baselines] == ["at", "dkd|kd"]
+    assert [row.n for row in baselines] == [2, 2]
+    assert baselines[1].shared_by == [{"distill": "dkd"}, {"distill": "kd"}]
+    markdown = (tmp_path / "out" / "compare.md").read_text()
+    assert markdown.count("| baseline |") == 2
+    assert "| dkd\\|kd | baseline | CNN | 2 |" in markdown  # the | escaped in a cell
+    assert "distill=dkd|kd: one baseline shared by 2 groups, shown once" in markdown
+    lines = _csv(tmp_path / "out" / "compare_seeds.csv")
+    assert sum(r["stage"] == "baseline" for r in lines) == 4  # 2 seeds × 2 baselines
+
+
+def test_baselines_without_a_key_are_one_when_config_and_metrics_are_equal(tmp_path):
+    for seed in (0, 1):
+        for distill in ("kd", "dkd"):  # equal: one row
+            _job(tmp_path / f"{distill}{seed}", distill, seed=seed, baseline=0.7 + seed / 100)
+        # other metrics (seed 1 differs): its own row
+        _job(tmp_path / f"at{seed}", "at", seed=seed, baseline=0.7 + seed / 50)
+        # the same metrics but another config: its own row
+        _job(tmp_path / f"ft{seed}", "ft", seed=seed, baseline=0.7 + seed / 100,
+             config={"optimizer": {"lr": 0.01}})
+    result = compare([tmp_path], out=tmp_path / "out", plots=False)
+    baselines = sorted(row.label for row in result["rows"] if row.stage == "baseline")
+    assert baselines == ["distill=at, lr=0.003", "distill=dkd|kd, lr=0.003",
+                         "distill=ft, lr=0.01"]

@@ -1,14 +1,23 @@
 """``kdlab-compare PATH…``: compare finished runs without W&B.
 
 Reads the ``results.json`` of runs (a run folder, a multirun folder, or any folder above them),
-groups the runs by the config keys whose values differ between them (the seed aside), aggregates
-the seeds of each group (mean ± sample std, n) for every stage of the runs (student, baseline,
-teacher, generations …), prints the table, writes ``compare.csv`` and ``compare.md`` and plots
-the PNGs of :mod:`kdlab.compare.plots`.
+groups the runs by every config key whose value differs between them (seeds, bookkeeping and
+the options of a differing choice aside: :mod:`kdlab.compare.labels`), aggregates the seeds of
+each group (mean ± sample std, n) for every stage of the runs (student, baseline, teacher,
+generations …) with the gain over the baseline of the same runs, shows a baseline shared by
+several groups once and flags rows of one stage trained for different lengths
+(:mod:`kdlab.compare.runs`). It prints the table and writes, in the output folder:
 
-The grouping keys are chosen to be few and readable: among the keys that differ, a key is kept
-only if it splits the runs further than the keys kept before it, trying ``<group>.name`` keys
-first (shown as ``distill=kd``), then shallower keys. ``--by KEY`` fixes them by hand.
+* ``compare.csv``: one line per (group, stage), unrounded: mean, std and n of the metric and
+  of ``val/acc``, mean, std and n of the per-seed gain over the baseline, the epochs, the
+  length and whether it differs from the stage's other rows, parameters, CPU latency, runs;
+* ``compare_seeds.csv``: the long format, one line per (run, stage): the group's keys, the
+  seed, the metric, ``val/acc``, the paired baseline's metric and the gain, the epochs, the
+  run folder (``pandas.read_csv`` then ``pivot_table(index=..., columns="seed")``);
+* ``compare.md``: the table and its notes;
+* the PNG and PDF figures of :mod:`kdlab.compare.plots`.
+
+``--by KEY…`` fixes the grouping keys by hand.
 """
 
 from __future__ import annotations
@@ -22,66 +31,141 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.compare.plots import plot_all
-from kdlab.compare.runs import Row, aggregate, load_runs, mean_std
+from kdlab.compare.runs import (
+    BASELINE,
+    TEACHER,
+    Row,
+    aggregate,
+    length_notes,
+    length_text,
+    load_runs,
+    mean_std,
+)
 from kdlab.util.errors import KdlabError
 from kdlab.util.report import markdown
 
+#: marks the epochs of a row whose length differs from the other rows of its stage
+DIFFERS = "≠"
 
-def _pm(values: Sequence[float]) -> str:
+
+def _pm(values: Sequence[float], sign: bool = False) -> str:
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "—"
-    return f"{100 * mean:.2f}" + ("" if math.isnan(std) else f" ± {100 * std:.2f}")
+    text = f"{100 * mean:+.2f}" if sign else f"{100 * mean:.2f}"
+    return text + ("" if math.isnan(std) else f" ± {100 * std:.2f}")
 
 
-HEADERS = ["stage", "model", "n", "test acc %", "val acc %", "params", "CPU ms/batch"]
+def _epochs(row: Row) -> str:
+    epochs = row.epochs
+    text = "—" if not epochs else str(epochs[0]) if len(epochs) == 1 \
+        else f"{epochs[0]}–{epochs[-1]}"
+    return f"{text} {DIFFERS}" if row.length_differs else text
 
 
-def table(keys: Sequence[str], rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+def headers(keys: Sequence[str], metric: str) -> list[str]:
+    """The columns of the comparison table."""
+    name = "test acc %" if metric == "test/acc" else f"{metric} %"
+    return [*keys, "stage", "model", "n", name, "gain vs baseline", "val acc %", "epochs",
+            "params", "CPU ms/batch"]
+
+
+#: columns aligned right in the terminal
+NUMERIC = ("n", "gain vs baseline", "val acc %", "epochs", "params", "CPU ms/batch")
+
+
+def table(keys: Sequence[str], rows: Sequence[Row], metric: str = "test/acc"
+          ) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of the comparison table."""
     body = []
     for row in rows:
-        body.append([*(row.group[k] for k in keys), row.stage, row.model, str(row.n),
-                     _pm(row.test_acc), _pm(row.val_acc),
+        gain = "—" if row.stage in (TEACHER, BASELINE) else _pm(row.gains, sign=True)
+        if row.gains and len(row.gains) < row.n:
+            gain += f" (n={len(row.gains)})"
+        body.append([*(row.group.get(k, "—") for k in keys), row.stage, row.model, str(row.n),
+                     _pm(row.test_acc), gain, _pm(row.val_acc), _epochs(row),
                      "—" if row.params is None else f"{row.params:,}",
                      "—" if row.latency_ms is None else f"{row.latency_ms:.2f}"])
-    return [*keys, *HEADERS], body
+    return headers(keys, metric), body
+
+
+def notes(rows: Sequence[Row]) -> list[str]:
+    """The lines under the table: rows of different length, baselines shown once."""
+    lines = [f"{DIFFERS} {note}" for note in length_notes(rows)]
+    lines += [f"{row.label}: one baseline shared by {len(row.shared_by)} groups, shown once"
+              for row in rows if row.shared_by]
+    gains = [row for row in rows if row.stage not in (TEACHER, BASELINE)]
+    if any(row.gains for row in gains):
+        lines.append("gain vs baseline: percentage points over the baseline of the same seed "
+                     "(the run's own, else that of a run alike but for the strategy), "
+                     "mean ± std over the runs that have one (n where fewer than the row's)")
+    return lines
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else repr(value)
 
 
 def write_csv(path: Path, keys: Sequence[str], rows: Sequence[Row], metric: str) -> None:
     """One line per (group, stage) with the numbers unrounded."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*keys, "stage", "model", "n", f"{metric} mean", f"{metric} std",
-                         "val/acc mean", "val/acc std", "params", "latency_ms", "runs"])
+        writer.writerow([*keys, "stage", "model", "n", "seeds", f"{metric} mean",
+                         f"{metric} std", "val/acc mean", "val/acc std", f"{metric} gain mean",
+                         f"{metric} gain std", "gain n", "epochs", "length", "length differs",
+                         "params", "latency_ms", "runs"])
         for row in rows:
-            test, val = mean_std(row.test_acc), mean_std(row.val_acc)
-            writer.writerow([*(row.group[k] for k in keys), row.stage, row.model, row.n,
-                             *("" if math.isnan(v) else repr(v) for v in (*test, *val)),
-                             "" if row.params is None else row.params,
-                             "" if row.latency_ms is None else repr(row.latency_ms),
-                             " ".join(str(p) for p in row.runs)])
+            stats = (*mean_std(row.test_acc), *mean_std(row.val_acc), *mean_std(row.gains))
+            writer.writerow([
+                *(row.group.get(k, "") for k in keys), row.stage, row.model, row.n,
+                " ".join(str(s) for s in row.seeds), *(_num(v) for v in stats),
+                len(row.gains), " ".join(str(e) for e in row.epochs),
+                "; ".join(length_text(length) for length in dict.fromkeys(row.lengths)),
+                row.length_differs, "" if row.params is None else row.params,
+                _num(row.latency_ms), " ".join(str(p) for p in row.runs)])
 
 
-def print_rich(headers: Sequence[str], body: Sequence[Sequence[str]], title: str) -> None:
-    """The table in the terminal."""
+def write_seeds_csv(path: Path, keys: Sequence[str], rows: Sequence[Row], metric: str) -> None:
+    """The long format: one line per (run, stage) of every row, unrounded."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*keys, "stage", "model", "seed", metric, "val/acc",
+                         f"baseline {metric}", f"{metric} gain", "epochs", "length differs",
+                         "params", "latency_ms", "run"])
+        for row in rows:
+            for entry in row.entries:
+                length = entry.length
+                writer.writerow([
+                    *(row.group.get(k, "") for k in keys), row.stage, row.model,
+                    "" if entry.run.seed is None else entry.run.seed, repr(entry.value),
+                    _num(entry.metrics.get("val/acc")), _num(entry.baseline), _num(entry.gain),
+                    "" if length is None else length[0], row.length_differs,
+                    "" if entry.info.get("params") is None else entry.info["params"],
+                    _num(entry.info.get("latency_ms")), str(entry.run.path)])
+
+
+def print_rich(headers: Sequence[str], body: Sequence[Sequence[str]], title: str,
+               lines: Sequence[str] = ()) -> None:
+    """The table in the terminal, and its notes under it."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     out = Table(title=title)
-    for header in headers:
-        numeric = header in HEADERS[2:]
+    for i, header in enumerate(headers):
+        numeric = header in NUMERIC or i == headers.index("n") + 1
         out.add_column(header, justify="right" if numeric else "left")
     for cells in body:
         out.add_row(*cells)
     console.print(out)
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
 
 
 def compare(paths: Sequence[str | Path], out: Path | None = None, by: Sequence[str] | None = None,
             metric: str = "test/acc", plots: bool = True) -> dict[str, Any]:
-    """Compare the runs under ``paths``; write the table and plots to ``out``. Returns
-    ``{"keys", "rows", "files"}``."""
+    """Compare the runs under ``paths``; write the tables and plots to ``out``. Returns
+    ``{"keys", "rows", "notes", "files"}``."""
     runs = load_runs(paths)
     keys, rows = aggregate(runs, by, metric)
     if not rows:
@@ -90,15 +174,18 @@ def compare(paths: Sequence[str | Path], out: Path | None = None, by: Sequence[s
         first = Path(paths[0])
         out = (first if first.is_dir() else first.parent) / "compare"
     out.mkdir(parents=True, exist_ok=True)
-    headers, body = table(keys, rows)
-    print_rich(headers, body, title=f"{len(runs)} runs, {metric} (mean ± std over seeds)")
-    files = [out / "compare.csv", out / "compare.md"]
+    head, body = table(keys, rows, metric)
+    lines = notes(rows)
+    print_rich(head, body, f"{len(runs)} runs, {metric} (mean ± std over seeds)", lines)
+    files = [out / "compare.csv", out / "compare_seeds.csv", out / "compare.md"]
     write_csv(files[0], keys, rows, metric)
-    files[1].write_text(markdown(headers, body) + "\n")
+    write_seeds_csv(files[1], keys, rows, metric)
+    cells = [[cell.replace("|", "\\|") for cell in cells] for cells in body]  # kd|dkd
+    files[2].write_text(markdown(head, cells) + "\n" + "".join(f"\n{line}\n" for line in lines))
     if plots:
         files += plot_all(rows, out, metric)
     print("wrote " + ", ".join(str(f) for f in files))
-    return {"keys": keys, "rows": rows, "files": files}
+    return {"keys": keys, "rows": rows, "notes": lines, "files": files}
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
@@ -112,7 +199,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--metric", default="test/acc", help="stage metric to aggregate")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: <first folder>/compare)")
-    parser.add_argument("--no-plots", action="store_true", help="table, CSV and Markdown only")
+    parser.add_argument("--no-plots", action="store_true", help="tables only (CSV, Markdown)")
     args = parser.parse_args(argv)
     try:
         compare(args.paths, args.out, args.by, args.metric, plots=not args.no_plots)
