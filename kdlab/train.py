@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -207,16 +208,83 @@ def check_latency(cfg: DictConfig) -> None:
             raise KdlabError(f"latency.{key}={value} must be a positive integer")
 
 
+#: this process's jobs of a multirun: how many ran, and the failed ones (job number, overrides,
+#: folder, error line), for the summary at the end of the sweep (:func:`sweep_summary`)
+SWEEP: dict[str, Any] = {"jobs": [], "failed": []}
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _main(cfg: DictConfig) -> float:
-    results = run(cfg)
+    job = multirun_job()
+    if job is None:
+        results = run(cfg)
+    else:  # one failed job of a sweep must not cancel the others
+        SWEEP["jobs"].append(job["overrides"])
+        results = run_job(cfg, job)
+        if results is None:
+            return float("nan")
     return float(results["student"]["metrics"].get("val/acc", float("nan")))
 
 
+def multirun_job() -> dict[str, Any] | None:
+    """This job's number, overrides and the sweep's folder when it is a job of a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    config = HydraConfig.get()
+    return {"job": config.job.num, "overrides": list(config.overrides.task),
+            "sweep_dir": config.sweep.dir}
+
+
+def run_job(cfg: DictConfig, job: dict[str, Any]) -> dict[str, Any] | None:
+    """One job of a multirun: its results, or ``None`` when it failed — then its error line
+    is printed and kept for the sweep's summary, and the sweep goes on. A stop (SIGTERM,
+    Ctrl-C) still ends the whole sweep with the command that continues it."""
+    folder = str(cfg.paths.output_dir)
+    try:
+        with stop_on_signals():
+            return execute(cfg)
+    except RunStopped as stop:
+        fail(f"stopped by {stop} during job {job['job']} of the sweep (no results.json); the "
+             f"same command continues every unfinished job: the plain re-run picks up each "
+             f"one's folder", code=stop.exit_code)
+    except KdlabError as e:
+        error = str(e)
+    except Exception as e:  # noqa: BLE001 - a bug in one job is reported, the sweep goes on
+        log.exception("job %s failed", job["job"])
+        error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    print(f"kdlab: error: job {job['job']} ({' '.join(job['overrides'])}): {error}",
+          file=sys.stderr, flush=True)
+    SWEEP["failed"].append({**job, "folder": folder, "error": error})
+    write_json(Path(job["sweep_dir"]) / "failed_jobs.json", SWEEP["failed"])
+    return None
+
+
+def sweep_summary() -> str | None:
+    """The lines that end a sweep with failed jobs (``None`` when none failed)."""
+    failed = SWEEP["failed"]
+    if not failed:
+        return None
+    jobs = SWEEP["jobs"]
+    shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
+    lines = [f"{len(failed)} of {len(jobs)} jobs of the sweep failed (the others finished; "
+             f"the list is in {Path(failed[0]['sweep_dir']) / 'failed_jobs.json'}):"]
+    for job in failed:  # the overrides that make the job differ from the others
+        own = " ".join(o for o in job["overrides"] if o not in shared)
+        lines.append(f"  job {job['job']} [{own}] in {job['folder']}: {job['error']}")
+    return "\n".join(lines)
+
+
 def cli() -> None:
-    """``kdlab-train [overrides]`` — see ``conf/train.yaml``."""
+    """``kdlab-train [overrides]`` — see ``conf/train.yaml``. A multirun whose jobs failed ends
+    with their summary and exit code 1."""
     guard_argv()
     _main()
+    summary = sweep_summary()
+    if summary is not None:
+        fail(summary, code=1)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,21 @@ def test_slurm_launcher_runs_one_task_per_device():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+
+
+def test_a_failed_job_does_not_cancel_the_sweep_and_is_summarised(tmp_path):
+    """Job 0 of three has a bad value: jobs 1 and 2 still run and finish, and the sweep ends
+    with exit code 1 and one summary naming the failed job, its overrides and its error."""
+    proc = _train(["-m", "distill=kd", "distill.kd.temperature=-1,2,4", "baseline=false"],
+                  tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    assert not (sweep / "0" / "results.json").exists()
+    assert (sweep / "1" / "results.json").exists() and (sweep / "2" / "results.json").exists()
+    summary = proc.stderr[proc.stderr.index("kdlab: error: 1 of 3 jobs of the sweep failed"):]
+    assert f"the list is in {sweep / 'failed_jobs.json'}" in summary
+    assert f"job 0 [distill.kd.temperature=-1] in {sweep / '0'}: " \
+           "distill.kd.temperature" in summary
+    (failed,) = json.loads((sweep / "failed_jobs.json").read_text())
+    assert failed["job"] == 0 and "distill.kd.temperature=-1" in failed["overrides"]
+    assert "Traceback" not in proc.stderr
