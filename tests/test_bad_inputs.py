@@ -274,3 +274,22 @@ def test_a_folder_as_teacher_ckpt_is_named(tmp_path, capsys):
     line = _run_fails(make_cfg(tmp_path, [*FAST, f"teacher.ckpt={tmp_path}"]), capsys,
                       tmp_path / "run")
     assert f"teacher.ckpt={tmp_path} is a folder: give the teacher.pt" in line
+
+
+def test_a_warmup_longer_than_the_schedule_is_said_in_one_line(fast_cfg, caplog):
+    """DKD's and ReviewKD's 20-epoch warm-up on a 3-epoch run would leave their loss at 15%
+    of its weight: one warning line each, naming the key and the value that fits."""
+    import logging
+
+    from kdlab.modes.build import build_strategy
+
+    caplog.set_level(logging.WARNING)
+    build_strategy(fast_cfg("distill=[dkd,reviewkd]", "trainer.max_epochs=3"))
+    for name in ("dkd", "reviewkd"):
+        assert (f"distill.{name}.warmup=20 epochs is longer than the schedule "
+                f"(trainer.max_epochs=3): its loss reaches only 3/20 = 15% of its weight in the "
+                f"last epoch; set distill.{name}.warmup=3 or less") in caplog.text
+    caplog.clear()
+    build_strategy(fast_cfg("distill=dkd", "trainer.max_epochs=3", "distill.dkd.warmup=3"))
+    build_strategy(fast_cfg("distill=dkd", "trainer.max_epochs=240"))
+    assert "warmup" not in caplog.text

@@ -137,7 +137,28 @@ def build_strategy(cfg: DictConfig) -> Strategy | None:
             raise KdlabError(f"distill.{name}._target_={node._target_} is not a kdlab Strategy "
                              "(a subclass of kdlab.Strategy)")
         members[name] = member
+    warn_about_long_warmups(members, cfg.trainer.get("max_epochs"))
     return Composite(**members) if members else None
+
+
+def warn_about_long_warmups(members: dict[str, Strategy], max_epochs: Any) -> list[str]:
+    """One warning line for each member whose warm-up (DKD, ReviewKD: 20 epochs, from the
+    authors' 240-epoch CIFAR schedule) is longer than the run's schedule: its loss would never
+    reach its full weight. The value is kept — it is the researcher's to change — but never
+    silently. Returns the lines."""
+    if not isinstance(max_epochs, int) or max_epochs < 1:
+        return []
+    lines = []
+    for name, member in members.items():
+        warmup = getattr(member, "warmup", 0)
+        if isinstance(warmup, int) and warmup > max_epochs:
+            lines.append(f"kdlab: warning: distill.{name}.warmup={warmup} epochs is longer than "
+                         f"the schedule (trainer.max_epochs={max_epochs}): its loss reaches only "
+                         f"{max_epochs}/{warmup} = {max_epochs / warmup:.0%} of its weight in "
+                         f"the last epoch; set distill.{name}.warmup={max_epochs} or less for a "
+                         "full-weight phase (the authors warm up over 20 of 240 epochs)")
+            log.warning(lines[-1])
+    return lines
 
 
 def _model_label(node: Any) -> str:
