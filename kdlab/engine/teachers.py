@@ -69,12 +69,14 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) 
 class TeacherStore:
     """Trained networks by key under ``root`` (see the module docstring)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, name: str = "teacher") -> None:
         self.root = Path(root)
+        self.name = name  #: the entries' file name (the baseline store's: ``baseline``)
 
     def entry(self, key: str) -> VerifiedFile:
-        """The entry of ``key``: ``<root>/<key>/teacher.pt`` and its ``teacher.json``."""
-        return VerifiedFile(self.root / key / "teacher.pt", self.root / key / "teacher.json")
+        """The entry of ``key``: ``<root>/<key>/<name>.pt`` and its ``<name>.json``."""
+        return VerifiedFile(self.root / key / f"{self.name}.pt",
+                            self.root / key / f"{self.name}.json")
 
     def has(self, key: str) -> bool:
         """Whether an entry is stored under ``key`` (not checked for damage)."""
@@ -165,6 +167,6 @@ class TeacherStore:
 
 
 def _accuracy(metrics: Mapping[str, Any]) -> str:
-    acc = metrics.get("test/acc")
+    acc = metrics.get("test/acc", (metrics.get("metrics") or {}).get("test/acc"))
     return f"test/acc {acc:.4f}" if isinstance(acc, (int, float)) else "no test metric"
 

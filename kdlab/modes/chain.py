@@ -29,9 +29,10 @@ from torch import nn
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.fit import accuracy
 from kdlab.engine.teachers import TeacherStore
+from kdlab.modes.baseline import train_baseline
 from kdlab.modes.build import build_datamodule, build_model, build_strategy, strategy_name
 from kdlab.modes.ensemble import TeacherEnsemble
-from kdlab.modes.offline import single_teacher, train_baseline
+from kdlab.modes.offline import single_teacher
 from kdlab.modes.runner import (
     evaluated_entry,
     frozen_copy,

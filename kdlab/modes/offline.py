@@ -15,6 +15,7 @@ from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.models.transplant import init_from_teacher
+from kdlab.modes.baseline import train_baseline
 from kdlab.modes.build import build_datamodule, build_model, build_strategy, strategy_name
 from kdlab.modes.compress import Compression
 from kdlab.modes.runner import evaluated_entry, latency_args, model_name, stage_entry, train_stage
@@ -75,14 +76,3 @@ def run(cfg: DictConfig, run_dir: Path, teachers: TeacherSource = single_teacher
         results["stages"].append(results["baseline"])
     return results
 
-
-def train_baseline(cfg: DictConfig, run_dir: Path, latency: tuple) -> dict[str, Any]:
-    """The student alone — same initialisation (``seed``), same number of optimizer steps, the
-    labelled images only — and its ``results.json`` entry (stage ``baseline``)."""
-    log.info("Baseline: the same student without the teacher, same budget")
-    data = build_datamodule(cfg, transfer=False)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the student's init
-    baseline = build_model(cfg.student.model, data, "student.model")
-    stage = train_stage(cfg, "baseline", run_dir / "baseline", baseline, data, cfg.optimizer,
-                        cfg.get("scheduler"))
-    return stage_entry("baseline", model_name(cfg.student.model), baseline, stage, latency)
