@@ -230,6 +230,36 @@ def friendly_errors(task: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def check_run_folder(argv: Sequence[str]) -> None:
+    """``kdlab-train``: the folder Hydra will create for the run (``hydra.run.dir``, or
+    ``hydra.sweep.dir`` with ``-m``) can be created — else one line naming it, instead of
+    Hydra's traceback from ``mkdir``. A probe folder is made and removed in its nearest
+    existing parent."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+
+    pairs, multirun, dirs = overrides(argv)
+    wanted = ("hydra.run.", "hydra.sweep.", "paths.")
+    task = [f"{k}={v}" for k, v in pairs if k.lstrip("+~").startswith(wanted) and "," not in v]
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=task, return_hydra_config=True)
+            folder = Path(str(OmegaConf.select(cfg, key)))
+    except Exception:  # noqa: BLE001 - what cannot be composed here is Hydra's to report
+        return
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        tempfile.TemporaryDirectory(dir=parent, prefix=".kdlab-probe-").cleanup()
+    except OSError as e:
+        raise KdlabError(f"{key}={folder} cannot be created: {parent} is not writable "
+                         f"({e.strerror}); set paths.log_dir (or {key}) to a writable folder"
+                         ) from None
+
+
 def guard_argv(config_name: str = "train") -> None:
     """Check the command line's overrides before Hydra reads them (:func:`check_overrides`,
     :func:`check_keys` against ``conf/<config_name>.yaml``, :func:`check_plugins`); quiet
@@ -240,6 +270,8 @@ def guard_argv(config_name: str = "train") -> None:
     try:
         check_overrides(sys.argv[1:])
         check_keys(sys.argv[1:], config_name)
+        if config_name == "train":
+            check_run_folder(sys.argv[1:])
         check_plugins(sys.argv[1:])
     except KdlabError as e:
         fail(str(e))

@@ -293,3 +293,24 @@ def test_a_warmup_longer_than_the_schedule_is_said_in_one_line(fast_cfg, caplog)
     build_strategy(fast_cfg("distill=dkd", "trainer.max_epochs=3", "distill.dkd.warmup=3"))
     build_strategy(fast_cfg("distill=dkd", "trainer.max_epochs=240"))
     assert "warmup" not in caplog.text
+
+
+def test_a_read_only_output_folder_is_one_line_before_hydra(tmp_path):
+    """Hydra creates the run folder before kdlab runs; on a read-only disk that was a
+    traceback from mkdir. Now: one line naming the folder, exit code 2."""
+    import subprocess
+    import sys
+
+    from tests.test_teacher_store import _in_read_only
+
+    for args, key in (([f"hydra.run.dir={tmp_path}/run"], "hydra.run.dir"),
+                      (["-m", f"paths.log_dir={tmp_path}/logs", "seed=1,2"], "hydra.sweep.dir")):
+        command = _in_read_only(tmp_path, [sys.executable, "-m", "kdlab.train", *args,
+                                           "trainer.fast_dev_run=true"])
+        if command is None:
+            pytest.skip("this machine cannot mount a folder read-only in a user namespace")
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(f"kdlab: error: {key}={tmp_path}/")
+        assert f"cannot be created: {tmp_path} is not writable (Read-only file system)" in line
