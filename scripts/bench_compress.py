@@ -13,7 +13,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from kdlab.engine.compression import quantize_dynamic_int8  # noqa: E402
 from kdlab.engine.teachers import load_weights  # noqa: E402
+from kdlab.util.measure import side_by_side_latency_ms  # noqa: E402
 
 
 def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -41,20 +41,10 @@ def _student(results: dict, ckpt: str) -> torch.nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
 def round_robin_ms(models: dict[str, torch.nn.Module], repeats: int) -> dict[str, float]:
-    """Median ms per batch of 128 of each model, timed in turn ``repeats`` times."""
-    x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    times: dict[str, list[float]] = defaultdict(list)
-    for model in models.values():
-        for _ in range(5):
-            model(x)
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(x)
-            times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median ms per batch of 128 of each model, timed side by side ``repeats`` times."""
+    return side_by_side_latency_ms(models, (1, 28, 28), 128, repeats, warmup=5,
+                                   channels_last=True)
 
 
 def main() -> None:

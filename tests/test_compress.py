@@ -18,7 +18,6 @@ from kdlab.engine.compression import (
 )
 from kdlab.engine.teachers import load_into, load_weights
 from kdlab.models import CNN
-from kdlab.modes import compress as compress_mod
 from kdlab.modes.compress import (
     Compression,
     compression_report,
@@ -26,6 +25,7 @@ from kdlab.modes.compress import (
     side_by_side_latency_ms,
 )
 from kdlab.train import run
+from kdlab.util import measure as measure_mod
 from kdlab.util.errors import KdlabError
 
 
@@ -185,7 +185,7 @@ class Recorder(nn.Module):
 
 def test_latencies_are_measured_side_by_side(monkeypatch):
     calls, clock = [], [0.0]
-    monkeypatch.setattr(compress_mod, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(measure_mod, "perf_counter", lambda: clock[0])
     a, b = Recorder("a", calls, clock, 1.0), Recorder("b", calls, clock, 1.0)
     b.eval()
     ms = side_by_side_latency_ms({"a": a, "b": b}, (3,), batch_size=2, repeats=4, warmup=1)

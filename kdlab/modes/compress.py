@@ -46,11 +46,9 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import statistics
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from time import perf_counter
 from typing import Any
 
 import lightning as L
@@ -74,6 +72,7 @@ from kdlab.engine.fit import accuracy
 from kdlab.modes.build import build_model, build_strategy
 from kdlab.modes.runner import model_name, stage_entry, train_stage
 from kdlab.util.errors import KdlabError
+from kdlab.util.measure import side_by_side_latency_ms
 from kdlab.util.report import markdown
 
 log = logging.getLogger(__name__)
@@ -149,40 +148,6 @@ def _deployable(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def side_by_side_latency_ms(models: Mapping[str, nn.Module], input_shape: tuple[int, ...],
-                            batch_size: int, repeats: int, warmup: int = 3,
-                            channels_last: bool = False) -> dict[str, float]:
-    """Median wall time (ms) of one eval-mode CPU forward pass of each model on the same
-    ``batch_size`` batch, measured side by side: every round runs each model once, in an order
-    that reverses from one round to the next (A B, B A, A B …), so a machine that speeds up or
-    slows down (other processes, clock boost, caches) weighs on every model alike, and no model
-    always runs right after another. The models are left on their devices and in their modes."""
-    states = {name: (_device(m), m.training) for name, m in models.items()}
-    for model in models.values():
-        model.cpu().eval()
-    x = torch.randn(batch_size, *input_shape)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(warmup + repeats):
-        for name in names if round_ % 2 == 0 else reversed(names):
-            start = perf_counter()
-            models[name](x)
-            if round_ >= warmup:
-                times[name].append(perf_counter() - start)
-    for name, model in models.items():
-        device, training = states[name]
-        model.to(device).train(training)
-    return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
-
-
-def _device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter (the CPU for one without: a quantised MLP)."""
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def measure(model: nn.Module, data: InMemoryDataModule, channels_last: bool,
             sparse: bool = False) -> dict[str, Any]:
     """Test accuracy, parameters and non-zero parameters, sparsity and size on disk of one

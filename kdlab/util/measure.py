@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import io
 import statistics
-import time
 from collections.abc import Mapping, Sequence
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -19,7 +19,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def cpu_latency_ms(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -30,21 +29,43 @@ def cpu_latency_ms(
 ) -> float:
     """Median wall time in milliseconds of one eval-mode forward pass of a ``batch_size`` batch
     on the CPU, with the process's current thread count. ``model`` is left where it was."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model = model.cpu().eval()
+    return side_by_side_latency_ms({"model": model}, input_shape, batch_size, repeats, warmup,
+                                   channels_last)["model"]
+
+
+@torch.no_grad()
+def side_by_side_latency_ms(models: Mapping[str, nn.Module], input_shape: tuple[int, ...],
+                            batch_size: int, repeats: int, warmup: int = 3,
+                            channels_last: bool = False) -> dict[str, float]:
+    """Median wall time (ms) of one eval-mode CPU forward pass of each model on the same
+    ``batch_size`` batch, measured side by side: every round runs each model once, in an order
+    that reverses from one round to the next (A B, B A, A B …), so a machine that speeds up or
+    slows down (other processes, clock boost, caches) weighs on every model alike, and no model
+    always runs right after another. The models are left on their devices and in their modes."""
+    states = {name: (_device(m), m.training) for name, m in models.items()}
+    for model in models.values():
+        model.cpu().eval()
     x = torch.randn(batch_size, *input_shape)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    model.to(device).train(was_training)
-    return 1000.0 * statistics.median(times)
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            start = perf_counter()
+            models[name](x)
+            if round_ >= warmup:
+                times[name].append(perf_counter() - start)
+    for name, model in models.items():
+        device, training = states[name]
+        model.to(device).train(training)
+    return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
+
+
+def _device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for one without: a quantised MLP)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def describe_model(
