@@ -73,7 +73,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         results["wall_time_s"] = time.perf_counter() - start
         results["config"] = to_container(cfg)
         if is_rank_zero():  # DDP: the other ranks ran every stage in step; rank 0 reports
-            report(cfg, results, run_dir)
+            results = report(cfg, results, run_dir)
     return results
 
 
@@ -91,13 +91,12 @@ def run_mode(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise
 
 
-def report(cfg: DictConfig, results: dict[str, Any], run_dir: Path) -> None:
+def report(cfg: DictConfig, results: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Write ``results.json`` (strict JSON: NaN as null, and why) and ``results.md``, end the
-    W&B run, print the table and the warnings a reader must not miss."""
+    W&B run, print the table and the warnings a reader must not miss; returns what was
+    written."""
     mode = str((cfg.get("mode") or {}).get("name", "offline"))
-    clean, nonfinite = finite_json(results)
-    results.clear()
-    results.update(clean)
+    results, nonfinite = finite_json(results)
     if nonfinite:  # strict JSON readers reject NaN: null, and why
         results["nonfinite"] = {"keys": nonfinite, "why": "these values were NaN or infinite "
                                 "(e.g. nonfinite_loss=off let a diverged loss through); JSON "
@@ -109,6 +108,7 @@ def report(cfg: DictConfig, results: dict[str, Any], run_dir: Path) -> None:
     print_table(results, title=f"{cfg.task_name}: {label} "
                                f"({results['wall_time_s']:.0f} s) → {run_dir}")
     warn_about_the_results(results)
+    return results
 
 
 def folder_chosen() -> bool:

@@ -18,6 +18,7 @@ from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.teachers import load_into, load_weights
 from kdlab.modes.build import build_model, strategy_configs
 from kdlab.modes.mutual import member_configs
+from kdlab.modes.resume import MARKER
 from kdlab.modes.teacher import get_teacher
 from kdlab.util.errors import KdlabError
 from kdlab.util.files import load_safely
@@ -25,7 +26,7 @@ from kdlab.util.files import load_safely
 log = logging.getLogger(__name__)
 
 #: files or folders that mark a run folder (results.json once finished; the others from the start)
-RUN_MARKERS = ("results.json", "kdlab_run.json", ".hydra")
+RUN_MARKERS = ("results.json", MARKER, ".hydra")
 #: how many folders above a checkpoint its run folder may be (<run>/<stage>/checkpoints/x.ckpt)
 _RUN_DEPTH = 3
 

@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import contextvars
 import copy
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdlab.engine.history import BACKUP_SUFFIX, ReplayHistory, csv_metrics_files, rows_to_keep
 from kdlab.util.errors import KdlabError
-from kdlab.util.files import write_json
+from kdlab.util.files import LockHeld, lock_holder, locked, write_json
 
 log = logging.getLogger(__name__)
 
@@ -144,19 +141,7 @@ def follow_logs(old: Path, new: Path) -> None:
 
 def in_use_by(folder: Path) -> str | None:
     """Who holds ``folder``'s run lock (``pid … since …``), or ``None`` when no run does."""
-    path = folder / LOCK
-    if not path.exists():
-        return None
-    try:
-        with open(path) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return handle.read().strip() or "another process"
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    except OSError:
-        return None
-    return None
+    return lock_holder(folder / LOCK)
 
 
 @contextmanager
@@ -164,27 +149,13 @@ def hold_run_folder(folder: Path) -> Iterator[None]:
     """Hold ``folder``'s run lock while the run works in it: a second run started into the
     same folder is refused in one line naming the first (its pid and start time), instead
     of both writing the same checkpoints and logs."""
-    path = folder / LOCK
-    handle = open(path, "a+")  # noqa: SIM115 - held until the run ends
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise KdlabError(f"paths.output_dir={folder} is in use by another kdlab run ({holder}): "
-                         "wait for it to finish, or start this one in another folder "
-                         "(drop hydra.run.dir)") from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        with locked(folder / LOCK, wait=False):  # LockHeld: only a no-wait lock raises it
+            yield
+    except LockHeld as e:
+        raise KdlabError(f"paths.output_dir={folder} is in use by another kdlab run "
+                         f"({e.holder}): wait for it to finish, or start this one in another "
+                         "folder (drop hydra.run.dir)") from None
 
 
 def prepare_run(cfg: DictConfig, run_dir: Path) -> bool:

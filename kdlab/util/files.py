@@ -34,13 +34,19 @@ class ReadOnlyFolder(KdlabError):
 WAIT_NOTE_S = 30.0
 
 
+class LockHeld(KdlabError):
+    """A lock that another process holds (:func:`locked` with ``wait=False``)."""
+
+    holder = ""  #: who holds it (``pid … on … since …``)
+
+
 @contextmanager
-def locked(path: Path, what: str = "it") -> Iterator[None]:
+def locked(path: Path, what: str = "it", wait: bool = True) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block, so
     concurrent runs that build the same file build it once. The holder writes who it is in
     the file; a process that has to wait says what it waits for (``what``), for whom and,
-    every while, for how long. A folder where the lock cannot be created (read-only) raises
-    :class:`ReadOnlyFolder`."""
+    every while, for how long — or, with ``wait=False``, raises :class:`LockHeld`. A folder
+    where the lock cannot be created (read-only) raises :class:`ReadOnlyFolder`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")  # noqa: SIM115 - closed below; "w" would erase the holder
@@ -49,7 +55,12 @@ def locked(path: Path, what: str = "it") -> Iterator[None]:
         error.reason = str(e.strerror)
         raise error from None
     try:
-        _acquire(handle, what)
+        if wait:
+            _acquire(handle, what)
+        elif not _try_lock(handle):
+            held = LockHeld(f"{path} is held by {_holder(handle)}")
+            held.holder = _holder(handle)
+            raise held
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
@@ -63,23 +74,40 @@ def locked(path: Path, what: str = "it") -> Iterator[None]:
         handle.close()
 
 
-def _acquire(handle: Any, what: str) -> None:
-    """``flock`` ``handle``, saying so when another process holds it."""
+def lock_holder(path: Path) -> str | None:
+    """Who holds the lock ``path`` now (``pid … since …``), or ``None`` when nobody does."""
+    try:
+        with open(path) as handle:
+            if not _try_lock(handle):
+                return _holder(handle)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:  # no lock file (or unreadable): nobody holds it
+        pass
+    return None
+
+
+def _try_lock(handle: Any) -> bool:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
+        return True
     except BlockingIOError:
-        pass
+        return False
+
+
+def _holder(handle: Any) -> str:
     handle.seek(0)
-    holder = handle.read().strip() or "another process"
+    return handle.read().strip() or "another process"
+
+
+def _acquire(handle: Any, what: str) -> None:
+    """``flock`` ``handle``, saying so when another process holds it."""
+    if _try_lock(handle):
+        return
+    holder = _holder(handle)
     log.info("Waiting for %s: another process (%s) is building it", what, holder)
     start, note = time.monotonic(), WAIT_NOTE_S
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            time.sleep(0.2)
+    while not _try_lock(handle):
+        time.sleep(0.2)
         waited = time.monotonic() - start
         if waited >= note:
             log.info("Still waiting for %s (held by %s): %.0f s so far", what, holder, waited)
