@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,11 @@ from kdlab.models import CNN
 from kdlab.modes.build import cache_options
 from kdlab.train import run
 from kdlab.util.errors import KdlabError
+
+
+def _data(x: torch.Tensor) -> SimpleNamespace:
+    """What prepare_cache reads of a datamodule without augmentation: its training split."""
+    return SimpleNamespace(x_train=x, augmented=False)
 
 
 def _teacher() -> CNN:
@@ -75,15 +81,18 @@ def test_a_cached_run_ends_where_a_live_run_does_and_the_cache_is_reused(
     assert again["student"]["metrics"]["test/acc"] > 0
 
 
-def test_augmentation_runs_the_teacher_live_or_fails_when_the_cache_is_required(
+def test_augmentation_without_stored_views_runs_the_teacher_live_or_fails_when_required(
         fast_cfg, caplog, capsys):
     caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
-    run(fast_cfg(*KD, "data.augment=true", "trainer.limit_train_batches=4"))
-    assert "Teacher cache: off" in caplog.text and "data.augment=true" in caplog.text
+    run(fast_cfg(*KD, "data.augment=true", "teacher_cache.views=0",
+                 "trainer.limit_train_batches=4"))
+    assert "Teacher cache: off" in caplog.text and "teacher_cache.views=0" in caplog.text
     with pytest.raises(SystemExit) as exit_info:
-        run(fast_cfg(*KD, "data.augment=true", "teacher_cache.enabled=true"))
+        run(fast_cfg(*KD, "data.augment=true", "teacher_cache.views=0",
+                     "teacher_cache.enabled=true"))
     assert exit_info.value.code == 2
-    assert "teacher_cache.enabled=true but data.augment=true" in capsys.readouterr().err
+    assert "teacher_cache.enabled=true but data.augment gives the student a new random view" \
+        in capsys.readouterr().err
 
 
 def test_fast_dev_run_runs_the_teacher_live_instead_of_over_the_whole_split(fast_cfg, tmp_path,
@@ -97,38 +106,38 @@ def test_fast_dev_run_runs_the_teacher_live_instead_of_over_the_whole_split(fast
 def test_features_too_large_for_the_budget_run_live(fast_cfg, tmp_path):
     cfg = fast_cfg("teacher_cache.max_mb=0.001")
     teacher, x = _teacher(), torch.randn(50, 1, 28, 28)
-    assert prepare_cache(cache_options(cfg), teacher, Taps(teacher, ["stages.0"]), x, False,
-                         False) is None
+    taps = Taps(teacher, ["stages.0"])
+    assert prepare_cache(cache_options(cfg), teacher, taps, _data(x), False) is None
     forced = cache_options(fast_cfg("teacher_cache.max_mb=0.0001", "teacher_cache.enabled=true"))
     with pytest.raises(KdlabError, match="teacher_cache.max_mb"):
-        prepare_cache(forced, teacher, Taps(teacher, []), x, False, False)
+        prepare_cache(forced, teacher, Taps(teacher, []), _data(x), False)
 
 
 def test_a_corrupted_cache_file_is_reported_and_rebuilt(fast_cfg, caplog):
     cfg = fast_cfg()
     teacher, x = _teacher(), torch.randn(50, 1, 28, 28)
-    first = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), x, False, False)
+    first = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), _data(x), False)
     first.path.write_bytes(first.path.read_bytes()[:100])  # truncated
     caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
-    again = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), x, False, False)
+    again = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), _data(x), False)
     assert "(truncated)" in caplog.text and str(first.path) in caplog.text
     torch.testing.assert_close(again.logits.float(), first.logits.float())
     with pytest.raises(KdlabError, match="teacher_cache.dtype=int8"):
-        prepare_cache(cache_options(fast_cfg("teacher_cache.dtype=int8")), teacher, None, x,
-                      False, False)
+        prepare_cache(cache_options(fast_cfg("teacher_cache.dtype=int8")), teacher, None, _data(x),
+                      False)
 
 
 def test_a_cache_file_with_flipped_bytes_is_caught_by_its_hash(fast_cfg, caplog):
     cfg = fast_cfg()
     teacher, x = _teacher(), torch.randn(50, 1, 28, 28)
-    first = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), x, False, False)
+    first = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), _data(x), False)
     meta = json.loads(first.path.with_suffix(".json").read_text())
     assert meta["bytes"] == first.path.stat().st_size
     data = bytearray(first.path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte of the stored logits changed
     first.path.write_bytes(bytes(data))
     caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
-    again = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), x, False, False)
+    again = prepare_cache(cache_options(cfg), teacher, Taps(teacher, []), _data(x), False)
     assert f"{first.path} has a SHA-256 that differs" in caplog.text
     assert "building it again" in caplog.text
     assert json.loads(first.path.with_suffix(".json").read_text()) == meta  # rebuilt whole

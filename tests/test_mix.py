@@ -2,6 +2,7 @@
 (Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and consistent")."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -67,16 +68,18 @@ def test_mixing_needs_a_soft_target_only_strategy(caplog):
     assert data.mix == "none" and "[baseline] data.mix=mixup is off" in caplog.text
 
 
-def test_cache_is_off_with_a_log_when_mixing_and_an_error_when_forced(fast_cfg, caplog):
+def test_without_stored_views_mixing_runs_the_teacher_live_or_fails_when_forced(fast_cfg,
+                                                                              caplog):
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    x = torch.randn(10, 1, 2, 2)
+    data = SimpleNamespace(x_train=torch.randn(10, 1, 2, 2), augmented=True, mix="cutmix")
     with caplog.at_level(logging.INFO, logger="kdlab"):
-        assert prepare_cache(cache_options(fast_cfg()), teacher, None, x, False, False,
-                             mix="cutmix") is None
-    assert "Teacher cache: off" in caplog.text and "data.mix=cutmix" in caplog.text
-    with pytest.raises(KdlabError, match="teacher_cache.enabled=true but data.mix=mixup"):
-        prepare_cache(cache_options(fast_cfg("teacher_cache.enabled=true")), teacher, None, x,
-                      False, False, mix="mixup")
+        assert prepare_cache(cache_options(fast_cfg("teacher_cache.views=0")), teacher, None,
+                             data, False) is None
+    assert "Teacher cache: off" in caplog.text and "data.mix gives the student" in caplog.text
+    with pytest.raises(KdlabError, match="teacher_cache.enabled=true but data.mix gives"):
+        prepare_cache(cache_options(fast_cfg("teacher_cache.enabled=true",
+                                             "teacher_cache.views=0")), teacher, None, data,
+                      False)
 
 
 def test_the_live_teacher_sees_exactly_the_students_mixed_batch(fast_cfg, monkeypatch, caplog):
@@ -86,7 +89,7 @@ def test_the_live_teacher_sees_exactly_the_students_mixed_batch(fast_cfg, monkey
     recording = [False]
     terms = DistillationModule._terms
 
-    def spy(self, x, y, index):
+    def spy(self, x, y, index, view=None):
         if self.teacher is None:  # the teacher's own training: never mixed
             assert (y != UNLABELLED).all()
             return terms(self, x, y, index)
@@ -107,7 +110,7 @@ def test_the_live_teacher_sees_exactly_the_students_mixed_batch(fast_cfg, monkey
     monkeypatch.setattr(DistillationModule, "_terms", spy)
     cfg = fast_cfg("distill.kd.alpha=1.0", "data.augment=true", "data.mix=mixup",
                    "trainer.max_epochs=1", "latency.repeats=1", "steps_per_call=1",
-                   "trainer.limit_train_batches=4")
+                   "trainer.limit_train_batches=4", "teacher_cache.views=0")
     with caplog.at_level(logging.INFO, logger="kdlab"):
         results = run(cfg)
     assert 0 <= results["student"]["metrics"]["test/acc"] <= 1
@@ -115,5 +118,5 @@ def test_the_live_teacher_sees_exactly_the_students_mixed_batch(fast_cfg, monkey
     for student, teacher, raw in zip(seen["student"], seen["teacher"], seen["raw"]):
         assert torch.equal(student, teacher)
         assert not torch.allclose(student, raw)  # augmented and mixed
-    assert "data.mix=mixup gives the student a new mixed view" in caplog.text
+    assert "data.mix gives the student a new random view" in caplog.text
     assert "[baseline] data.mix=mixup is off" in caplog.text

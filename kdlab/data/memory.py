@@ -25,8 +25,10 @@ from typing import Any
 import lightning as L
 import torch
 
+from kdlab.data.augment import random_shift_flip
 from kdlab.data.loader import BatchLoader
 from kdlab.data.mix import check_mix, mix_batch
+from kdlab.data.views import ViewBank, view_schedule
 from kdlab.util.errors import KdlabError
 from kdlab.util.files import tensor_digest
 
@@ -88,32 +90,6 @@ def restrict_classes(x: torch.Tensor, y: torch.Tensor, classes: Sequence[int],
     relabel[torch.tensor(list(classes), dtype=torch.long)] = torch.arange(len(classes))
     keep = relabel[y] >= 0
     return x[keep].contiguous(), relabel[y[keep]], keep
-
-
-def random_shift_flip(x: torch.Tensor, pad: int, fill: float | torch.Tensor,
-                      flip: bool) -> torch.Tensor:
-    """Per-sample random translation by up to ``pad`` pixels (padding with ``fill``, a number or
-    one value per channel) and, if ``flip``, a random horizontal flip. With ``pad=4`` this is
-    CIFAR's ``RandomCrop(32, padding=4)``. Vectorised over the batch, on ``x``'s device."""
-    n, c, h, w = x.shape
-    if flip:
-        mask = torch.rand(n, device=x.device) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    if pad <= 0:
-        return x
-    if isinstance(fill, torch.Tensor) and fill.numel() > 1:
-        padded = fill.to(x.device, x.dtype).view(1, c, 1, 1).expand(
-            n, c, h + 2 * pad, w + 2 * pad).clone()
-        padded[:, :, pad:pad + h, pad:pad + w] = x
-    else:
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=float(fill))
-    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
-    rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])[:, :, None]  # n,h,1
-    cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])[:, None, :]  # n,1,w
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # n,h,w,c
-    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def channel_stats(mean: float | Sequence[float], std: float | Sequence[float]
@@ -206,6 +182,10 @@ class InMemoryDataModule(L.LightningDataModule):
         self.shift = shift
         self.flip = flip
         self.shuffle_seed = shuffle_seed
+        #: stored augmented views (:mod:`kdlab.data.views`) the training batches show instead
+        #: of fresh random ones; set by the engine when the teacher's outputs on them are
+        #: cached, ``None`` otherwise
+        self.view_bank: ViewBank | None = None
         self._ready = False
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -335,6 +315,26 @@ class InMemoryDataModule(L.LightningDataModule):
                 "classes": self.classes, "num_classes": self.num_classes,
                 "input_shape": list(self.input_shape)}
 
+    @property
+    def augmented(self) -> bool:
+        """Whether training batches are randomly augmented or mixed (a new view every step)."""
+        return bool(self.augment) or self.mix != "none"
+
+    def draw_views(self, views: int, seed: int) -> ViewBank:
+        """A :class:`~kdlab.data.views.ViewBank` of ``views`` views of every training sample
+        with this module's augmentation (shift, flip, mix), drawn from ``seed``."""
+        self.setup()
+        _, _, h, w = self.x_train.shape
+        return ViewBank.draw(len(self.x_train), views, h, w,
+                             self.shift if self.augment else 0, bool(self.augment and self.flip),
+                             self.mix, self.mix_alpha, seed)
+
+    def render_views(self, bank: ViewBank, index: torch.Tensor, view: torch.Tensor,
+                     images: torch.Tensor | None = None) -> torch.Tensor:
+        """The training images of ``bank``'s views ``view`` of samples ``index``."""
+        x_all = self.x_train if images is None else self._on_device("x_train")
+        return bank.render(x_all, index, view, self.black, images)
+
     def augmentation(self) -> dict[str, Any]:
         """The random augmentation of training batches (``{"augment": False}`` without)."""
         if not self.augment:
@@ -372,9 +372,17 @@ class InMemoryDataModule(L.LightningDataModule):
     def train_dataloader(self) -> BatchLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        views = None
+        bank = self.view_bank
+        if bank is not None and self.augmented:
+            n, seed = len(self.x_train), self.shuffle_seed
+
+            def views(order: torch.Tensor, epoch: int) -> torch.Tensor:
+                return view_schedule(order, epoch, bank.views, n, seed)
+
         return BatchLoader(self._on_device("x_train"), self._on_device("targets"),
                            self.train_indices.to(self._device()), self.batch_size, shuffle=True,
-                           seed=self.shuffle_seed, rank=rank, world_size=world)
+                           seed=self.shuffle_seed, rank=rank, world_size=world, views=views)
 
     def _eval_loader(self, x: str, y: str) -> BatchLoader:
         xs, ys = self._on_device(x), self._on_device(y)
@@ -388,7 +396,13 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
-        if (self.augment or self.mix != "none") and trainer is not None and trainer.training:
+        if len(batch) == 4 and trainer is not None and trainer.training:  # a stored view
+            x, y, idx, view = batch
+            x = self.render_views(self.view_bank, idx, view, images=x)
+            if self.mix != "none":
+                y = torch.full_like(y, UNLABELLED)
+            return (x, y, idx, view)
+        if self.augmented and trainer is not None and trainer.training:
             x, y, idx = batch
             if self.augment:
                 fill = self.black  # a black pixel after normalisation
@@ -404,6 +418,8 @@ class InMemoryDataModule(L.LightningDataModule):
         unlabelled = len(self.x_train) - len(self.labelled)
         subset = f" classes {self.classes}," if self.classes is not None else ""
         mixed = f", {self.mix} α={self.mix_alpha:g} (labels hidden)" if self.mix != "none" else ""
+        if self.view_bank is not None and self.augmented:
+            mixed += f", augmented views from a bank of {self.view_bank.views} per sample"
         return (
             f"{self.name}:{subset} train {len(self.x_train)} ({len(self.labelled)} labelled"
             + (f", {unlabelled} as transfer set" if self.transfer and unlabelled else "")

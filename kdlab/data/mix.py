@@ -84,6 +84,20 @@ def cutmix_box(lam: float, height: int, width: int) -> tuple[int, int, int, int]
     return top, bottom, left, right
 
 
+def cutmix_box_tensor(lam: torch.Tensor, height: int, width: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """:func:`cutmix_box` for every ratio in ``lam`` at once, drawn with ``generator``: boxes
+    ``(..., 4)`` of ``top, bottom, left, right`` (int16)."""
+    cut = (1.0 - lam).clamp_min(0.0).sqrt()
+    cy = torch.randint(height, lam.shape, generator=generator)
+    cx = torch.randint(width, lam.shape, generator=generator)
+    half_h = (height * cut).floor().long() // 2
+    half_w = (width * cut).floor().long() // 2
+    box = torch.stack([(cy - half_h).clamp_min(0), (cy + half_h).clamp_max(height),
+                       (cx - half_w).clamp_min(0), (cx + half_w).clamp_max(width)], dim=-1)
+    return box.to(torch.int16)
+
+
 def cutmix(x: torch.Tensor, box: tuple[int, int, int, int], perm: torch.Tensor) -> torch.Tensor:
     """``x`` with the ``box`` of every image replaced by the same box of ``x[perm]``."""
     top, bottom, left, right = box

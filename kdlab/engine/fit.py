@@ -83,8 +83,7 @@ def build_module(spec: StageSpec) -> DistillationModule:
     module.has_unlabelled = data.has_unlabelled
     if spec.strategy is not None and spec.strategy.needs_teacher:
         module.teacher_cache = prepare_cache(spec.cache, module.teacher, module.teacher_taps,
-                                             getattr(data, "x_train", None), data.augment,
-                                             spec.channels_last, mix=getattr(data, "mix", "none"),
+                                             data, spec.channels_last,
                                              quick=bool(spec.trainer.get("fast_dev_run")))
     compile_models(spec.compile, module)
     return module
@@ -121,9 +120,18 @@ def fit_module(spec: StageSpec, module: DistillationModule) -> StageResult:
     checkpoint."""
     spec.data.setup()
     trainer, data = build_trainer(spec, module)
+    # batches show the stored views whose teacher outputs the cache holds (or fresh random
+    # ones without a view bank); set for every stage, as stages may share a datamodule
+    bank = getattr(module.teacher_cache, "bank", None)
+    if hasattr(spec.data, "view_bank"):
+        spec.data.view_bank = bank
     if hasattr(spec.data, "describe"):
         log.info("[%s] %s", spec.name, spec.data.describe())
-    trainer.fit(module, datamodule=data, ckpt_path=spec.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=spec.ckpt_path)
+    finally:
+        if hasattr(spec.data, "view_bank"):
+            spec.data.view_bank = None
     # read the checkpoint callback before testing: restoring the best checkpoint for the test
     # also restores the callback's state as it was when that checkpoint was written
     best = last = None

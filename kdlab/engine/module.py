@@ -183,14 +183,16 @@ class DistillationModule(L.LightningModule):
         if self.strategy is not None:
             self.strategy.on_epoch_start(self.current_epoch)
 
-    def _terms(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict[str, Any]:
-        """The weighted loss terms of one batch, by name."""
+    def _terms(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+               view: torch.Tensor | None = None) -> dict[str, Any]:
+        """The weighted loss terms of one batch, by name (``view``: the stored augmented views
+        the batch shows, see :mod:`kdlab.data.views`)."""
         student = self._outputs(self.student, self.student_taps, x)
         strategy = self.strategy
         if strategy is None:
             return {"ce": self._cross_entropy(student.logits, y)}
         if self.teacher_cache is not None:
-            teacher = self.teacher_cache.lookup(index)
+            teacher = self.teacher_cache.lookup(index, view)
         elif self.teacher is not None:
             with torch.no_grad():
                 teacher = self._outputs(self.teacher, self.teacher_taps, x)
@@ -207,9 +209,10 @@ class DistillationModule(L.LightningModule):
         return terms
 
     def batch_loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The total loss of one ``(x, y, index)`` batch and its weighted terms by name."""
-        x, y, index = batch
-        terms = self._terms(self._input(x), y, index)
+        """The total loss of one ``(x, y, index)`` batch (``(x, y, index, view)`` when it shows
+        stored augmented views) and its weighted terms by name."""
+        x, y, index, *view = batch
+        terms = self._terms(self._input(x), y, index, view[0] if view else None)
         return functools.reduce(operator.add, terms.values()), terms
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

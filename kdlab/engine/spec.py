@@ -73,13 +73,26 @@ class CacheOptions:
             ``False``.
         dtype: ``float16``, ``bfloat16`` or ``float32`` of the stored outputs.
         folder: where entries are kept for later runs (``None``: memory only).
-        max_mb: features are cached too when the strategy reads them and they fit.
+        max_mb: features are cached too when the strategy reads them and they fit (for a
+            view bank: its ``views`` outputs per sample).
+        views: under random augmentation or mixing, the augmented views per training sample
+            whose outputs are computed once (:mod:`kdlab.data.views`); ``0``: the teacher
+            runs live on fresh random views instead.
+        view_seed: the seed the views' random parameters are drawn from (shared by every run
+            of a sweep, so they share the bank).
+        progress: show a progress bar while the outputs are computed.
+        topk: keep only the ``k`` largest logits of each input and spread the rest of the
+            probability evenly (:mod:`kdlab.engine.topk`); ``None``: every logit.
     """
 
     enabled: bool | Literal["auto"] = False
     dtype: str = "float16"
     folder: Path | None = None
     max_mb: float = 1024.0
+    views: int = 0
+    view_seed: int = 0
+    progress: bool = False
+    topk: int | None = None
 
 
 @dataclass(frozen=True)

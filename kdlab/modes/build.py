@@ -298,9 +298,22 @@ def cache_options(cfg: DictConfig) -> CacheOptions:
     max_mb = options.get("max_mb", 1024)
     if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or max_mb < 0:
         raise KdlabError(f"teacher_cache.max_mb={max_mb} must be a number >= 0")
+    views = options.get("views", 8)
+    if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+        raise KdlabError(f"teacher_cache.views={views} must be an integer >= 0 (0: under "
+                         "augmentation the teacher runs live)")
+    view_seed = options.get("view_seed", 0)
+    if isinstance(view_seed, bool) or not isinstance(view_seed, int):
+        raise KdlabError(f"teacher_cache.view_seed={view_seed} must be an integer")
+    topk = options.get("topk")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise KdlabError(f"teacher_cache.topk={topk} must be a number of classes >= 1, or null "
+                         "for every logit")
     folder = Path(cfg.paths.teacher_store) / "cache" if options.get("disk", True) else None
+    progress = (cfg.get("trainer") or {}).get("enable_progress_bar", True) is not False
     return CacheOptions(enabled=enabled, dtype=str(options.get("dtype", "float16")),
-                        folder=folder, max_mb=float(max_mb))
+                        folder=folder, max_mb=float(max_mb), views=views, view_seed=view_seed,
+                        progress=progress, topk=topk)
 
 
 def compile_options(cfg: DictConfig) -> CompileOptions:

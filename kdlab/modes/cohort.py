@@ -104,7 +104,9 @@ class CohortModule(DistillationModule):
         x = self._input(x)
         return torch.stack([member(x) for member in self.members])
 
-    def _terms(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict[str, Any]:
+    def _terms(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+               view: torch.Tensor | None = None) -> dict[str, Any]:
+        # the peers teach each other: no frozen teacher, no cache, fresh random views
         logits = [member(x) for member in self.members]
         kl = mutual_terms(logits, self.temperature, self.kl_weight) if self.kl_weight > 0 else {}
         terms = {}
