@@ -106,7 +106,7 @@ def main() -> None:
                 speeds[name].append(one_run(Path(tmp), [*base, *extra]))
                 print(f"round {r + 1} {name}: {speeds[name][-1]:,.0f} samples/s", flush=True)
     built = [line for line in handler.lines if "augmented views" in line]
-    build = re.search(r"\((.*) MB .*\) in ([\d.]+) s", built[0]) if built else None
+    build = re.search(r"([\d.]+) MB .*\) in ([\d.]+) s", built[0]) if built else None
 
     names = list(runs)
     live, cached, student = (speeds[n] for n in (names[1], names[2], names[0]))

@@ -5,7 +5,8 @@ samples and of views per sample.
 
 Builds the cache of the main job's CNN teacher (422k parameters; random weights: the cost
 does not depend on them) over the first ``n`` Fashion-MNIST training images with shift/flip
-views, in memory (``teacher_cache.disk=false``), each size in a fresh child process. Reports
+views, in memory (``teacher_cache.disk=false``), each size in a fresh child process with
+kdlab-train's start-up settings (tuned allocator). Reports
 wall seconds of the build, images/s, the cache's size and the process's peak resident memory
 above what it held before the build, into docs/SCALING.md (section ``views-scaling``).
 """
@@ -31,7 +32,9 @@ from kdlab.data.views import ViewBank
 from kdlab.engine.cache import prepare_cache
 from kdlab.engine.spec import CacheOptions
 from kdlab.models import CNN
+from kdlab.util.runtime import apply_speed_settings
 
+apply_speed_settings()  # what kdlab-train does at start-up (tuned allocator)
 n, views = int(sys.argv[1]), int(sys.argv[2])
 data = FashionMNISTDataModule(augment=True, val_size=5000)
 data.setup()

@@ -225,3 +225,47 @@ def test_mutual_learning_whose_teachers_change_keeps_fresh_random_views(fast_cfg
                                "steps_per_call=1"))
     assert "Teacher cache" not in caplog.text and "from a bank" not in caplog.text
     assert [s["stage"] for s in results["stages"]] == ["member0", "member1"]
+
+
+def test_a_stopped_run_on_stored_views_resumes_to_the_uninterrupted_weights(fast_cfg, tmp_path,
+                                                                           monkeypatch, caplog):
+    """Which view a sample shows depends only on the epoch and its order, so a run stopped
+    inside its second epoch and continued from its last checkpoint ends with the weights of a
+    run that was never stopped."""
+    args = [*KD, "steps_per_call=1", "trainer.deterministic=true", "scheduler=none"]
+    done = run(fast_cfg(*args, tmp=tmp_path / "a"))
+    seen = [0]
+    terms = DistillationModule._terms
+
+    def stops(self, x, y, index, view=None):
+        if self.teacher is not None and self.current_epoch == 1:
+            seen[0] += 1
+            if seen[0] == 3:
+                raise KeyboardInterrupt  # Ctrl-C inside the student's second epoch
+        return terms(self, x, y, index, view)
+
+    monkeypatch.setattr(DistillationModule, "_terms", stops)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run(fast_cfg(*args, tmp=tmp_path / "b"))
+    monkeypatch.setattr(DistillationModule, "_terms", terms)
+    with caplog.at_level(logging.INFO, logger="kdlab"):
+        resumed = run(fast_cfg(*args, tmp=tmp_path / "b"))  # the same command again
+    assert "run/checkpoints/last.ckpt" in caplog.text  # the student continued, not redone
+    a = torch.load(done["student"]["last_ckpt"], weights_only=True)["state_dict"]
+    b = torch.load(resumed["student"]["last_ckpt"], weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tapped_features_of_every_view_are_cached_when_they_fit(fast_cfg):
+    torch.manual_seed(0)
+    teacher = CNN([1, 28, 28], 10, channels=[4, 8], hidden=16).eval()
+    data, taps = _Data(20), Taps(teacher, ["stages.0"])
+    cache = prepare_cache(cache_options(fast_cfg("teacher_cache.views=3",
+                                                 "teacher_cache.dtype=float32")),
+                          teacher, taps, data, False)
+    assert cache.features["stages.0"].shape[0] == 20 * 3
+    index, view = torch.tensor([19, 4, 4]), torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        teacher(data.render_views(cache.bank, index, view))
+    live = taps.pop()["stages.0"]
+    torch.testing.assert_close(cache.lookup(index, view).features["stages.0"], live)
