@@ -21,7 +21,7 @@ of its epochs after the first (Lightning's loop, fetch and hooks included; valid
 cache's build excluded). Results are written after every row (``--json``), so a run cut short
 keeps what it measured. Packed cohorts (issue 19, part 2) are not built yet: no row.
 
-``--tiny`` (with ``--device cpu``): resnet8x4 → resnet8, 256 images, a few steps, compile rows
+``--tiny`` (with ``--device cpu``): resnet14 → resnet8, 128 images, a few steps, compile rows
 skipped (a CPU compile takes minutes); it checks that every other row runs, not the speed, and
 writes nothing to docs/.
 """
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = parser.parse_args()
     if args.tiny:
-        args.teacher, args.student, args.samples, args.epochs = "resnet8x4", "resnet8", 256, 2
+        args.teacher, args.student, args.samples, args.epochs = "resnet14", "resnet8", 128, 2
         args.steps, args.warmup, args.batches = 4, 1, [32]
     else:
         args.teacher, args.student, args.samples, args.epochs = ("resnet32x4", "resnet8x4",
