@@ -331,9 +331,9 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def render_views(self, bank: ViewBank, index: torch.Tensor, view: torch.Tensor,
                      images: torch.Tensor | None = None) -> torch.Tensor:
-        """The training images of ``bank``'s views ``view`` of samples ``index``."""
-        x_all = self.x_train if images is None else self._on_device("x_train")
-        return bank.render(x_all, index, view, self.black, images)
+        """The training images of ``bank``'s views ``view`` of samples ``index`` (``images``:
+        ``x_train[index]``, when the caller has them), on the device ``x_train`` is on."""
+        return bank.render(self.x_train, index, view, self.black, images)
 
     def augmentation(self) -> dict[str, Any]:
         """The random augmentation of training batches (``{"augment": False}`` without)."""
@@ -375,6 +375,8 @@ class InMemoryDataModule(L.LightningDataModule):
         views = None
         bank = self.view_bank
         if bank is not None and self.augmented:
+            # the bank's parameters go to the training device once, with the split
+            bank = self.view_bank = bank.to(self._device())
             n, seed = len(self.x_train), self.shuffle_seed
 
             def views(order: torch.Tensor, epoch: int) -> torch.Tensor:

@@ -74,20 +74,16 @@ def mixup(x: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
 def cutmix_box(lam: float, height: int, width: int) -> tuple[int, int, int, int]:
     """A box ``(top, bottom, left, right)`` covering about ``1 − λ`` of the image: sides
     ``√(1−λ)`` of the image's, centred uniformly at random and clipped to the image (Yun et al.
-    2019)."""
-    cut = math.sqrt(max(0.0, 1.0 - lam))
-    cy = int(torch.randint(height, ()).item())
-    cx = int(torch.randint(width, ()).item())
-    half_h, half_w = int(height * cut) // 2, int(width * cut) // 2
-    top, bottom = max(cy - half_h, 0), min(cy + half_h, height)
-    left, right = max(cx - half_w, 0), min(cx + half_w, width)
+    2019); drawn from the global RNG by :func:`cutmix_box_tensor`."""
+    box = cutmix_box_tensor(torch.tensor(float(lam), dtype=torch.float64), height, width)
+    top, bottom, left, right = (int(v) for v in box)
     return top, bottom, left, right
 
 
 def cutmix_box_tensor(lam: torch.Tensor, height: int, width: int,
-                      generator: torch.Generator) -> torch.Tensor:
-    """:func:`cutmix_box` for every ratio in ``lam`` at once, drawn with ``generator``: boxes
-    ``(..., 4)`` of ``top, bottom, left, right`` (int16)."""
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """CutMix boxes for every ratio in ``lam`` at once, drawn with ``generator`` (``None``: the
+    global RNG): ``(..., 4)`` of ``top, bottom, left, right`` (int16)."""
     cut = (1.0 - lam).clamp_min(0.0).sqrt()
     cy = torch.randint(height, lam.shape, generator=generator)
     cx = torch.randint(width, lam.shape, generator=generator)

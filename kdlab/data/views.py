@@ -25,7 +25,7 @@ ratio, where the live path draws one ratio per batch and partners within the bat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -97,24 +97,37 @@ class ViewBank:
                                self.box) if t is not None]
         return tensor_digest(*tensors, extra=repr(sorted(self.describe().items())))
 
+    def to(self, device: torch.device) -> ViewBank:
+        """This bank with its parameters on ``device`` (itself when they are there): moved
+        once, so rendering a batch gathers on the device without copying the bank."""
+        tensors = {"flipped": self.flipped, "dy": self.dy, "dx": self.dx,
+                   "partner": self.partner, "lam": self.lam, "box": self.box}
+        if all(t is None or t.device == device for t in tensors.values()):
+            return self
+        return replace(self, **{k: t.to(device) if t is not None else None
+                                for k, t in tensors.items()})
+
     def render(self, x_all: torch.Tensor, index: torch.Tensor, view: torch.Tensor,
                fill: float | torch.Tensor, images: torch.Tensor | None = None
                ) -> torch.Tensor:
         """The images of views ``view`` of samples ``index`` (positions in ``x_all``, the
         training split). ``images`` is ``x_all[index]`` when the caller has it already."""
         device = x_all.device
+        moved = self.to(device)  # itself for the bank the datamodule moved once
+        if moved is not self:
+            return moved.render(x_all, index, view, fill, images)
         index, view = index.to(device).long(), view.to(device).long()
         if images is None:
             images = x_all.index_select(0, index)
         out = self._shift_flip(images, index, view, fill)
         if self.mix == "none":
             return out
-        partner = self.partner.to(device)[index, view].long()
+        partner = self.partner[index, view].long()
         other = self._shift_flip(x_all.index_select(0, partner), partner, view, fill)
         if self.mix == "mixup":
-            lam = self.lam.to(device)[index, view].to(out.dtype)[:, None, None, None]
+            lam = self.lam[index, view].to(out.dtype)[:, None, None, None]
             return out * lam + other * (1.0 - lam)
-        box = self.box.to(device)[index, view].long()  # n, 4
+        box = self.box[index, view].long()  # n, 4
         h, w = out.shape[-2:]
         rows = torch.arange(h, device=device)[None, :]
         cols = torch.arange(w, device=device)[None, :]
@@ -125,12 +138,11 @@ class ViewBank:
 
     def _shift_flip(self, images: torch.Tensor, index: torch.Tensor, view: torch.Tensor,
                     fill: float | torch.Tensor) -> torch.Tensor:
-        device = images.device
-        flipped = self.flipped.to(device)[index, view] if self.flipped is not None else None
+        flipped = self.flipped[index, view] if self.flipped is not None else None
         if self.dy is None:
             return shift_flip(images, 0, fill, flipped, None, None)
-        dy = self.dy.to(device)[index, view]
-        dx = self.dx.to(device)[index, view]
+        dy = self.dy[index, view]
+        dx = self.dx[index, view]
         return shift_flip(images, self.shift, fill, flipped, dy, dx)
 
 
@@ -152,17 +164,16 @@ def view_schedule(order: torch.Tensor, epoch: int, views: int, n: int, seed: int
     ``(offset_j + t) mod views``, ``offset_j`` drawn from ``seed``. The same for a resumed
     epoch (it depends only on the epoch and the order)."""
     device = order.device
-    order = order.long()
+    order = order.long().cpu()  # one copy; the arithmetic is O(n) once per epoch
     m = len(order)
     offsets = torch.randint(0, views, (n,), generator=torch.Generator().manual_seed(int(seed)))
-    counts = torch.bincount(order.cpu(), minlength=n)
-    sorted_order, perm = torch.sort(order.cpu(), stable=True)
+    counts = torch.bincount(order, minlength=n)
+    sorted_order, perm = torch.sort(order, stable=True)
     positions = torch.arange(m)
     starts = torch.ones(m, dtype=torch.bool)
     starts[1:] = sorted_order[1:] != sorted_order[:-1]
     group_start = torch.where(starts, positions, torch.zeros_like(positions)).cummax(0).values
     occurrence = torch.empty(m, dtype=torch.long)
     occurrence[perm] = positions - group_start
-    cpu_order = order.cpu()
-    appearance = int(epoch) * counts[cpu_order] + occurrence
-    return ((offsets[cpu_order] + appearance) % views).to(device)
+    appearance = int(epoch) * counts[order] + occurrence
+    return ((offsets[order] + appearance) % views).to(device)
