@@ -210,6 +210,31 @@ def check_plugins(argv: Sequence[str]) -> None:
                                      f"pip install -e '.[{extra}]' (or pip install {package})")
 
 
+#: this process's jobs of a multirun: how many ran, and the failed ones (job number, overrides,
+#: folder, error line), for the summary at the end of the sweep (:func:`kdlab.train.sweep_summary`;
+#: here, in a module never run as ``__main__``, so that ``python -m kdlab.train`` and the packed
+#: launcher, :mod:`kdlab.packed`, share it)
+SWEEP: dict[str, Any] = {"jobs": [], "failed": []}
+
+
+def expose_packed_launcher() -> None:
+    """Let Hydra's plugin scan find ``hydra/launcher=packed`` (:mod:`kdlab.packed`) in an
+    editable install too: setuptools maps the package there through an import hook that the
+    scan (``pkgutil``) does not list, so its folder is added to the ``hydra_plugins`` namespace
+    and Hydra's plugin registry is built at once, while that path holds."""
+    try:
+        import hydra_plugins
+        import hydra_plugins.kdlab_packed_launcher as ours
+    except ImportError:  # hydra_plugins missing: Hydra's own error applies
+        return
+    folder = str(Path(ours.__file__).resolve().parent.parent)
+    if folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print ``kdlab: error: <message>`` on stderr and exit with ``code``."""
     logging.shutdown()
@@ -267,6 +292,7 @@ def guard_argv(config_name: str = "train") -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in str(record.msg)
     )
+    expose_packed_launcher()  # before anything builds Hydra's plugin registry
     try:
         check_overrides(sys.argv[1:])
         check_keys(sys.argv[1:], config_name)

@@ -21,7 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from kdlab.cli import fail, friendly_errors, guard_argv
+from kdlab.cli import SWEEP, fail, friendly_errors, guard_argv
 from kdlab.engine.fit import SKIPPED_WARNING
 from kdlab.modes import mode_runner
 from kdlab.modes.build import to_container
@@ -208,9 +208,6 @@ def check_latency(cfg: DictConfig) -> None:
             raise KdlabError(f"latency.{key}={value} must be a positive integer")
 
 
-#: this process's jobs of a multirun: how many ran, and the failed ones (job number, overrides,
-#: folder, error line), for the summary at the end of the sweep (:func:`sweep_summary`)
-SWEEP: dict[str, Any] = {"jobs": [], "failed": []}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

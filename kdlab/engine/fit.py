@@ -61,9 +61,13 @@ def compile_models(options: CompileOptions, module: DistillationModule) -> None:
             log.info("compile: teacher compiled (mode %s)", options.mode or "default")
 
 
-def build_module(spec: StageSpec) -> DistillationModule:
+def build_module(spec: StageSpec, caches: dict[tuple[str, ...], Any] | None = None,
+                 compile_teacher: bool = True) -> DistillationModule:
     """The stage's LightningModule: student, frozen teacher, strategy (its connectors built
-    from a dry forward pass) and, when exact, the teacher-output cache."""
+    from a dry forward pass) and, when exact, the teacher-output cache. ``caches``: caches
+    already built for this teacher and data, by the teacher layers they hold (the members of
+    a pack share them); ``compile_teacher=False`` leaves the teacher as it is (a pack compiles
+    its shared teacher once)."""
     data = spec.data
     data.setup()
     check_stage(data, spec.strategy, spec.name)  # mixed batches need soft targets only
@@ -82,10 +86,20 @@ def build_module(spec: StageSpec) -> DistillationModule:
     )
     module.has_unlabelled = data.has_unlabelled
     if spec.strategy is not None and spec.strategy.needs_teacher:
-        module.teacher_cache = prepare_cache(spec.cache, module.teacher, module.teacher_taps,
-                                             data, spec.channels_last,
-                                             quick=bool(spec.trainer.get("fast_dev_run")))
-    compile_models(spec.compile, module)
+        taps = module.teacher_taps
+        key = tuple(taps.paths) if taps is not None else ()
+        if caches is not None and key in caches:
+            module.teacher_cache = caches[key]
+        else:
+            module.teacher_cache = prepare_cache(spec.cache, module.teacher, taps, data,
+                                                 spec.channels_last,
+                                                 quick=bool(spec.trainer.get("fast_dev_run")))
+            if caches is not None:
+                caches[key] = module.teacher_cache
+    options = spec.compile
+    if not compile_teacher:
+        options = CompileOptions(student=options.student, teacher=False, mode=options.mode)
+    compile_models(options, module)
     return module
 
 
@@ -132,11 +146,22 @@ def fit_module(spec: StageSpec, module: DistillationModule) -> StageResult:
     finally:
         if hasattr(spec.data, "view_bank"):
             spec.data.view_bank = None
+    speed = next((c.history for c in trainer.callbacks if isinstance(c, Throughput)), [])
+    return finish_stage(spec, module, trainer, data, trainer.checkpoint_callbacks,
+                        trainer.current_epoch, list(speed))
+
+
+def finish_stage(spec: StageSpec, module: DistillationModule, tester: L.Trainer,
+                 data: LightningDataModule, checkpoints: list[Any], epochs: int,
+                 speed: list[float]) -> StageResult:
+    """The result of a fitted stage: the best-validation and last checkpoints of
+    ``checkpoints`` (its ``ModelCheckpoint`` callbacks), the test of the best one by ``tester``
+    (logged to that Trainer's loggers), the epochs, ``speed`` and the skipped batches."""
     # read the checkpoint callback before testing: restoring the best checkpoint for the test
     # also restores the callback's state as it was when that checkpoint was written
     best = last = None
     metrics: dict[str, Any] = {}
-    for callback in trainer.checkpoint_callbacks:
+    for callback in checkpoints:
         if not isinstance(callback, ModelCheckpoint) or not callback.best_model_path:
             continue
         if callback.monitor is None:  # saves every epoch: its latest file is the last
@@ -145,10 +170,8 @@ def fit_module(spec: StageSpec, module: DistillationModule) -> StageResult:
             best = callback.best_model_path
             if callback.best_model_score is not None:  # the best checkpoint's val/acc
                 metrics["val/acc"] = float(callback.best_model_score)
-    epochs = trainer.current_epoch
     last_acc = test_accuracy(module, spec.data) if spec.test_last else None
-    speed = next((c.history for c in trainer.callbacks if isinstance(c, Throughput)), [])
-    test = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
+    test = tester.test(module, datamodule=data, ckpt_path=best, verbose=False)
     metrics.update(test[0] if test else {})
     release_free_memory()  # the stage's freed activations, before the next stage allocates
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -165,7 +188,7 @@ def fit_module(spec: StageSpec, module: DistillationModule) -> StageResult:
                         "loss: this stage's result is not that of a normal training",
                         spec.name, skipped, seen, 100 * skipped / seen)
     return StageResult(module=module, metrics=metrics, best_ckpt=best, last_ckpt=last,
-                       samples_per_s=list(speed))
+                       samples_per_s=speed)
 
 
 @torch.no_grad()

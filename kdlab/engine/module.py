@@ -101,6 +101,8 @@ class DistillationModule(L.LightningModule):
         self._micro_batches = 0  # batches since the last optimizer step (accumulation)
         self._batches_seen = 0  # training batches of this fit, skipped ones included
         self.skipped_batches = 0  # batches whose loss was not finite (nonfinite_loss: skip)
+        #: this module's place in a packed cohort (:mod:`kdlab.engine.pack`), None alone
+        self.pack_index: int | None = None
         self._scheduler_interval: str | None = None
         self._backward_fn: Callable[[torch.Tensor], None] | None = None  # set at train start
         self._stepped: list[nn.Parameter] = []  # the optimizer's parameters, set at train start
@@ -187,17 +189,29 @@ class DistillationModule(L.LightningModule):
                view: torch.Tensor | None = None) -> dict[str, Any]:
         """The weighted loss terms of one batch, by name (``view``: the stored augmented views
         the batch shows, see :mod:`kdlab.data.views`)."""
+        teacher = self.teacher_outputs(x, index, view) if self.strategy is not None else None
+        return self.terms_given(x, y, index, teacher)
+
+    def teacher_outputs(self, x: torch.Tensor, index: torch.Tensor,
+                        view: torch.Tensor | None = None) -> Outputs:
+        """The teacher's outputs for the batch: read from the cache, or a live forward pass
+        without gradients (empty for a strategy that needs no teacher)."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.lookup(index, view)
+        if self.teacher is not None:
+            with torch.no_grad():
+                return self._outputs(self.teacher, self.teacher_taps, x)
+        return Outputs(torch.empty(0))
+
+    def terms_given(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                    teacher: Outputs | None) -> dict[str, Any]:
+        """The weighted loss terms of one batch given the teacher's outputs (a packed cohort
+        computes them once for all its members, :mod:`kdlab.engine.pack`)."""
         student = self._outputs(self.student, self.student_taps, x)
         strategy = self.strategy
         if strategy is None:
             return {"ce": self._cross_entropy(student.logits, y)}
-        if self.teacher_cache is not None:
-            teacher = self.teacher_cache.lookup(index, view)
-        elif self.teacher is not None:
-            with torch.no_grad():
-                teacher = self._outputs(self.teacher, self.teacher_taps, x)
-        else:
-            teacher = Outputs(torch.empty(0))
+        assert teacher is not None
         batch = Batch(x, y, index)
         init_epochs = strategy.init_epochs
         if init_epochs and self.current_epoch < init_epochs:  # the method's pre-stage
@@ -289,6 +303,9 @@ class DistillationModule(L.LightningModule):
         """The newest checkpoint file of this fit ("" if none was written yet)."""
         paths = []
         for callback in self.trainer.checkpoint_callbacks:
+            if self.pack_index is not None and getattr(callback, "member", None) != \
+                    self.pack_index:  # a packed member names its own checkpoints only
+                continue
             for path in (getattr(callback, "last_model_path", ""),
                          getattr(callback, "best_model_path", "")):
                 if path and os.path.isfile(path):
@@ -338,23 +355,8 @@ class DistillationModule(L.LightningModule):
                              "clip gradients scaled for float16; use bf16-mixed or 32-true")
 
     def _backward(self) -> Callable[[torch.Tensor], None]:
-        """``Tensor.backward`` when that is all ``manual_backward`` would do — one device, a
-        precision without loss scaling, and no ``on_before_backward`` / ``on_after_backward``
-        hook overridden by this module or a callback (checked through the public
-        ``trainer.strategy``, ``trainer.precision_plugin`` and ``trainer.callbacks``) —
-        ``manual_backward`` otherwise. Its hook dispatch costs ~0.1 ms per batch on CPU."""
-        trainer = self.trainer
-        hooks = ("on_before_backward", "on_after_backward")
-        overridden = any(
-            getattr(type(obj), hook) is not getattr(base, hook)
-            for obj, base in [(self, L.LightningModule)]
-            + [(callback, L.Callback) for callback in trainer.callbacks]
-            for hook in hooks
-        )
-        plain = (not overridden and isinstance(trainer.strategy, SingleDeviceStrategy)
-                 and type(trainer.precision_plugin) in (Precision, MixedPrecision)
-                 and getattr(trainer.precision_plugin, "scaler", None) is None)
-        return torch.Tensor.backward if plain else self.manual_backward
+        """:func:`backward_function` for this module."""
+        return backward_function(self)
 
     def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
         """Clip (``trainer.gradient_clip_*``), step through Lightning's optimizer wrapper (which
@@ -416,9 +418,12 @@ class DistillationModule(L.LightningModule):
             steps = min(steps, trainer.max_steps)
         return int(steps)
 
-    def configure_optimizers(self) -> Any:
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of the trainable parameters (:meth:`trainable_parameters`); a config
+        that does not fit its ``_target_`` fails in one line."""
         try:
-            optimizer = self.optimizer_factory(params=list(self.trainable_parameters()))
+            return self.optimizer_factory(params=list(self.trainable_parameters()))
         except TypeError as e:  # e.g. `fused` given to an optimizer without a fused kernel
             raise KdlabError(f"the optimizer config does not fit its _target_: {e}; drop the "
                              "key it does not accept (e.g. ~optimizer.fused, or "
@@ -426,16 +431,51 @@ class DistillationModule(L.LightningModule):
         except ValueError as e:  # torch's own checks: "Invalid learning rate: -1" …
             raise KdlabError(f"optimizer (or teacher.train.optimizer): {e}; fix that "
                              "hyper-parameter") from None
-        if self.scheduler_factory is None:
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.make_optimizer()
+        scheduler, interval = make_scheduler(self.scheduler_factory, optimizer,
+                                             self.optimizer_steps)
+        if scheduler is None:
             return optimizer
-        kwargs, interval = {}, "epoch"
-        accepted = inspect.signature(self.scheduler_factory).parameters
-        keywords = getattr(self.scheduler_factory, "keywords", {})
-        for name in ("total_steps", "T_max"):
-            if name in accepted and keywords.get(name) is None:
-                kwargs[name] = self.optimizer_steps()
-                interval = "step"
-        scheduler = self.scheduler_factory(optimizer, **kwargs)
         self._scheduler_interval = interval
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
                                                          "interval": interval}}
+
+
+def backward_function(module: L.LightningModule) -> Callable[[torch.Tensor], None]:
+    """``Tensor.backward`` when that is all ``manual_backward`` would do — one device, a
+    precision without loss scaling, and no ``on_before_backward`` / ``on_after_backward``
+    hook overridden by ``module`` or a callback (checked through the public
+    ``trainer.strategy``, ``trainer.precision_plugin`` and ``trainer.callbacks``) —
+    ``module.manual_backward`` otherwise. Its hook dispatch costs ~0.1 ms per batch on CPU."""
+    trainer = module.trainer
+    hooks = ("on_before_backward", "on_after_backward")
+    overridden = any(
+        getattr(type(obj), hook) is not getattr(base, hook)
+        for obj, base in [(module, L.LightningModule)]
+        + [(callback, L.Callback) for callback in trainer.callbacks]
+        for hook in hooks
+    )
+    plain = (not overridden and isinstance(trainer.strategy, SingleDeviceStrategy)
+             and type(trainer.precision_plugin) in (Precision, MixedPrecision)
+             and getattr(trainer.precision_plugin, "scaler", None) is None)
+    return torch.Tensor.backward if plain else module.manual_backward
+
+
+def make_scheduler(factory: Callable[..., Any] | None, optimizer: torch.optim.Optimizer,
+                   steps: Callable[[], int]) -> tuple[Any, str]:
+    """The LR scheduler of ``factory`` for ``optimizer`` and its interval: a ``total_steps``
+    or ``T_max`` argument left unset is filled with ``steps()`` (the fit's optimizer steps),
+    and the scheduler then steps every optimizer step (``step``), otherwise every epoch.
+    ``(None, "epoch")`` without a factory."""
+    if factory is None:
+        return None, "epoch"
+    kwargs, interval = {}, "epoch"
+    accepted = inspect.signature(factory).parameters
+    keywords = getattr(factory, "keywords", {})
+    for name in ("total_steps", "T_max"):
+        if name in accepted and keywords.get(name) is None:
+            kwargs[name] = steps()
+            interval = "step"
+    return factory(optimizer, **kwargs), interval

@@ -1,0 +1,1 @@
+"""kdlab's Hydra launcher: ``hydra/launcher=packed`` (see :mod:`kdlab.packed`)."""

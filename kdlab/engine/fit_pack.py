@@ -1,0 +1,98 @@
+"""Fit a packed cohort (:mod:`kdlab.engine.pack`) and report each member as its own stage.
+
+:func:`fit_pack` takes one :class:`~kdlab.engine.spec.StageSpec` per member — what each job's
+config would have run alone, with :class:`~kdlab.engine.pack.MemberCheckpoint` callbacks for
+its checkpoints — and the members already built from them (:func:`kdlab.engine.fit.build_module`
+after each member's own seeding). It fits them in one Trainer, then tests each member's
+best-validation checkpoint with a Trainer of its own, logged to its own loggers, as
+:func:`kdlab.engine.fit.fit_module` does for a run alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+
+from kdlab.engine.callbacks import Throughput
+from kdlab.engine.fit import StageResult, build_trainer, finish_stage
+from kdlab.engine.loop import trainer_arguments
+from kdlab.engine.module import DistillationModule
+from kdlab.engine.pack import (
+    MemberCheckpoint,
+    PackCheckpoint,
+    PackCheckpointIO,
+    PackedModule,
+    PackLogger,
+)
+from kdlab.engine.spec import StageSpec
+from kdlab.util.errors import KdlabError
+
+log = logging.getLogger(__name__)
+
+
+def fit_pack(specs: Sequence[StageSpec], members: Sequence[DistillationModule],
+             rng_states: Sequence[Mapping[str, Any] | None], folder: Path,
+             callbacks: Sequence[Callback] = (), ckpt_path: str | None = None
+             ) -> list[StageResult | str]:
+    """Train ``members`` together (one teacher pass per batch) and return each member's
+    :class:`~kdlab.engine.fit.StageResult`, or the error that stopped it.
+
+    Args:
+        specs: each member's stage (folder, loggers, recipe, its ``MemberCheckpoint``
+            callbacks); the Trainer settings, data and loop of ``specs[0]`` are the pack's
+            (the members must agree on them).
+        members: the members, built from ``specs``.
+        rng_states: each member's random state after its construction
+            (:func:`kdlab.engine.pack.capture_rng`).
+        folder: the pack's own folder: its ``checkpoints/last.ckpt`` holds the whole pack.
+        callbacks: callbacks of the pack as a whole (progress bar, throughput).
+        ckpt_path: continue from this pack checkpoint.
+    """
+    first = specs[0]
+    module = PackedModule(members, rng_states,
+                          hparams={"stage": "pack", "members": [s.hparams for s in specs]})
+    checkpoints = [[c for c in s.callbacks if isinstance(c, MemberCheckpoint)] for s in specs]
+    own = PackCheckpoint(dirpath=str(folder / "checkpoints"), filename="last", monitor=None,
+                          save_top_k=1, enable_version_counter=False)
+    folders = {Path(c.dirpath): i for i, cs in enumerate(checkpoints) for c in cs}
+    router = PackLogger([s.loggers for s in specs], [m.hparams_initial for m in members])
+    args, data = trainer_arguments(dict(first.trainer), module.loop.steps_per_call, first.data)
+    args["max_epochs"] = first.recipe.max_epochs
+    args["plugins"] = [*(args.get("plugins") or []), PackCheckpointIO(module, folders)]
+    try:
+        trainer = L.Trainer(**args, callbacks=[*callbacks, *(c for cs in checkpoints for c in cs),
+                                               own],
+                            logger=router, default_root_dir=str(folder))
+    except (TypeError, ValueError, MisconfigurationException) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise KdlabError(f"trainer could not be built: {detail}") from None
+    bank = next((getattr(m.teacher_cache, "bank", None) for m in members
+                 if m.teacher_cache is not None), None)
+    if hasattr(first.data, "view_bank"):
+        first.data.view_bank = bank
+    if hasattr(first.data, "describe"):
+        log.info("[pack of %d] %s", len(members), first.data.describe())
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    finally:
+        if hasattr(first.data, "view_bank"):
+            first.data.view_bank = None
+    speed = next((c.history for c in trainer.callbacks if isinstance(c, Throughput)), [])
+    results: list[StageResult | str] = []
+    for i, (spec, member) in enumerate(zip(specs, members)):
+        if i in module.failed:
+            results.append(module.failed[i])
+            continue
+        # its checkpoint callbacks as a run alone has them: the test restores their state
+        tester, _ = build_trainer(dataclasses.replace(
+            spec, callbacks=[c.alone() for c in checkpoints[i]]), member)
+        results.append(finish_stage(spec, member, tester, data, checkpoints[i],
+                                    trainer.current_epoch, list(speed)))
+    return results
