@@ -33,10 +33,12 @@ from kdlab.util.runtime import RunStopped, apply_speed_settings, stop_on_signals
 log = logging.getLogger(__name__)
 
 
-def execute_pack(cfgs: Sequence[DictConfig], folder: Path) -> list[dict[str, Any] | Exception]:
+def execute_pack(cfgs: Sequence[DictConfig], folder: Path, stack: bool | str = "auto"
+                 ) -> list[dict[str, Any] | Exception]:
     """Run the jobs ``cfgs`` (resolved configs, each with its own ``paths.output_dir``) as one
-    pack whose own checkpoint lives in ``folder``; write each job's ``results.json`` and return
-    its content, or the error that stopped that job."""
+    pack whose own checkpoint lives in ``folder`` (``stack``: see
+    :func:`kdlab.engine.fit_pack.fit_pack`); write each job's ``results.json`` and return its
+    content, or the error that stopped that job."""
     start = time.perf_counter()
     outcome: list[dict[str, Any] | Exception | None] = [None] * len(cfgs)
     dirs: list[Path | None] = [None] * len(cfgs)
@@ -49,18 +51,19 @@ def execute_pack(cfgs: Sequence[DictConfig], folder: Path) -> list[dict[str, Any
             outcome[i] = e
     apply_speed_settings(bool(cfgs[0].get("tune_allocator", True)))
     with ExitStack() as held:
-        live = []
+        live, resuming = [], []
         for i, cfg in enumerate(cfgs):
             if outcome[i] is None:
                 try:
                     held.enter_context(hold_run_folder(dirs[i]))
-                    prepare_run(cfg, dirs[i])
+                    resuming.append(prepare_run(cfg, dirs[i]))
                     live.append(i)
                 except KdlabError as e:
                     outcome[i] = e
         if live:
             try:
-                results = packing.run([cfgs[i] for i in live], [dirs[i] for i in live], folder)
+                results = packing.run([cfgs[i] for i in live], [dirs[i] for i in live], folder,
+                                      resume=bool(resuming) and all(resuming), stack=stack)
             except (KdlabError, Exception) as e:  # noqa: BLE001 - the pack as a whole failed
                 if not isinstance(e, KdlabError):
                     log.exception("the pack failed")
@@ -83,7 +86,7 @@ def error_line(error: Exception) -> str:
 
 
 def launch(jobs: Sequence[dict[str, Any]], run_alone: Callable[[int], Any],
-           max_members: int, sweep_dir: Path) -> list[Any]:
+           max_members: int, sweep_dir: Path, stack: bool | str = "auto") -> list[Any]:
     """Run the prepared ``jobs`` (each ``{"num", "overrides", "cfg", "return"}``: its job
     number, overrides, resolved config and the Hydra ``JobReturn`` of its preparation): packs
     of those that can share a teacher pass, ``run_alone(position)`` for the others. Returns the
@@ -106,7 +109,7 @@ def launch(jobs: Sequence[dict[str, Any]], run_alone: Callable[[int], Any],
             SWEEP["jobs"].append(list(jobs[p]["overrides"]))
         try:
             with stop_on_signals():
-                outcomes = execute_pack([cfgs[p] for p in members], folder)
+                outcomes = execute_pack([cfgs[p] for p in members], folder, stack)
         except RunStopped as stop:
             fail(f"stopped by {stop} during the pack of jobs "
                  f"{', '.join(str(jobs[p]['num']) for p in members)} (no results.json); each "

@@ -1,6 +1,6 @@
 """The package's layers (docs/ARCHITECTURE.md): arrows point only down, and no import circles.
 
-entry points (kdlab, kdlab.api, train, evaluate, export, cli, compare)
+entry points (kdlab, kdlab.api, train, packed, evaluate, export, cli, compare)
   → modes → engine → parts (strategies, models, data) → util
 
 Within the parts, models and data stand alone (they import only themselves and util) and
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "kdlab"
-ENTRY = {"kdlab", "kdlab.api", "kdlab.train", "kdlab.evaluate", "kdlab.export", "kdlab.cli"}
+ENTRY = {"kdlab", "kdlab.api", "kdlab.train", "kdlab.packed", "kdlab.evaluate", "kdlab.export",
+         "kdlab.cli"}
 RANK = {"util": 0, "parts": 1, "engine": 2, "modes": 3, "entry": 4}
 #: what each part may import besides util (data never imports strategies; models stand alone)
 PARTS = {"models": {"models"}, "data": {"data"}, "strategies": {"strategies", "models", "data"}}

@@ -2,9 +2,10 @@
 and trainer run as packed cohorts — one teacher pass per batch for all of them — and the others
 one by one, as Hydra's basic launcher runs them (:mod:`kdlab.packed`)::
 
-    kdlab-train -m hydra/launcher=packed distill.temperature=2,4 distill.alpha=0.5,0.9
+    kdlab-train -m hydra/launcher=packed distill.kd.temperature=2,4 distill.kd.alpha=0.5,0.9
 
-``hydra.launcher.max_members`` caps a pack's size (8).
+``hydra.launcher.max_members`` caps a pack's size (8); ``hydra.launcher.stack`` runs students
+of one architecture as one vectorised pass (``auto``: on a GPU; ``true``; ``false``).
 """
 
 
@@ -29,6 +30,8 @@ class PackedLauncherConf:
     _target_: str = "hydra_plugins.kdlab_packed_launcher.packed_launcher.PackedLauncher"
     #: the most jobs trained together in one pack
     max_members: int = 8
+    #: students of one architecture as one vectorised pass: auto (on a GPU) | true | false
+    stack: Any = "auto"
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="packed_base", node=PackedLauncherConf,
@@ -47,9 +50,10 @@ class PackedLauncher(Launcher):
     """Prepares every job as Hydra's basic launcher does, then runs them packed where they can
     share a teacher pass (:func:`kdlab.packed.launch`)."""
 
-    def __init__(self, max_members: int = 8) -> None:
+    def __init__(self, max_members: int = 8, stack: Any = "auto") -> None:
         super().__init__()
         self.max_members = max_members
+        self.stack = stack
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -93,4 +97,4 @@ class PackedLauncher(Launcher):
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
             return ret
 
-        return launch(jobs, run_alone, int(self.max_members), sweep_dir)
+        return launch(jobs, run_alone, int(self.max_members), sweep_dir, self.stack)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 
@@ -32,6 +33,7 @@ from kdlab.engine.pack import (
     PackLogger,
 )
 from kdlab.engine.spec import StageSpec
+from kdlab.engine.stacked import stackable
 from kdlab.util.errors import KdlabError
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,8 @@ log = logging.getLogger(__name__)
 
 def fit_pack(specs: Sequence[StageSpec], members: Sequence[DistillationModule],
              rng_states: Sequence[Mapping[str, Any] | None], folder: Path,
-             callbacks: Sequence[Callback] = (), ckpt_path: str | None = None
-             ) -> list[StageResult | str]:
+             callbacks: Sequence[Callback] = (), ckpt_path: str | None = None,
+             stack: bool | str = "auto") -> list[StageResult | str]:
     """Train ``members`` together (one teacher pass per batch) and return each member's
     :class:`~kdlab.engine.fit.StageResult`, or the error that stopped it.
 
@@ -54,9 +56,13 @@ def fit_pack(specs: Sequence[StageSpec], members: Sequence[DistillationModule],
         folder: the pack's own folder: its ``checkpoints/last.ckpt`` holds the whole pack.
         callbacks: callbacks of the pack as a whole (progress bar, throughput).
         ckpt_path: continue from this pack checkpoint.
+        stack: run the students as one vectorised pass (:mod:`kdlab.engine.stacked`):
+            ``True`` (fail with the reason when they cannot), ``False``, or ``auto`` (when
+            they can and the pack trains on a GPU, where one kernel for all members pays).
     """
     first = specs[0]
-    module = PackedModule(members, rng_states,
+    stacked = use_stacked(members, stack, str(first.trainer.get("accelerator", "auto")))
+    module = PackedModule(members, rng_states, stack=stacked,
                           hparams={"stage": "pack", "members": [s.hparams for s in specs]})
     checkpoints = [[c for c in s.callbacks if isinstance(c, MemberCheckpoint)] for s in specs]
     own = PackCheckpoint(dirpath=str(folder / "checkpoints"), filename="last", monitor=None,
@@ -96,3 +102,28 @@ def fit_pack(specs: Sequence[StageSpec], members: Sequence[DistillationModule],
         results.append(finish_stage(spec, member, tester, data, checkpoints[i],
                                     trainer.current_epoch, list(speed)))
     return results
+
+
+def use_stacked(members: Sequence[DistillationModule], stack: bool | str,
+                accelerator: str) -> bool:
+    """Whether the pack runs its students as one vectorised pass (see :func:`fit_pack`); the
+    decision and its reason are logged."""
+    if stack not in (True, False, "auto"):
+        raise KdlabError(f"hydra.launcher.stack={stack} must be auto, true or false")
+    why_not = stackable([m.student for m in members],
+                        [bool(m.student_taps and m.student_taps.paths) for m in members])
+    if stack is True and why_not:
+        raise KdlabError(f"hydra.launcher.stack=true but the students cannot run as one "
+                         f"vectorised pass: {why_not}; use stack=auto or false")
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and
+                                             torch.cuda.is_available())
+    use = stack is True or (stack == "auto" and why_not is None and gpu)
+    if use:
+        log.info("pack: the %d students run as one vectorised pass (torch.func.vmap)",
+                 len(members))
+    else:
+        reason = why_not or ("hydra.launcher.stack=false" if stack is False else
+                             "stack=auto stacks on a GPU only (on a CPU the loop is as fast)")
+        log.info("pack: the %d students run one after another (%s)", len(members), reason)
+    return use
+

@@ -74,14 +74,18 @@ class ReplayHistory(Callback):
     Args:
         rows: the rows of the stage's earlier ``metrics.csv`` to keep, as read from it.
         backup: their saved copy (``metrics.csv.before-resume``).
+        loggers: the loggers to replay them to (a packed member's own); ``None``: the
+            Trainer's.
     """
 
-    def __init__(self, rows: list[dict[str, str]], backup: Path) -> None:
+    def __init__(self, rows: list[dict[str, str]], backup: Path,
+                 loggers: list[Logger] | None = None) -> None:
         self.rows = rows
         self.backup = backup
+        self.loggers = loggers
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for logger in trainer.loggers:
+        for logger in self.loggers if self.loggers is not None else trainer.loggers:
             if not isinstance(logger, CSVLogger):
                 continue
             for row in self.rows:

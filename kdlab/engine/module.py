@@ -204,10 +204,12 @@ class DistillationModule(L.LightningModule):
         return Outputs(torch.empty(0))
 
     def terms_given(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-                    teacher: Outputs | None) -> dict[str, Any]:
+                    teacher: Outputs | None, student: Outputs | None = None) -> dict[str, Any]:
         """The weighted loss terms of one batch given the teacher's outputs (a packed cohort
-        computes them once for all its members, :mod:`kdlab.engine.pack`)."""
-        student = self._outputs(self.student, self.student_taps, x)
+        computes them once for all its members, :mod:`kdlab.engine.pack`) and, when already
+        computed (a pack's vectorised pass), the student's."""
+        if student is None:
+            student = self._outputs(self.student, self.student_taps, x)
         strategy = self.strategy
         if strategy is None:
             return {"ce": self._cross_entropy(student.logits, y)}

@@ -48,6 +48,7 @@ from torch import nn
 
 from kdlab.engine.checkpoint_io import AtomicCheckpointIO
 from kdlab.engine.module import DistillationModule, backward_function, make_scheduler
+from kdlab.engine.stacked import StackedStudents
 from kdlab.strategies.base import Outputs
 from kdlab.util.errors import KdlabError
 
@@ -108,11 +109,13 @@ class PackedModule(L.LightningModule):
         rng_states: each member's random state when its construction ended (from
             :func:`capture_rng`); entry 0 is already the global state.
         hparams: plain containers saved in the pack's own checkpoint.
+        stack: run the students as one vectorised pass (they must be :func:`stackable`);
+            otherwise one after another.
     """
 
     def __init__(self, members: Sequence[DistillationModule],
                  rng_states: Sequence[Mapping[str, Any] | None],
-                 hparams: Mapping[str, Any] | None = None) -> None:
+                 hparams: Mapping[str, Any] | None = None, stack: bool = False) -> None:
         super().__init__()
         if not members:
             raise ValueError("a pack needs at least one member")
@@ -130,6 +133,8 @@ class PackedModule(L.LightningModule):
         self._schedulers: list[tuple[Any, str | None]] = []
         self._slots: list[int | None] = []  # member -> index in the Trainer's lr_schedulers
         self._backward_fn: Callable[[torch.Tensor], None] | None = None
+        #: the members' students as one vectorised pass (:mod:`kdlab.engine.stacked`), or None
+        self.stacked = StackedStudents([m.student for m in members]) if stack else None
         self.save_hyperparameters(dict(hparams or {}))
 
     # -- members ---------------------------------------------------------------------------------
@@ -222,10 +227,18 @@ class PackedModule(L.LightningModule):
             x, y, index, *view = one
             x = self.members[0]._input(x)
             teachers = self.teacher_outputs(x, index, view[0] if view else None)
-            counted = False  # one Lightning optimizer step per batch advances global_step
-            for (i, member), teacher in zip(self.active(), teachers):
+            active = self.active()
+            if self.stacked is not None:
+                students = self.stacked.forward(x, [i for i, _ in active])
+            else:
+                students = [None] * len(active)
+            losses: list[tuple[int, DistillationModule, torch.Tensor, dict[str, Any]]] = []
+            stepped = False  # one Lightning optimizer step per batch advances global_step
+            for (i, member), teacher, student in zip(active, teachers, students):
                 with self.rng.member(i):
-                    terms = member.terms_given(x, y, index, teacher)
+                    if student is not None:
+                        student = Outputs(student, {})
+                    terms = member.terms_given(x, y, index, teacher, student)
                     loss = functools.reduce(operator.add, terms.values())
                     member._batches_seen += 1
                     if check and not math.isfinite(loss.item()):
@@ -234,20 +247,17 @@ class PackedModule(L.LightningModule):
                         except KdlabError as e:
                             self.fail(i, str(e))
                         continue
-                    wrapped = optimizers[i]
-                    optimizer = wrapped.optimizer if counted else wrapped
-                    scheduler, interval = self._schedulers[i]
-                    scheduler = scheduler if interval == "step" else None
-                    if accumulate == 1:
-                        backward(loss)
-                        member._optimizer_step(optimizer, scheduler)
-                        counted = True
-                    else:
-                        backward(loss / accumulate)
-                        member._micro_batches += 1
-                        if member._micro_batches == accumulate:
-                            member._optimizer_step(optimizer, scheduler)
-                            counted = True
+                    if self.stacked is None:  # one member after the other
+                        stepped |= self._step(i, member, loss, optimizers, backward,
+                                              wrapped=not stepped)
+                losses.append((i, member, loss, terms))
+            if self.stacked is not None and losses:  # one backward for every member
+                backward(functools.reduce(operator.add, [loss for _, _, loss, _ in losses]) /
+                         accumulate)
+                for i, member, _, _ in losses:
+                    stepped |= self._step(i, member, None, optimizers, backward,
+                                          wrapped=not stepped)
+            for i, _, loss, terms in losses:
                 names, values, sizes = logged.setdefault(i, ([], [], []))
                 if not names:
                     names.extend(terms)
@@ -266,6 +276,25 @@ class PackedModule(L.LightningModule):
             for name, mean in zip(["loss", *names], means):
                 self.log(f"m{i}/train/{name}", mean, on_step=True, on_epoch=True,
                          batch_size=samples, prog_bar=name == "loss" and i < 4)
+
+    def _step(self, i: int, member: DistillationModule, loss: torch.Tensor | None,
+              optimizers: list[Any], backward: Callable[[torch.Tensor], None],
+              wrapped: bool) -> bool:
+        """Member ``i``'s backward of ``loss`` (``None``: done for all members at once) and,
+        at the end of its accumulation, its optimizer step — through Lightning's optimizer
+        (``wrapped``: the first member that steps in a batch, so that ``global_step`` counts
+        batches) or the plain one. Returns whether it stepped."""
+        accumulate = self.loop.accumulate_grad_batches
+        if loss is not None:
+            backward(loss if accumulate == 1 else loss / accumulate)
+        if accumulate > 1:
+            member._micro_batches += 1
+            if member._micro_batches < accumulate:
+                return False
+        optimizer = optimizers[i] if wrapped else optimizers[i].optimizer
+        scheduler, interval = self._schedulers[i]
+        member._optimizer_step(optimizer, scheduler if interval == "step" else None)
+        return True
 
     def on_train_epoch_end(self) -> None:
         optimizers = self._optimizers()

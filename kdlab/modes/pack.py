@@ -1,8 +1,8 @@
 """Packed sweeps: the offline-distillation jobs of a multirun that share a teacher and data run
 as one cohort (:mod:`kdlab.engine.pack`), one teacher pass per batch for all of them.
 
-``kdlab-train -m hydra/launcher=packed distill.temperature=2,4 distill.alpha=0.5,0.9`` composes
-the jobs as any multirun does; :func:`plan_packs` groups those that may share a pass — they
+``kdlab-train -m hydra/launcher=packed distill.kd.temperature=2,4 distill.kd.alpha=0.5,0.9``
+composes the jobs as any multirun does; :func:`plan_packs` groups those that may share a pass — they
 differ only in :data:`MEMBER_KEYS` (seed, strategy and its hyper-parameters, student, optimizer,
 schedule …) — and :func:`run` trains each group, writing into every job's own folder what that
 job would have written alone: checkpoints, logs and ``results.json``.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -41,6 +42,7 @@ from kdlab.modes.build import (
     to_container,
 )
 from kdlab.modes.offline import single_teacher
+from kdlab.modes.resume import history_callback
 from kdlab.modes.runner import latency_args, model_name, stage_entry, stage_spec
 from kdlab.util.errors import KdlabError
 from kdlab.util.tracking import is_wandb
@@ -156,11 +158,27 @@ def shared_callbacks(cfg: DictConfig, folder: Path) -> list[Callback]:
     return [c for c in stage_callbacks(cfg, folder) if not isinstance(c, ModelCheckpoint)]
 
 
-def run(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], folder: Path
-        ) -> list[dict[str, Any] | Exception]:
+def pack_checkpoint(folder: Path, members: list[dict[str, Any]]) -> str | None:
+    """The pack's ``last.ckpt`` in ``folder`` when it is this pack's (the same members' configs,
+    in order), else ``None`` (said in the log when it belongs to another pack)."""
+    path = folder / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if (saved.get("hyper_parameters") or {}).get("members") != members:
+        log.warning("pack: %s holds another pack's checkpoint; this pack starts over", path)
+        return None
+    log.info("Resuming the pack from %s (epoch %s)", path, saved.get("epoch"))
+    return str(path)
+
+
+def run(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], folder: Path,
+        resume: bool = False, stack: bool | str = "auto") -> list[dict[str, Any] | Exception]:
     """Train the jobs ``cfgs`` (in their folders ``run_dirs``) as one pack with its own
     checkpoint in ``folder``: each job's ``results.json`` content, or the error that stopped
-    that job."""
+    that job. ``resume``: every job continues the unfinished run in its folder, so the pack
+    continues from its own ``last.ckpt`` when that is this pack's. ``stack``: students of one
+    architecture as one vectorised pass (:func:`kdlab.engine.fit_pack.fit_pack`)."""
     align_data_order(cfgs)
     first = cfgs[0]
     outcome: list[dict[str, Any] | Exception | None] = [None] * len(cfgs)
@@ -207,7 +225,11 @@ def run(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], folder: Path
     restore_rng(states[0])  # member 0 runs on the global stream
     log.info("Packed cohort: %d members share one teacher pass per batch (%s)", len(members),
              ", ".join(f"{strategy_name(cfgs[i])} seed {cfgs[i].seed}" for i, _ in jobs))
-    results = fit_pack(specs, members, states, folder, shared_callbacks(first, folder))
+    ckpt_path = pack_checkpoint(folder, [s.hparams for s in specs]) if resume else None
+    history = [history_callback(list(s.loggers), ckpt_path, own=True) for s in specs]
+    results = fit_pack(specs, members, states, folder,
+                       [*shared_callbacks(first, folder), *(h for h in history if h)],
+                       ckpt_path=ckpt_path, stack=stack)
 
     for k, ((i, report_init), result) in enumerate(zip(jobs, results)):
         cfg = cfgs[i]

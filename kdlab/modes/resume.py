@@ -209,9 +209,11 @@ def resume_checkpoint(stage_dir: Path) -> str | None:
     return str(last)
 
 
-def history_callback(loggers: list[Logger], ckpt_path: str | None) -> ReplayHistory | None:
+def history_callback(loggers: list[Logger], ckpt_path: str | None,
+                     own: bool = False) -> ReplayHistory | None:
     """When a stage resumes from ``ckpt_path``: the callback that keeps the metrics its CSV
-    logger wrote before the stop (:mod:`kdlab.engine.history`), or ``None``."""
+    logger wrote before the stop (:mod:`kdlab.engine.history`), or ``None``. ``own``: replay
+    them to ``loggers`` themselves (a packed member's, not the Trainer's)."""
     if not ckpt_path:
         return None
     files = csv_metrics_files(loggers)
@@ -221,4 +223,4 @@ def history_callback(loggers: list[Logger], ckpt_path: str | None) -> ReplayHist
     rows = rows_to_keep(files[0], int(ckpt.get("epoch", 0)),
                         bool(ckpt.get("kdlab_epoch_done", True)))
     backup = files[0].with_name(files[0].name + BACKUP_SUFFIX)
-    return ReplayHistory(rows, backup) if rows else None
+    return ReplayHistory(rows, backup, list(loggers) if own else None) if rows else None
