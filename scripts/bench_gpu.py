@@ -19,11 +19,14 @@ Every kdlab row is followed by the raw fp32 eager loop, and its ratio is against
 run (the device's clocks and the host drift between rows). A kdlab row's samples/s is the median
 of its epochs after the first (Lightning's loop, fetch and hooks included; validation and the
 cache's build excluded). Results are written after every row (``--json``), so a run cut short
-keeps what it measured. Packed cohorts (issue 19, part 2) are not built yet: no row.
+keeps what it measured. Then a packed cohort of 8 KD members (``hydra/launcher=packed``, one
+teacher pass per batch): its students as one ``torch.func.vmap`` pass (``stack=auto`` on a GPU)
+and one after another (``stack=false``), in member-samples/s against the kdlab default run of
+the same batch size; every kdlab row also reports the device's peak allocated memory.
 
-``--tiny`` (with ``--device cpu``): resnet14 → resnet8, 128 images, a few steps, compile rows
-skipped (a CPU compile takes minutes); it checks that every other row runs, not the speed, and
-writes nothing to docs/.
+``--tiny`` (with ``--device cpu``): resnet14 → resnet8, 128 images, a few steps, a pack of 2
+(vmap), compile rows skipped (a CPU compile takes minutes); it checks that every other row
+runs, not the speed, and writes nothing to docs/.
 """
 
 from __future__ import annotations
@@ -97,14 +100,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def kdlab_run(args: argparse.Namespace, store: Path, batch: int, overrides: list[str]) -> float:
-    """Median samples/s over a kdlab run's epochs after the first."""
+def kdlab_cfg(args: argparse.Namespace, store: Path, folder: Path, batch: int,
+              overrides: list[str]):
+    """The composed config of one kdlab run of the pair in ``folder``."""
     from hydra import compose, initialize_config_dir
 
-    from kdlab.train import run
     from kdlab.util.config import CONF_DIR
 
-    folder = Path(tempfile.mkdtemp(dir=store.parent))
     trainer = ["trainer=gpu"] if args.device != "cpu" else ["trainer=cpu"]
     base = ["experiment=cifar100", "data=synthetic_cifar100", f"data.train_size={args.samples}",
             "data.val_size=64", "data.test_size=64", f"data.batch_size={batch}",
@@ -115,11 +117,48 @@ def kdlab_run(args: argparse.Namespace, store: Path, batch: int, overrides: list
             "logger=none", "latency.repeats=1", "scheduler=none", "teacher_cache.views=0",
             *trainer]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", [f"paths.output_dir={folder}", f"paths.log_dir={folder}",
-                                f"paths.teacher_store={store}", *base, *overrides])
-    results = run(cfg)
+        return compose("train", [f"paths.output_dir={folder}", f"paths.log_dir={folder}",
+                                 f"paths.teacher_store={store}", *base, *overrides])
+
+
+def median_speed(results: dict) -> float:
+    """Median samples/s over a run's epochs after the first."""
     speeds = results["student"]["train_samples_per_s"]["per_epoch"]
     return statistics.median(speeds[1:] or speeds)
+
+
+def kdlab_run(args: argparse.Namespace, store: Path, batch: int, overrides: list[str]) -> float:
+    """Median samples/s over a kdlab run's epochs after the first."""
+    from kdlab.train import run
+
+    folder = Path(tempfile.mkdtemp(dir=store.parent))
+    return median_speed(run(kdlab_cfg(args, store, folder, batch, overrides)))
+
+
+def kdlab_pack(args: argparse.Namespace, store: Path, batch: int, members: int,
+               stack: bool | str) -> float:
+    """Member-samples/s of a packed cohort of ``members`` KD runs (T = 1, 2, …): ``members ×``
+    the pack's median samples/s over its epochs after the first."""
+    from kdlab.packed import execute_pack
+
+    root = Path(tempfile.mkdtemp(dir=store.parent))
+    cfgs = [kdlab_cfg(args, store, root / str(k), batch,
+                      ["distill=kd", f"distill.kd.temperature={k + 1}"])
+            for k in range(members)]
+    outcome = execute_pack(cfgs, root / "pack", stack)
+    for result in outcome:
+        if isinstance(result, Exception):
+            raise result
+    return members * median_speed(outcome[0])
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """The device's peak allocated memory since the last reset (CUDA), in MB."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def main() -> None:
@@ -132,11 +171,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.teacher, args.student, args.samples, args.epochs = "resnet14", "resnet8", 128, 2
-        args.steps, args.warmup, args.batches = 4, 1, [32]
+        args.steps, args.warmup, args.batches, args.members = 4, 1, [32], 2
     else:
         args.teacher, args.student, args.samples, args.epochs = ("resnet32x4", "resnet8x4",
                                                                  20480, 4)
-        args.steps, args.warmup = 200, 30
+        args.steps, args.warmup, args.members = 200, 30, 8
     compiled = not args.tiny
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -175,23 +214,43 @@ def main() -> None:
                        ("kdlab CUDA graphs (compile.mode=reduce-overhead)",
                         ["compile.student=true", "compile.teacher=true",
                          "compile.mode=reduce-overhead"])]
+            single = None
             for label, overrides in kd:
+                peak_memory_mb(device)
                 speed = kdlab_run(args, store, batch, ["distill=kd", *overrides])
+                memory = peak_memory_mb(device)
+                if not overrides:  # the default run: what a pack is compared with
+                    single = speed
                 paired = raw_loop(args, batch)
                 record({"batch": batch, "loop": label, "samples_per_s": speed,
-                        "paired_raw_fp32": paired, "ratio": speed / paired})
+                        "paired_raw_fp32": paired, "ratio": speed / paired,
+                        "peak_gpu_mb": memory})
+            # a packed cohort: member-samples/s against one kdlab default run (row above)
+            for stack in ([True] if args.tiny else ["auto", False]):
+                how = {"auto": "vmap on a GPU", True: "vmap", False: "one after another"}[stack]
+                peak_memory_mb(device)
+                speed = kdlab_pack(args, store, batch, args.members, stack)
+                memory = peak_memory_mb(device)
+                record({"batch": batch, "samples_per_s": speed, "peak_gpu_mb": memory,
+                        "loop": f"kdlab packed cohort of {args.members} (students {how})",
+                        "vs_one_run": speed / single if single else None})
     lines = [f"`python scripts/bench_gpu.py` on {header['date']}: {name}, torch "
              f"{header['torch']}, lightning {header['lightning']}; {header['pair']} on synthetic "
              f"CIFAR-100-shaped data ({args.samples:,} images in memory, shift 4 + flip), KD "
              f"T = 4. Raw rows: {args.steps} steps after {args.warmup}; kdlab rows: median "
              "epoch after the first; a kdlab row's ratio is against the raw fp32 eager loop run "
-             "right after it.", "",
-             "| batch | loop | samples/s | paired raw fp32 | ratio |", "|---|---|---|---|---|"]
+             "right after it. A packed cohort's samples/s counts every member's samples "
+             f"({args.members} KD members, T = 1 … {args.members}); its ratio is against the "
+             "kdlab default row of its batch size.", "",
+             "| batch | loop | samples/s | paired raw fp32 | ratio | peak GPU MB |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         paired = f"{r['paired_raw_fp32']:,.0f}" if "paired_raw_fp32" in r else ""
-        ratio = f"{r['ratio']:.2f}×" if "ratio" in r else ""
+        ratio = f"{r['ratio']:.2f}×" if "ratio" in r else (
+            f"{r['vs_one_run']:.2f}× one run" if r.get("vs_one_run") else "")
+        memory = f"{r['peak_gpu_mb']:,.0f}" if r.get("peak_gpu_mb") else ""
         lines.append(f"| {r['batch']} | {r['loop']} | {r['samples_per_s']:,.0f} | {paired} | "
-                     f"{ratio} |")
+                     f"{ratio} | {memory} |")
     text = "\n".join(lines)
     print(text)
     if not args.tiny:

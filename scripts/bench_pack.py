@@ -17,6 +17,7 @@ member-samples/s and the process's peak resident memory above its start.
 
     python scripts/bench_pack.py --members 4 --rounds 3              # docs/BENCHMARKS.md
     python scripts/bench_pack.py --student cnn --members 4 --rounds 1
+    python scripts/bench_pack.py --members 4 --rounds 3 --compare-stack   # loop against vmap
     python scripts/bench_pack.py --scaling 1 2 4 8                   # docs/SCALING.md
 """
 
@@ -80,13 +81,13 @@ def speed(results: dict) -> float:
     return statistics.median(values[1:] or values)
 
 
-def run_pack(tmp: Path, n: int, epochs: int) -> float:
+def run_pack(tmp: Path, n: int, epochs: int, stack: bool | str = "auto") -> float:
     """Member-samples/s of one pack of ``n`` (``n ×`` its batch stream's samples/s)."""
     from kdlab.packed import execute_pack
 
     root = Path(tempfile.mkdtemp(dir=tmp))
     cfgs = [compose(root / str(k), tmp, o) for k, o in enumerate(member_overrides(n, epochs))]
-    outcome = execute_pack(cfgs, root / "pack")
+    outcome = execute_pack(cfgs, root / "pack", stack)
     errors = [o for o in outcome if isinstance(o, Exception)]
     if errors:
         raise errors[0]
@@ -138,18 +139,55 @@ def paired(args: argparse.Namespace) -> None:
     replace_section(args.out, f"pack-speed-{STUDENT[0]}-{n}", text)
 
 
+def compare_stack(args: argparse.Namespace) -> None:
+    """The same pack with its students one after another and as one vectorised pass."""
+    n = args.members
+    loop, stacked = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        run_sequential(Path(tmp), 1, 1)  # trains the teacher into the store once
+        for r in range(args.rounds):
+            loop.append(run_pack(Path(tmp), n, args.epochs, stack=False))
+            stacked.append(run_pack(Path(tmp), n, args.epochs, stack=True))
+            print(f"round {r + 1}: loop {loop[-1]:,.0f}, stacked {stacked[-1]:,.0f} "
+                  f"member-samples/s", flush=True)
+    ratios = [b / a for a, b in zip(loop, stacked)]
+    command = (f"python scripts/bench_pack.py --student {STUDENT[0]} --members {n} "
+               f"--rounds {args.rounds} --epochs {args.epochs} --compare-stack")
+    lines = [header(command) + f" One pack of {n} KD members, its students one after another "
+             "(`hydra.launcher.stack=false`) or as one `torch.func.vmap` pass "
+             "(`stack=true`); each round runs both.", "",
+             "| pack of the same jobs | member-samples/s per round | median |", "|---|---|---|",
+             f"| students one after another | {', '.join(f'{v:,.0f}' for v in loop)} | "
+             f"{statistics.median(loop):,.0f} |",
+             f"| students as one vmap pass | {', '.join(f'{v:,.0f}' for v in stacked)} | "
+             f"{statistics.median(stacked):,.0f} |",
+             f"| **vmap / loop** | {', '.join(f'{v:.2f}×' for v in ratios)} | "
+             f"**{statistics.median(ratios):.2f}×** |"]
+    text = "\n".join(lines)
+    print(text)
+    replace_section(args.out, f"pack-stack-{STUDENT[0]}-{n}", text)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (``VmHWM``: reset by ``exec``, unlike
+    ``ru_maxrss``, which a child inherits from the process that forked it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args: argparse.Namespace) -> None:
     """One pack in this fresh process: its speed and peak memory above the start, as JSON."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_mb()
     with tempfile.TemporaryDirectory(dir=args.store.parent) as tmp:
         Path(tmp, "teachers").symlink_to(args.store)
         start = time.perf_counter()
         rate = run_pack(Path(tmp), args.child, args.epochs) if args.child > 1 else \
             run_sequential(Path(tmp), 1, args.epochs)
         wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"members": args.child, "rate": rate, "wall_s": wall,
-                      "peak_extra_mb": (after - before) / 1024}))
+                      "peak_extra_mb": peak_rss_mb() - before}))
 
 
 def scaling(args: argparse.Namespace) -> None:
@@ -190,6 +228,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--scaling", type=int, nargs="*")
+    parser.add_argument("--compare-stack", action="store_true",
+                        help="the pack's students one after another against one vmap pass")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
@@ -201,6 +241,8 @@ def main() -> None:
         child(args)
     elif args.scaling:
         scaling(args)
+    elif args.compare_stack:
+        compare_stack(args)
     else:
         paired(args)
 

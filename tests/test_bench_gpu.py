@@ -20,7 +20,10 @@ def test_the_gpu_benchmark_runs_every_row_in_its_tiny_cpu_mode(tmp_path):
     result = json.loads(out.read_text())
     loops = [r["loop"] for r in result["rows"]]
     assert loops == ["raw fp32 eager", "raw bf16 autocast", "kdlab fp32", "kdlab default",
-                     "kdlab exact-view cache (K=8)"]
+                     "kdlab exact-view cache (K=8)",
+                     "kdlab packed cohort of 2 (students vmap)"]
     assert all(r["samples_per_s"] > 0 for r in result["rows"])
-    assert all(r["ratio"] > 0 for r in result["rows"] if r["loop"].startswith("kdlab"))
+    assert all(r["ratio"] > 0 for r in result["rows"][2:-1])
+    assert result["rows"][-1]["vs_one_run"] > 0  # against the kdlab default row
     assert "| 32 | kdlab exact-view cache (K=8) |" in proc.stdout
+    assert "| 32 | kdlab packed cohort of 2 (students vmap) |" in proc.stdout

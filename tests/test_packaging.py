@@ -77,3 +77,25 @@ def test_the_wheel_runs_kdlab_train_from_any_folder(wheel_venv, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "run" / "results.json").read_text())
     assert results["student"]["metrics"]["test/acc"] >= 0
+
+
+def test_the_wheel_ships_the_packed_launcher(wheel_venv, tmp_path):
+    """``hydra/launcher=packed`` works from the wheel: Hydra's plugin scan finds the launcher
+    that the wheel installed, and its config option resolves."""
+    code = ("from kdlab.cli import expose_packed_launcher; expose_packed_launcher(); "
+            "from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher; "
+            "import hydra_plugins.kdlab_packed_launcher as p; "
+            "print([c.__name__ for c in Plugins.instance().discover(Launcher)]); print(p.__file__)")
+    found = subprocess.run([str(wheel_venv / "bin" / "python"), "-c", code], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": ""})
+    assert found.returncode == 0, found.stderr[-2000:]
+    launchers, where = found.stdout.strip().splitlines()
+    assert "PackedLauncher" in launchers
+    assert Path(where).is_relative_to(wheel_venv)
+    cfg = subprocess.run([str(wheel_venv / "bin" / "kdlab-train"), "-m",
+                          "hydra/launcher=packed", "--cfg", "hydra", "-p", "hydra.launcher"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert cfg.returncode == 0, cfg.stderr[-2000:]
+    assert "PackedLauncher" in cfg.stdout and "max_members: 8" in cfg.stdout

@@ -61,7 +61,8 @@ def fit_pack(specs: Sequence[StageSpec], members: Sequence[DistillationModule],
             they can and the pack trains on a GPU, where one kernel for all members pays).
     """
     first = specs[0]
-    stacked = use_stacked(members, stack, str(first.trainer.get("accelerator", "auto")))
+    stacked = use_stacked(members, stack, str(first.trainer.get("accelerator", "auto")),
+                          compiled=first.compile.student)
     module = PackedModule(members, rng_states, stack=stacked,
                           hparams={"stage": "pack", "members": [s.hparams for s in specs]})
     checkpoints = [[c for c in s.callbacks if isinstance(c, MemberCheckpoint)] for s in specs]
@@ -105,13 +106,16 @@ def fit_pack(specs: Sequence[StageSpec], members: Sequence[DistillationModule],
 
 
 def use_stacked(members: Sequence[DistillationModule], stack: bool | str,
-                accelerator: str) -> bool:
+                accelerator: str, compiled: bool = False) -> bool:
     """Whether the pack runs its students as one vectorised pass (see :func:`fit_pack`); the
-    decision and its reason are logged."""
+    decision and its reason are logged. ``compiled``: the students are ``torch.compile``d
+    (``compile.student=true``), which a vectorised pass of their modules would bypass."""
     if stack not in (True, False, "auto"):
         raise KdlabError(f"hydra.launcher.stack={stack} must be auto, true or false")
     why_not = stackable([m.student for m in members],
                         [bool(m.student_taps and m.student_taps.paths) for m in members])
+    if why_not is None and compiled:
+        why_not = "compile.student=true (each compiled student runs its own graph)"
     if stack is True and why_not:
         raise KdlabError(f"hydra.launcher.stack=true but the students cannot run as one "
                          f"vectorised pass: {why_not}; use stack=auto or false")

@@ -213,6 +213,7 @@ def run(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], folder: Path,
             spec = dataclasses.replace(spec, ckpt_path=None,
                                        callbacks=member_callbacks(cfg, run_dirs[i], len(specs)))
             member = build_module(spec, caches, compile_teacher=not specs)
+            member.make_optimizer()  # a config its optimizer rejects fails this job alone
         except KdlabError as e:
             outcome[i] = e
             continue
