@@ -360,6 +360,29 @@ class DistillationModule(L.LightningModule):
         """:func:`backward_function` for this module."""
         return backward_function(self)
 
+    def use_optimizer(self, optimizer: Any, scheduler_interval: str | None) -> None:
+        """Step ``optimizer`` (whose parameters' gradients are reset after each step) with a
+        scheduler stepped every ``step`` or ``epoch`` (``None``: no scheduler): what
+        ``on_train_start`` and ``configure_optimizers`` set up alone, for a member of a pack
+        (whose Trainer holds every member's optimizer)."""
+        self._stepped = [p for group in optimizer.param_groups for p in group["params"]]
+        self._scheduler_interval = scheduler_interval
+
+    def count_batch(self) -> None:
+        """One more training batch seen (its loss computed, finite or not)."""
+        self._batches_seen += 1
+
+    def accumulated(self) -> bool:
+        """Count one more backward toward ``accumulate_grad_batches``: whether the optimizer
+        steps now."""
+        self._micro_batches += 1
+        return self._micro_batches >= self.loop.accumulate_grad_batches
+
+    @property
+    def pending_gradients(self) -> bool:
+        """Whether gradients of an incomplete accumulation wait for an optimizer step."""
+        return self._micro_batches > 0
+
     def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
         """Clip (``trainer.gradient_clip_*``), step through Lightning's optimizer wrapper (which
         counts ``trainer.global_step`` and runs the ``on_before_optimizer_step`` hooks), reset

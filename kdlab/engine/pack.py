@@ -196,8 +196,8 @@ class PackedModule(L.LightningModule):
                              "has no loss scaler per member; use bf16-mixed or 32-true")
         self._backward_fn = backward_function(self)
         optimizers = self._optimizers()
-        for member, optimizer in zip(self.members, optimizers):
-            member._stepped = [p for group in optimizer.param_groups for p in group["params"]]
+        for member, optimizer, (_, interval) in zip(self.members, optimizers, self._schedulers):
+            member.use_optimizer(optimizer, interval)
 
     def _optimizers(self) -> list[Any]:
         optimizers = self.optimizers()
@@ -240,7 +240,7 @@ class PackedModule(L.LightningModule):
                         student = Outputs(student, {})
                     terms = member.terms_given(x, y, index, teacher, student)
                     loss = functools.reduce(operator.add, terms.values())
-                    member._batches_seen += 1
+                    member.count_batch()
                     if check and not math.isfinite(loss.item()):
                         try:
                             member._non_finite(terms, one)  # raises, or counts the skip
@@ -288,8 +288,7 @@ class PackedModule(L.LightningModule):
         if loss is not None:
             backward(loss if accumulate == 1 else loss / accumulate)
         if accumulate > 1:
-            member._micro_batches += 1
-            if member._micro_batches < accumulate:
+            if not member.accumulated():
                 return False
         optimizer = optimizers[i] if wrapped else optimizers[i].optimizer
         scheduler, interval = self._schedulers[i]
@@ -300,7 +299,7 @@ class PackedModule(L.LightningModule):
         optimizers = self._optimizers()
         for i, member in self.active():
             scheduler, interval = self._schedulers[i]
-            if member._micro_batches:  # gradients left from an incomplete accumulation
+            if member.pending_gradients:  # left from an incomplete accumulation
                 member._optimizer_step(optimizers[i].optimizer,
                                        scheduler if interval == "step" else None)
             if scheduler is not None and interval == "epoch":
@@ -325,7 +324,6 @@ class PackedModule(L.LightningModule):
             optimizer = member.make_optimizer()
             scheduler, interval = make_scheduler(member.scheduler_factory, optimizer,
                                                  member.optimizer_steps)
-            member._scheduler_interval = interval if scheduler is not None else None
             self._schedulers.append((scheduler, interval if scheduler is not None else None))
             if scheduler is None:
                 configs.append({"optimizer": optimizer})
