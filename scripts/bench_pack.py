@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -109,63 +110,66 @@ def header(command: str) -> str:
             f"{torch.get_num_threads()} threads), torch {torch.__version__}.")
 
 
-def paired(args: argparse.Namespace) -> None:
-    n = args.members
-    packed, sequential = [], []
+def rounds(args: argparse.Namespace, first: tuple[str, Any], second: tuple[str, Any]
+           ) -> tuple[list[float], list[float]]:
+    """``args.rounds`` rounds of two measurements, ``(name, () -> member-samples/s)`` each, in
+    this process, after the teacher is trained into a temporary store once."""
+    a: list[float] = []
+    b: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        run_sequential(Path(tmp), 1, 1)  # trains the teacher into the store once
+        run_sequential(Path(tmp), 1, 1)
         for r in range(args.rounds):
-            sequential.append(run_sequential(Path(tmp), n, args.epochs))
-            packed.append(run_pack(Path(tmp), n, args.epochs))
-            print(f"round {r + 1}: sequential {sequential[-1]:,.0f}, packed {packed[-1]:,.0f} "
-                  f"member-samples/s", flush=True)
-    ratios = [p / s for p, s in zip(packed, sequential)]
-    command = (f"python scripts/bench_pack.py --student {STUDENT[0]} --members {n} "
-               f"--rounds {args.rounds} --epochs {args.epochs}")
-    lines = [header(command) + f" {n} KD members (T = "
-             f"{', '.join(str(2 ** k) for k in range(n))}); each run trains {args.epochs} "
-             "epochs, its speed is the median samples/s of the epochs after the first; each "
-             "round runs the sequential sweep, then the pack.", "",
-             "| sweep of the same jobs | member-samples/s per round | median |",
-             "|---|---|---|",
-             f"| {n} runs one after another | {', '.join(f'{v:,.0f}' for v in sequential)} | "
-             f"{statistics.median(sequential):,.0f} |",
-             f"| one pack of {n} | {', '.join(f'{v:,.0f}' for v in packed)} | "
-             f"{statistics.median(packed):,.0f} |",
-             f"| **packed / sequential** | {', '.join(f'{v:.2f}×' for v in ratios)} | "
-             f"**{statistics.median(ratios):.2f}×** |"]
+            a.append(first[1](Path(tmp)))
+            b.append(second[1](Path(tmp)))
+            print(f"round {r + 1}: {first[0]} {a[-1]:,.0f}, {second[0]} {b[-1]:,.0f} "
+                  "member-samples/s", flush=True)
+    return a, b
+
+
+def write_table(args: argparse.Namespace, section: str, intro: str, column: str,
+                rows: list[tuple[str, list[float]]], ratio: str) -> None:
+    """The two rows' speeds per round and median, and the second over the first."""
+    (_, a), (_, b) = rows
+    ratios = [y / x for x, y in zip(a, b)]
+    lines = [intro, "", f"| {column} | member-samples/s per round | median |", "|---|---|---|"]
+    for name, values in rows:
+        lines.append(f"| {name} | {', '.join(f'{v:,.0f}' for v in values)} | "
+                     f"{statistics.median(values):,.0f} |")
+    lines.append(f"| **{ratio}** | {', '.join(f'{v:.2f}×' for v in ratios)} | "
+                 f"**{statistics.median(ratios):.2f}×** |")
     text = "\n".join(lines)
     print(text)
-    replace_section(args.out, f"pack-speed-{STUDENT[0]}-{n}", text)
+    replace_section(args.out, section, text)
+
+
+def paired(args: argparse.Namespace) -> None:
+    """The same sweep run one job after another, then as one pack."""
+    n = args.members
+    sequential, packed = rounds(args, ("sequential", lambda t: run_sequential(t, n, args.epochs)),
+                                ("packed", lambda t: run_pack(t, n, args.epochs)))
+    command = (f"python scripts/bench_pack.py --student {STUDENT[0]} --members {n} "
+               f"--rounds {args.rounds} --epochs {args.epochs}")
+    intro = (header(command) + f" {n} KD members (T = {', '.join(str(2 ** k) for k in range(n))}"
+             f"); each run trains {args.epochs} epochs, its speed is the median samples/s of "
+             "the epochs after the first; each round runs the sequential sweep, then the pack.")
+    write_table(args, f"pack-speed-{STUDENT[0]}-{n}", intro, "sweep of the same jobs",
+                [(f"{n} runs one after another", sequential), (f"one pack of {n}", packed)],
+                "packed / sequential")
 
 
 def compare_stack(args: argparse.Namespace) -> None:
     """The same pack with its students one after another and as one vectorised pass."""
     n = args.members
-    loop, stacked = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        run_sequential(Path(tmp), 1, 1)  # trains the teacher into the store once
-        for r in range(args.rounds):
-            loop.append(run_pack(Path(tmp), n, args.epochs, stack=False))
-            stacked.append(run_pack(Path(tmp), n, args.epochs, stack=True))
-            print(f"round {r + 1}: loop {loop[-1]:,.0f}, stacked {stacked[-1]:,.0f} "
-                  f"member-samples/s", flush=True)
-    ratios = [b / a for a, b in zip(loop, stacked)]
+    loop, stacked = rounds(args, ("loop", lambda t: run_pack(t, n, args.epochs, stack=False)),
+                           ("stacked", lambda t: run_pack(t, n, args.epochs, stack=True)))
     command = (f"python scripts/bench_pack.py --student {STUDENT[0]} --members {n} "
                f"--rounds {args.rounds} --epochs {args.epochs} --compare-stack")
-    lines = [header(command) + f" One pack of {n} KD members, its students one after another "
-             "(`hydra.launcher.stack=false`) or as one `torch.func.vmap` pass "
-             "(`stack=true`); each round runs both.", "",
-             "| pack of the same jobs | member-samples/s per round | median |", "|---|---|---|",
-             f"| students one after another | {', '.join(f'{v:,.0f}' for v in loop)} | "
-             f"{statistics.median(loop):,.0f} |",
-             f"| students as one vmap pass | {', '.join(f'{v:,.0f}' for v in stacked)} | "
-             f"{statistics.median(stacked):,.0f} |",
-             f"| **vmap / loop** | {', '.join(f'{v:.2f}×' for v in ratios)} | "
-             f"**{statistics.median(ratios):.2f}×** |"]
-    text = "\n".join(lines)
-    print(text)
-    replace_section(args.out, f"pack-stack-{STUDENT[0]}-{n}", text)
+    intro = (header(command) + f" One pack of {n} KD members, its students one after another "
+             "(`hydra.launcher.stack=false`) or as one `torch.func.vmap` pass (`stack=true`); "
+             "each round runs both.")
+    write_table(args, f"pack-stack-{STUDENT[0]}-{n}", intro, "pack of the same jobs",
+                [("students one after another", loop), ("students as one vmap pass", stacked)],
+                "vmap / loop")
 
 
 def peak_rss_mb() -> float:

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_package_is_listed_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
                  ["packages"])
-    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kdlab").rglob(
-        "__init__.py")} | {"kdlab.conf"}
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for folder in ("kdlab",
+               "hydra_plugins") for p in (ROOT / folder).rglob("__init__.py")} | {"kdlab.conf"}
     assert listed == on_disk
 
 
@@ -93,8 +93,8 @@ def test_the_wheel_ships_the_packed_launcher(wheel_venv, tmp_path):
     launchers, where = found.stdout.strip().splitlines()
     assert "PackedLauncher" in launchers
     assert Path(where).is_relative_to(wheel_venv)
-    cfg = subprocess.run([str(wheel_venv / "bin" / "kdlab-train"), "-m",
-                          "hydra/launcher=packed", "--cfg", "hydra", "-p", "hydra.launcher"],
+    cfg = subprocess.run([str(wheel_venv / "bin" / "kdlab-train"), "hydra/launcher=packed",
+                          "--cfg", "hydra", "-p", "hydra.launcher"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": ""})
     assert cfg.returncode == 0, cfg.stderr[-2000:]
