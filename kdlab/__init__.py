@@ -4,7 +4,7 @@ The small public API (imported lazily, so ``import kdlab`` is cheap):
 
 - :func:`run` (``kdlab.run(["distill=kd", "seed=1"])``), :func:`compose` and
   :func:`run_config`: a run from Python, returning the content of ``results.json``
-  (:mod:`kdlab.api`);
+  (:mod:`kdlab.api`); :func:`run_packed`: several runs as one packed cohort;
 - :class:`Strategy`, :class:`Outputs`, :class:`Batch`: the base of distillation strategies
   (:mod:`kdlab.strategies.base`);
 - :mod:`kdlab.models` (``kdlab.models.create("resnet8x4", [3, 32, 32], 100)``) and
@@ -25,6 +25,7 @@ _LAZY = {
     "run": ("kdlab.api", "run"),
     "compose": ("kdlab.api", "compose"),
     "run_config": ("kdlab.api", "run_config"),
+    "run_packed": ("kdlab.api", "run_packed"),
     "Strategy": ("kdlab.strategies.base", "Strategy"),
     "Outputs": ("kdlab.strategies.base", "Outputs"),
     "Batch": ("kdlab.strategies.base", "Batch"),
@@ -32,7 +33,7 @@ _LAZY = {
 }
 
 __all__ = ["Batch", "KdlabError", "Outputs", "Strategy", "compose", "data", "models", "run",
-           "run_config"]
+           "run_config", "run_packed"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kdlab
 from kdlab.modes.pack import plan_packs, unpackable
 from kdlab.packed import execute_pack
 from kdlab.train import execute
@@ -44,8 +45,8 @@ def losses(folder: Path) -> list[str]:
 def packed_and_alone(tmp_path_factory):
     """The two members trained as a pack, and each trained alone on the pack's data order."""
     tmp = tmp_path_factory.mktemp("pack")
-    cfgs = [member_cfg(tmp, f"pack/{k}", m) for k, m in enumerate(MEMBERS)]
-    results = execute_pack(cfgs, tmp / "pack" / "pack-0-1")
+    paths = [f"paths.teacher_store={tmp}/teachers", f"paths.log_dir={tmp}/logs"]
+    results = kdlab.run_packed(MEMBERS, common=[*paths, *COMMON], output_dir=tmp / "pack")
     alone = [execute(member_cfg(tmp, f"alone/{k}", [*m, "data.shuffle_seed=1"]))
              for k, m in enumerate(MEMBERS)]
     return tmp, results, alone
@@ -69,6 +70,12 @@ def test_a_packed_member_ends_where_its_run_alone_ends(packed_and_alone):
     # member 1 would have had another order alone: the pack wrote the order it trained on
     assert results[1]["config"]["data"]["shuffle_seed"] == 1
     assert results[1]["student"]["packed"]["members"] == 2
+
+
+def test_run_packed_refuses_jobs_that_cannot_share_a_pack(tmp_path):
+    with pytest.raises(kdlab.KdlabError, match=r"job 1 \(distill=none\): distill=none has no"):
+        kdlab.run_packed([["distill=kd"], ["distill=none"]], common=COMMON,
+                         output_dir=tmp_path)
 
 
 def test_each_member_keeps_its_own_files(packed_and_alone):
