@@ -85,6 +85,16 @@ def error_line(error: Exception) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
+def check_options(max_members: Any, stack: Any) -> None:
+    """``hydra.launcher.max_members`` and ``hydra.launcher.stack`` are valid, else one line and
+    exit code 2 (before any job is prepared)."""
+    if isinstance(max_members, bool) or not isinstance(max_members, int) or max_members < 2:
+        fail(f"hydra.launcher.max_members={max_members} must be an integer >= 2 (the most jobs "
+             "in one pack)")
+    if stack not in (True, False, "auto"):
+        fail(f"hydra.launcher.stack={stack} must be auto, true or false")
+
+
 def launch(jobs: Sequence[dict[str, Any]], run_alone: Callable[[int], Any],
            max_members: int, sweep_dir: Path, stack: bool | str = "auto") -> list[Any]:
     """Run the prepared ``jobs`` (each ``{"num", "overrides", "cfg", "return"}``: its job

@@ -208,8 +208,6 @@ def check_latency(cfg: DictConfig) -> None:
             raise KdlabError(f"latency.{key}={value} must be a positive integer")
 
 
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _main(cfg: DictConfig) -> float:
     job = multirun_job()

@@ -235,3 +235,18 @@ def test_stackable_says_why_students_cannot_share_one_pass():
     assert "architecture" in stackable([mlp(), mlp(hidden=9)], [False, False])
     assert "dropout" in stackable([mlp(0.1), mlp(0.1)], [False, False])
     assert "features" in stackable([mlp(), mlp()], [False, True])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hydra.launcher.max_members=1", "hydra.launcher.max_members=1 must be an integer >= 2 "
+     "(the most jobs in one pack)"),
+    ("hydra.launcher.stack=maybe", "hydra.launcher.stack=maybe must be auto, true or false")])
+def test_a_bad_launcher_option_fails_in_one_line(tmp_path, override, message):
+    proc = subprocess.run([sys.executable, "-m", "kdlab.train", "-m", "hydra/launcher=packed",
+                           override, "distill.kd.temperature=2,4", f"paths.log_dir={tmp_path}",
+                           *COMMON], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"kdlab: error: {message}"
+    assert not (tmp_path / "multiruns").exists() or not any((tmp_path / "multiruns").rglob(
+        "results.json"))
+

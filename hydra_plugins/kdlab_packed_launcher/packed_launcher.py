@@ -66,8 +66,9 @@ class PackedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        from kdlab.packed import launch
+        from kdlab.packed import check_options, launch
 
+        check_options(self.max_members, self.stack)
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -97,4 +98,4 @@ class PackedLauncher(Launcher):
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
             return ret
 
-        return launch(jobs, run_alone, int(self.max_members), sweep_dir, self.stack)
+        return launch(jobs, run_alone, self.max_members, sweep_dir, self.stack)

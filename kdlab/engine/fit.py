@@ -8,6 +8,8 @@ cache), fits it with a Lightning ``Trainer`` and tests its best-validation check
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,15 +112,17 @@ def fit_stage(spec: StageSpec) -> StageResult:
     return fit_module(spec, build_module(spec))
 
 
-def build_trainer(spec: StageSpec, module: DistillationModule
+def build_trainer(spec: StageSpec, module: L.LightningModule,
+                  checkpoint_io: AtomicCheckpointIO | None = None
                   ) -> tuple[L.Trainer, LightningDataModule]:
     """The stage's Trainer (``spec.trainer`` in Lightning's meaning, translated for the chunked
-    loop by :func:`kdlab.engine.loop.trainer_arguments`) and the datamodule to fit it on."""
+    loop by :func:`kdlab.engine.loop.trainer_arguments`) and the datamodule to fit it on;
+    ``checkpoint_io``: how checkpoints are written (default :class:`AtomicCheckpointIO`)."""
     args, data = trainer_arguments(dict(spec.trainer), module.loop.steps_per_call, spec.data)
     args["max_epochs"] = spec.recipe.max_epochs
     try:
         # checkpoints renamed into place in their folder, never copied from /tmp
-        args["plugins"] = [*(args.get("plugins") or []), AtomicCheckpointIO()]
+        args["plugins"] = [*(args.get("plugins") or []), checkpoint_io or AtomicCheckpointIO()]
         trainer = L.Trainer(**args, callbacks=list(spec.callbacks),
                             logger=list(spec.loggers) or False,
                             default_root_dir=str(spec.folder))
@@ -134,21 +138,27 @@ def fit_module(spec: StageSpec, module: DistillationModule) -> StageResult:
     checkpoint."""
     spec.data.setup()
     trainer, data = build_trainer(spec, module)
-    # batches show the stored views whose teacher outputs the cache holds (or fresh random
-    # ones without a view bank); set for every stage, as stages may share a datamodule
-    bank = getattr(module.teacher_cache, "bank", None)
-    if hasattr(spec.data, "view_bank"):
-        spec.data.view_bank = bank
-    if hasattr(spec.data, "describe"):
-        log.info("[%s] %s", spec.name, spec.data.describe())
-    try:
+    with showing_views(spec.data, getattr(module.teacher_cache, "bank", None), spec.name):
         trainer.fit(module, datamodule=data, ckpt_path=spec.ckpt_path)
-    finally:
-        if hasattr(spec.data, "view_bank"):
-            spec.data.view_bank = None
     speed = next((c.history for c in trainer.callbacks if isinstance(c, Throughput)), [])
     return finish_stage(spec, module, trainer, data, trainer.checkpoint_callbacks,
                         trainer.current_epoch, list(speed))
+
+
+@contextmanager
+def showing_views(data: Any, bank: Any, name: str) -> Iterator[None]:
+    """While a stage fits: its batches show the stored views whose teacher outputs the cache
+    holds (``bank``), or fresh random ones without a view bank; set for every stage and cleared
+    after it, as stages share a datamodule. The data's description goes to the log."""
+    if hasattr(data, "view_bank"):
+        data.view_bank = bank
+    if hasattr(data, "describe"):
+        log.info("[%s] %s", name, data.describe())
+    try:
+        yield
+    finally:
+        if hasattr(data, "view_bank"):
+            data.view_bank = None
 
 
 def finish_stage(spec: StageSpec, module: DistillationModule, tester: L.Trainer,

@@ -16,14 +16,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 
 from kdlab.engine.callbacks import Throughput
-from kdlab.engine.fit import StageResult, build_trainer, finish_stage
-from kdlab.engine.loop import trainer_arguments
+from kdlab.engine.fit import StageResult, build_trainer, finish_stage, showing_views
 from kdlab.engine.module import DistillationModule
 from kdlab.engine.pack import (
     MemberCheckpoint,
@@ -52,7 +49,7 @@ def fit_pack(specs: Sequence[StageSpec], members: Sequence[DistillationModule],
             (the members must agree on them).
         members: the members, built from ``specs``.
         rng_states: each member's random state after its construction
-            (:func:`kdlab.engine.pack.capture_rng`).
+            (:func:`kdlab.util.runtime.capture_rng`).
         folder: the pack's own folder: its ``checkpoints/last.ckpt`` holds the whole pack.
         callbacks: callbacks of the pack as a whole (progress bar, throughput).
         ckpt_path: continue from this pack checkpoint.
@@ -70,27 +67,13 @@ def fit_pack(specs: Sequence[StageSpec], members: Sequence[DistillationModule],
                           save_top_k=1, enable_version_counter=False)
     folders = {Path(c.dirpath): i for i, cs in enumerate(checkpoints) for c in cs}
     router = PackLogger([s.loggers for s in specs], [m.hparams_initial for m in members])
-    args, data = trainer_arguments(dict(first.trainer), module.loop.steps_per_call, first.data)
-    args["max_epochs"] = first.recipe.max_epochs
-    args["plugins"] = [*(args.get("plugins") or []), PackCheckpointIO(module, folders)]
-    try:
-        trainer = L.Trainer(**args, callbacks=[*callbacks, *(c for cs in checkpoints for c in cs),
-                                               own],
-                            logger=router, default_root_dir=str(folder))
-    except (TypeError, ValueError, MisconfigurationException) as e:
-        detail = " ".join(str(e).split())[:300]
-        raise KdlabError(f"trainer could not be built: {detail}") from None
+    pack = dataclasses.replace(first, folder=folder, loggers=[router],
+                               callbacks=[*callbacks, *(c for cs in checkpoints for c in cs), own])
+    trainer, data = build_trainer(pack, module, PackCheckpointIO(module, folders))
     bank = next((getattr(m.teacher_cache, "bank", None) for m in members
                  if m.teacher_cache is not None), None)
-    if hasattr(first.data, "view_bank"):
-        first.data.view_bank = bank
-    if hasattr(first.data, "describe"):
-        log.info("[pack of %d] %s", len(members), first.data.describe())
-    try:
+    with showing_views(first.data, bank, f"pack of {len(members)}"):
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    finally:
-        if hasattr(first.data, "view_bank"):
-            first.data.view_bank = None
     speed = next((c.history for c in trainer.callbacks if isinstance(c, Throughput)), [])
     results: list[StageResult | str] = []
     for i, (spec, member) in enumerate(zip(specs, members)):

@@ -26,6 +26,7 @@ from kdlab.engine.spec import LoopOptions
 from kdlab.engine.taps import Taps
 from kdlab.strategies.base import Batch, Outputs, Strategy
 from kdlab.util.errors import KdlabError
+from kdlab.util.runtime import capture_rng, restore_rng
 
 TEACHER_PREFIX = "teacher."
 
@@ -236,7 +237,6 @@ class DistillationModule(L.LightningModule):
         batches = batch if isinstance(batch, list) else [batch]
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers() if self._scheduler_interval == "step" else None
-        accumulate = self.loop.accumulate_grad_batches
         backward = self._backward_fn or self._backward()
         check = self.loop.nonfinite_loss != "off"
         trainer = self.trainer
@@ -253,14 +253,7 @@ class DistillationModule(L.LightningModule):
             if check and not math.isfinite(loss.item()):
                 self._non_finite(terms, one)  # raises, or skips this batch
                 continue
-            if accumulate == 1:
-                backward(loss)
-                self._optimizer_step(optimizer, scheduler)
-            else:
-                backward(loss / accumulate)
-                self._micro_batches += 1
-                if self._micro_batches == accumulate:
-                    self._optimizer_step(optimizer, scheduler)
+            self.backward_and_step(loss, backward, optimizer, scheduler)
             if names is None:
                 names = list(terms)
             elif list(terms) != names:  # a pre-stage ended inside the chunk: log what we have
@@ -270,13 +263,9 @@ class DistillationModule(L.LightningModule):
             sizes.append(len(one[1]))
         if not values:  # every batch of the chunk was skipped
             return None
-        # one weighted mean per term over the chunk: a few tensor ops, however many batches
-        samples = sum(sizes)
-        stacked = torch.stack(values).view(len(sizes), -1)
-        weights = torch.tensor(sizes, dtype=stacked.dtype, device=stacked.device) / samples
-        means = (stacked * weights[:, None]).sum(0)
+        means = chunk_means(values, sizes)
         for name, mean in zip(["loss", *names], means):
-            self.log(f"train/{name}", mean, on_step=True, on_epoch=True, batch_size=samples,
+            self.log(f"train/{name}", mean, on_step=True, on_epoch=True, batch_size=sum(sizes),
                      prog_bar=name == "loss")
         return means[0]
 
@@ -321,10 +310,7 @@ class DistillationModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint["kdlab_rng"] = rng
+        checkpoint["kdlab_rng"] = capture_rng()
         # written at the end of an epoch (the resumed run starts the next one) or inside it
         checkpoint["kdlab_epoch_done"] = bool(self.trainer.is_last_batch)
         self.flush_logs()  # the rows up to this checkpoint are on disk if the run is killed
@@ -338,11 +324,8 @@ class DistillationModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng = checkpoint.get("kdlab_rng")
-        if rng is None:
-            return
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng is not None:
+            restore_rng(rng)
 
     def on_train_start(self) -> None:
         self._backward_fn = self._backward()
@@ -372,16 +355,34 @@ class DistillationModule(L.LightningModule):
         """One more training batch seen (its loss computed, finite or not)."""
         self._batches_seen += 1
 
-    def accumulated(self) -> bool:
-        """Count one more backward toward ``accumulate_grad_batches``: whether the optimizer
-        steps now."""
+    def backward_and_step(self, loss: torch.Tensor | None,
+                          backward: Callable[[torch.Tensor], None], optimizer: Any,
+                          scheduler: Any) -> bool:
+        """The backward pass of ``loss`` (divided by ``accumulate_grad_batches``; ``None``: a
+        pack's one backward for every member was done already) and, once the accumulation is
+        complete, the optimizer step (:meth:`_optimizer_step`, with ``scheduler`` stepped after
+        it). Returns whether the optimizer stepped."""
+        accumulate = self.loop.accumulate_grad_batches
+        if accumulate == 1:
+            if loss is not None:
+                backward(loss)
+            self._optimizer_step(optimizer, scheduler)
+            return True
+        if loss is not None:
+            backward(loss / accumulate)
         self._micro_batches += 1
-        return self._micro_batches >= self.loop.accumulate_grad_batches
+        if self._micro_batches < accumulate:
+            return False
+        self._optimizer_step(optimizer, scheduler)
+        return True
 
-    @property
-    def pending_gradients(self) -> bool:
-        """Whether gradients of an incomplete accumulation wait for an optimizer step."""
-        return self._micro_batches > 0
+    def end_epoch_steps(self, optimizer: Any, scheduler: Any, interval: str | None) -> None:
+        """At the end of a training epoch: the optimizer step of an incomplete accumulation,
+        and the step of a scheduler that steps once per epoch."""
+        if self._micro_batches:  # gradients left over from an incomplete accumulation
+            self._optimizer_step(optimizer, scheduler if interval == "step" else None)
+        if interval == "epoch" and scheduler is not None:
+            scheduler.step()
 
     def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
         """Clip (``trainer.gradient_clip_*``), step through Lightning's optimizer wrapper (which
@@ -399,11 +400,9 @@ class DistillationModule(L.LightningModule):
             scheduler.step()
 
     def on_train_epoch_end(self) -> None:
-        if self._micro_batches:  # gradients left over from an incomplete accumulation
-            scheduler = self.lr_schedulers() if self._scheduler_interval == "step" else None
-            self._optimizer_step(self.optimizers(), scheduler)
-        if self._scheduler_interval == "epoch":
-            self.lr_schedulers().step()
+        interval = self._scheduler_interval
+        self.end_epoch_steps(self.optimizers(), self.lr_schedulers() if interval else None,
+                             interval)
 
     def _cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``ce_weight ×`` cross-entropy averaged over the labelled samples (0 if none)."""
@@ -442,7 +441,6 @@ class DistillationModule(L.LightningModule):
         if trainer.max_steps is not None and trainer.max_steps >= 0:
             steps = min(steps, trainer.max_steps)
         return int(steps)
-
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer of the trainable parameters (:meth:`trainable_parameters`); a config
@@ -504,3 +502,13 @@ def make_scheduler(factory: Callable[..., Any] | None, optimizer: torch.optim.Op
             kwargs[name] = steps()
             interval = "step"
     return factory(optimizer, **kwargs), interval
+
+
+def chunk_means(values: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """The sample-weighted mean over a chunk's batches of each logged value: ``values`` holds,
+    batch after batch, the loss and then every term (flat), ``sizes`` each batch's samples. A
+    few tensor ops, however many batches."""
+    stacked = torch.stack(values).view(len(sizes), -1)
+    weights = torch.tensor(sizes, dtype=stacked.dtype, device=stacked.device) / sum(sizes)
+    return (stacked * weights[:, None]).sum(0)
+

@@ -47,10 +47,16 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from kdlab.engine.checkpoint_io import AtomicCheckpointIO
-from kdlab.engine.module import DistillationModule, backward_function, make_scheduler
+from kdlab.engine.module import (
+    DistillationModule,
+    backward_function,
+    chunk_means,
+    make_scheduler,
+)
 from kdlab.engine.stacked import StackedStudents
 from kdlab.strategies.base import Outputs
 from kdlab.util.errors import KdlabError
+from kdlab.util.runtime import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +65,6 @@ TEACHER_KEY = re.compile(r"^members\.\d+\.teacher\.")
 #: checkpoint keys that belong to the pack and not to a member's own checkpoint
 PACK_ONLY = ("state_dict", "optimizer_states", "lr_schedulers", "hyper_parameters", "callbacks",
              "kdlab_member_rng", "kdlab_pack", "kdlab_rng")
-
-
-def capture_rng() -> dict[str, Any]:
-    """The global random state (CPU, and CUDA once initialised)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: Mapping[str, Any]) -> None:
-    """Set the global random state to ``state`` (from :func:`capture_rng`)."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class RngStreams:
@@ -269,41 +260,25 @@ class PackedModule(L.LightningModule):
         for i, (names, values, sizes) in logged.items():
             if not sizes:
                 continue
-            samples = sum(sizes)
-            stacked = torch.stack(values).view(len(sizes), -1)
-            weights = torch.tensor(sizes, dtype=stacked.dtype, device=stacked.device) / samples
-            means = (stacked * weights[:, None]).sum(0)
-            for name, mean in zip(["loss", *names], means):
+            for name, mean in zip(["loss", *names], chunk_means(values, sizes)):
                 self.log(f"m{i}/train/{name}", mean, on_step=True, on_epoch=True,
-                         batch_size=samples, prog_bar=name == "loss" and i < 4)
+                         batch_size=sum(sizes), prog_bar=name == "loss" and i < 4)
 
     def _step(self, i: int, member: DistillationModule, loss: torch.Tensor | None,
               optimizers: list[Any], backward: Callable[[torch.Tensor], None],
               wrapped: bool) -> bool:
-        """Member ``i``'s backward of ``loss`` (``None``: done for all members at once) and,
-        at the end of its accumulation, its optimizer step — through Lightning's optimizer
-        (``wrapped``: the first member that steps in a batch, so that ``global_step`` counts
-        batches) or the plain one. Returns whether it stepped."""
-        accumulate = self.loop.accumulate_grad_batches
-        if loss is not None:
-            backward(loss if accumulate == 1 else loss / accumulate)
-        if accumulate > 1:
-            if not member.accumulated():
-                return False
+        """Member ``i``'s :meth:`~DistillationModule.backward_and_step` with its own optimizer
+        — Lightning's (``wrapped``: the first member that steps in a batch, so that
+        ``global_step`` counts batches) or the plain one — and its per-step scheduler."""
         optimizer = optimizers[i] if wrapped else optimizers[i].optimizer
         scheduler, interval = self._schedulers[i]
-        member._optimizer_step(optimizer, scheduler if interval == "step" else None)
-        return True
+        return member.backward_and_step(loss, backward, optimizer,
+                                        scheduler if interval == "step" else None)
 
     def on_train_epoch_end(self) -> None:
         optimizers = self._optimizers()
         for i, member in self.active():
-            scheduler, interval = self._schedulers[i]
-            if member.pending_gradients:  # left from an incomplete accumulation
-                member._optimizer_step(optimizers[i].optimizer,
-                                       scheduler if interval == "step" else None)
-            if scheduler is not None and interval == "epoch":
-                scheduler.step()
+            member.end_epoch_steps(optimizers[i].optimizer, *self._schedulers[i])
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y, _ = batch

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdlab.engine.fit import build_module
 from kdlab.engine.fit_pack import fit_pack
-from kdlab.engine.pack import MemberCheckpoint, capture_rng, restore_rng
+from kdlab.engine.pack import MemberCheckpoint
 from kdlab.models.transplant import init_from_teacher
 from kdlab.modes.baseline import train_baseline
 from kdlab.modes.build import (
@@ -45,6 +45,7 @@ from kdlab.modes.offline import single_teacher
 from kdlab.modes.resume import history_callback
 from kdlab.modes.runner import latency_args, model_name, stage_entry, stage_spec
 from kdlab.util.errors import KdlabError
+from kdlab.util.runtime import capture_rng, restore_rng
 from kdlab.util.tracking import is_wandb
 
 log = logging.getLogger(__name__)
