@@ -79,6 +79,8 @@ def unpackable(cfg: DictConfig) -> str | None:
         target = str((node or {}).get("_target_", ""))
         if target and not target.endswith(PACK_CALLBACKS):
             return f"callbacks.{name} ({target}) is not one a pack runs"
+    if str((cfg.get("optimizer") or {}).get("_target_", "")).endswith("DOT"):
+        return "optimizer=dot (two backward passes per member)"
     strategy = build_strategy(cfg)
     if strategy is None or not strategy.needs_teacher:
         return f"distill={strategy_name(cfg)} has no teacher pass to share"
