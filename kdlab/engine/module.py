@@ -24,6 +24,7 @@ from kdlab.data.memory import UNLABELLED
 from kdlab.engine.loop import ChunkedLoader
 from kdlab.engine.spec import LoopOptions
 from kdlab.engine.taps import Taps
+from kdlab.optim.dot import DOT
 from kdlab.strategies.base import Batch, Outputs, Strategy
 from kdlab.util.errors import KdlabError
 from kdlab.util.runtime import capture_rng, restore_rng
@@ -107,6 +108,7 @@ class DistillationModule(L.LightningModule):
         self._scheduler_interval: str | None = None
         self._backward_fn: Callable[[torch.Tensor], None] | None = None  # set at train start
         self._stepped: list[nn.Parameter] = []  # the optimizer's parameters, set at train start
+        self._dot: DOT | None = None  # optimizer=dot: two backward passes a step (train start)
         #: whether training targets may be UNLABELLED (-1); False allows the plain mean CE
         self.has_unlabelled = True
         if strategy is not None and strategy.needs_teacher and teacher is None:
@@ -253,7 +255,11 @@ class DistillationModule(L.LightningModule):
             if check and not math.isfinite(loss.item()):
                 self._non_finite(terms, one)  # raises, or skips this batch
                 continue
-            self.backward_and_step(loss, backward, optimizer, scheduler)
+            if self._dot is not None:  # optimizer=dot: a backward pass per kind of gradient
+                self.dot_backward(terms, backward)
+                self.backward_and_step(None, backward, optimizer, scheduler)
+            else:
+                self.backward_and_step(loss, backward, optimizer, scheduler)
             if names is None:
                 names = list(terms)
             elif list(terms) != names:  # a pre-stage ended inside the chunk: log what we have
@@ -267,7 +273,13 @@ class DistillationModule(L.LightningModule):
         for name, mean in zip(["loss", *names], means):
             self.log(f"train/{name}", mean, on_step=True, on_epoch=True, batch_size=sum(sizes),
                      prog_bar=name == "loss")
+        for name, value in self.strategy_values().items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=sum(sizes))
         return means[0]
+
+    def strategy_values(self) -> dict[str, Any]:
+        """What the strategy logs besides its loss terms (:meth:`Strategy.logged`)."""
+        return self.strategy.logged() if self.strategy is not None else {}
 
     def _non_finite(self, terms: dict[str, torch.Tensor], batch: tuple[torch.Tensor, ...]) -> None:
         """Stop the run (``nonfinite_loss: stop``) or count the skipped batch (``skip``)."""
@@ -333,11 +345,42 @@ class DistillationModule(L.LightningModule):
                          for group in optimizer.param_groups for p in group["params"]]
         clip = self.loop.gradient_clip_val
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self._dot = self.dot_optimizer(self.trainer.optimizers, scaler is not None)
         if clip is not None and scaler is not None:
             # Lightning's clip_gradients would clip the loss-scaled gradients of 16-mixed
             raise KdlabError(f"trainer.gradient_clip_val={clip} with "
                              f"trainer.precision={self.trainer.precision}: kdlab's loop cannot "
                              "clip gradients scaled for float16; use bf16-mixed or 32-true")
+
+    def dot_optimizer(self, optimizers: list[Any], scaled: bool) -> DOT | None:
+        """The :class:`~kdlab.optim.DOT` optimizer this module steps, or ``None``; one that the
+        loop cannot drive (accumulation, clipping, a float16 loss scaler) fails in one line."""
+        dot = next((o for o in optimizers if isinstance(o, DOT)), None)
+        if dot is None:
+            return None
+        loop = self.loop
+        for bad, why in ((loop.accumulate_grad_batches > 1,
+                          f"trainer.accumulate_grad_batches={loop.accumulate_grad_batches}"),
+                         (loop.gradient_clip_val is not None,
+                          f"trainer.gradient_clip_val={loop.gradient_clip_val}"),
+                         (scaled, "a float16 loss scaler (trainer.precision=16-mixed)")):
+            if bad:
+                raise KdlabError(f"optimizer=dot steps after two backward passes per batch and "
+                                 f"does not support {why}; remove it or use optimizer=sgd")
+        return dot
+
+    def dot_backward(self, terms: dict[str, torch.Tensor],
+                     backward: Callable[..., None]) -> None:
+        """DOT's two backward passes: the distillation terms' (their gradients stashed as the
+        distillation gradient), then the cross-entropy's (``ce``, the task gradient)."""
+        assert self._dot is not None
+        task = terms.get("ce")
+        distill = [value for name, value in terms.items() if name != "ce"]
+        if distill:
+            backward(functools.reduce(operator.add, distill), retain_graph=task is not None)
+            self._dot.stash_distillation_gradients()
+        if task is not None:
+            backward(task)
 
     def _backward(self) -> Callable[[torch.Tensor], None]:
         """:func:`backward_function` for this module."""

@@ -263,6 +263,9 @@ class PackedModule(L.LightningModule):
             for name, mean in zip(["loss", *names], chunk_means(values, sizes)):
                 self.log(f"m{i}/train/{name}", mean, on_step=True, on_epoch=True,
                          batch_size=sum(sizes), prog_bar=name == "loss" and i < 4)
+            for name, value in self.members[i].strategy_values().items():
+                self.log(f"m{i}/train/{name}", value, on_step=True, on_epoch=True,
+                         batch_size=sum(sizes))
 
     def _step(self, i: int, member: DistillationModule, loss: torch.Tensor | None,
               optimizers: list[Any], backward: Callable[[torch.Tensor], None],

@@ -104,6 +104,12 @@ class Strategy(nn.Module):
         """Called at the start of every training epoch (warm-ups, stage switches)."""
         self.epoch = epoch
 
+    def logged(self) -> dict[str, float | torch.Tensor]:
+        """Scalars to log as ``train/<name>`` besides the loss terms, read once per training
+        step (a learned temperature, a schedule's current weight); never part of the loss.
+        Default: none."""
+        return {}
+
     def init_loss(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         """The loss of the pre-stage, minimised during the first :attr:`init_epochs` epochs."""
         raise NotImplementedError(f"{type(self).__name__} has no pre-stage")

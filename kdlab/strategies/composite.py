@@ -87,7 +87,12 @@ class Composite(Strategy):
         for member in self.members.values():
             member.on_epoch_start(epoch)
 
-    def _collect(self, results: dict[str, dict[str, torch.Tensor]]) -> Terms:
+    def logged(self) -> dict[str, float | torch.Tensor]:
+        if self._only:
+            return self._only[0].logged()
+        return self._collect({name: m.logged() for name, m in self.members.items()})
+
+    def _collect(self, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for terms in results.values():
             for key in terms:
