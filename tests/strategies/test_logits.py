@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdlab.strategies.base import Batch, Outputs
-from kdlab.strategies.logits import DIST, DKD, LSKD, kd_loss
+from kdlab.strategies.logits import DIST, DKD, LSKD, kd_loss, standardize
 from kdlab.util.errors import KdlabError
 
 STUDENT = [[1.0, 2.0, 0.5, -0.3], [0.3, -1.0, 2.0, 0.1], [-0.5, 0.2, 0.4, 1.5]]
@@ -126,12 +126,25 @@ def test_dist_gradients():
 
 
 # -- LSKD --------------------------------------------------------------------------------------
+def test_standardize_divides_by_the_unbiased_std():
+    """The authors' code z-scores with ``Tensor.std``'s default (Bessel-corrected) deviation:
+    for [1, 2, 3, 4], mean 2.5 and std sqrt(5 / 3), not the population sqrt(5 / 4)."""
+    z = standardize(torch.tensor([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 8.0]],
+                                 dtype=torch.float64), eps=0.0)
+    std = math.sqrt(5 / 3)
+    expected = [[-1.5 / std, -0.5 / std, 0.5 / std, 1.5 / std], [-0.5, -0.5, -0.5, 1.5]]
+    for row, want in zip(z.tolist(), expected):
+        assert row == pytest.approx(want, rel=1e-12)
+    assert z[0, 3].item() != pytest.approx(1.5 / math.sqrt(5 / 4), rel=1e-3)  # not population
+    assert z.std(dim=1).tolist() == pytest.approx([1.0, 1.0], rel=1e-12)
+
+
 def test_lskd_matches_its_formula():
     tau, alpha = 2.0, 9.0
     total = 0.0
     for s_row, t_row in zip(STUDENT, TEACHER):
-        zs = [(v - statistics.fmean(s_row)) / statistics.pstdev(s_row) for v in s_row]
-        zt = [(v - statistics.fmean(t_row)) / statistics.pstdev(t_row) for v in t_row]
+        zs = [(v - statistics.fmean(s_row)) / statistics.stdev(s_row) for v in s_row]
+        zt = [(v - statistics.fmean(t_row)) / statistics.stdev(t_row) for v in t_row]
         total += _kl(_softmax(zt, tau), _softmax(zs, tau))
     expected = alpha * tau**2 * total / len(STUDENT)
     terms = LSKD(temperature=tau, alpha=alpha)(*_outputs(), _batch())
