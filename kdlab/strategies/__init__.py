@@ -4,18 +4,23 @@ several (:class:`Composite`). The table of methods is ``docs/STRATEGIES.md``."""
 
 from kdlab.strategies.attention import AT, NST
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
+from kdlab.strategies.class_maps import CATKD, SDD
 from kdlab.strategies.composite import Composite
 from kdlab.strategies.contrastive import CRD
 from kdlab.strategies.controls import LabelSmoothing, PseudoLabels
+from kdlab.strategies.curriculum import CTKD
+from kdlab.strategies.deit import DeiT
 from kdlab.strategies.flow import FSP, KDSVD
 from kdlab.strategies.hints import AB, OFD, VID, FitNets
 from kdlab.strategies.logits import DIST, DKD, KD, LSKD, kd_loss
 from kdlab.strategies.paraphrase import FT
 from kdlab.strategies.relations import CC, PKT, RKD, SP
 from kdlab.strategies.review import ReviewKD
+from kdlab.strategies.transformed import NKD, WTTM
 
 __all__ = [
-    "AB", "AT", "CC", "CRD", "DIST", "DKD", "FSP", "FT", "KD", "KDSVD", "LSKD", "NST", "OFD",
-    "PKT", "RKD", "SP", "VID", "Batch", "Composite", "FitNets", "LabelSmoothing", "Outputs",
-    "PseudoLabels", "ReviewKD", "Strategy", "Terms", "kd_loss",
+    "AB", "AT", "CATKD", "CC", "CRD", "CTKD", "DIST", "DKD", "FSP", "FT", "KD", "KDSVD", "LSKD",
+    "NKD", "NST", "OFD", "PKT", "RKD", "SDD", "SP", "VID", "WTTM", "Batch", "Composite", "DeiT",
+    "FitNets", "LabelSmoothing", "Outputs", "PseudoLabels", "ReviewKD", "Strategy", "Terms",
+    "kd_loss",
 ]

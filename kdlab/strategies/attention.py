@@ -69,19 +69,43 @@ def check_maps(
 
 
 # -- AT ------------------------------------------------------------------------------------------
+#: how one layer pair's normalised attention maps are compared (see :class:`AT`)
+AT_FORMS = ("code", "paper")
+#: what is average-pooled when the two maps' spatial sizes differ (see :class:`AT`)
+AT_POOLS = ("attention", "features")
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a :class:`KdlabError` naming
+    ``distill.<key>``."""
+    if value not in choices:
+        raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
+    return str(value)
+
+
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
     """Spatial attention ``mean_c |A_c|^p`` of a ``[N, C, H, W]`` map: ``[N, H, W]``."""
     return feature.abs().pow(p).mean(dim=1)
 
 
-def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Mean squared difference of the L2-normalised, flattened attention maps of one layer
-    pair. The larger attention map is average-pooled to the smaller's spatial size first."""
+def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0, form: str = "code",
+            pool: str = "attention") -> torch.Tensor:
+    """AT distance of one layer pair. ``Q`` is the flattened attention map, L2-normalised per
+    sample; ``form="code"``: ``mean_{n, hw} (Q_s − Q_t)²``; ``form="paper"``:
+    ``mean_n ‖Q_s − Q_t‖₂ / (h·w)``. When the spatial sizes differ, the larger attention map
+    (``pool="attention"``) or the larger feature map (``pool="features"``) is adaptive-average-
+    pooled to the smaller's size first."""
+    if pool == "features":
+        size = common_size(student, teacher)
+        student, teacher = pool_to(student, size), pool_to(teacher, size)
     a_s, a_t = attention_map(student, p), attention_map(teacher, p)
     size = common_size(a_s, a_t)
     q_s = F.normalize(pool_to(a_s, size).flatten(1), dim=1)
     q_t = F.normalize(pool_to(a_t, size).flatten(1), dim=1)
-    return (q_s - q_t).pow(2).mean()
+    diff = q_s - q_t
+    if form == "paper":
+        return torch.linalg.vector_norm(diff, dim=1).mean() / diff.shape[1]
+    return diff.pow(2).mean()
 
 
 class AT(Strategy):
@@ -89,26 +113,40 @@ class AT(Strategy):
     Improving the Performance of Convolutional Neural Networks via Attention Transfer",
     ICLR 2017 (arXiv:1612.03928).
 
-    ``Q = vec(mean_c |A_c|^p) / ‖vec(mean_c |A_c|^p)‖₂`` per sample and layer;
-    ``loss = beta · Σ_pairs mean_{n, hw} (Q_s − Q_t)²``
+    ``Q = vec(mean_c |A_c|^p) / ‖vec(mean_c |A_c|^p)‖₂`` per sample and layer pair, with
+    ``hw`` entries; with ``form: code`` (default)
+    ``loss = beta · Σ_pairs mean_{n, hw} (Q_s − Q_t)²``, with ``form: paper``
+    ``loss = beta · Σ_pairs mean_n ‖Q_s − Q_t‖₂ / hw``.
 
-    The paper adds ``β/2 · ‖Q_s − Q_t‖_p`` per layer with ``β = 10³`` scaled down by the
-    number of attention-map elements and the batch size; like RepDistiller (Tian et al.,
-    ICLR 2020) we take the mean of the squared differences, weighted by their ``β = 1000``.
+    ``form: code`` is the authors' released code (szagoruyko/attention-transfer ``cifar.py``:
+    ``β · Σ_groups at_loss`` with ``β = 10³``), RepDistiller's ``Attention`` (Tian et al., ICLR
+    2020, ``β = 1000``) and torchdistill's ``ATLoss(mode='code')``: with equal spatial sizes
+    kdlab's value equals each of them at ``beta = 1000`` exactly. ``form: paper`` is eq. 2 of
+    the paper, ``β/2 · Σ_j ‖Q_s − Q_t‖₂`` (unsquared, ``p = 2`` norm) with ``β = 10³``
+    divided by the batch size and the attention map's size: ``beta = 500`` reproduces it.
+    The two differ by more than a factor: per sample, code = ``‖ΔQ‖₂² / hw``, paper =
+    ``‖ΔQ‖₂ / hw``. torchdistill's ``mode='paper'`` omits the ``1/hw``: with one layer pair
+    of ``hw`` positions it equals ``form: paper`` with ``beta = weight · hw``.
 
     Reads the student and teacher feature maps of ``student_layers`` / ``teacher_layers``
-    (default: every stage output). If the layer counts differ, the last ``min(len)`` of each
-    are paired. Channel counts may differ (the map averages over channels); when the spatial
-    sizes differ, the larger *attention map* (``mean_c |A|^p``, before normalisation) is
-    adaptive-average-pooled to the smaller size (RepDistiller pools the feature maps instead;
-    pooling the energy map keeps the sign of pre-activation features from cancelling out).
-    No connector, no parameters.
+    (default: every stage output, as RepDistiller's ``feat[1:-1]``). If the layer counts
+    differ, the last ``min(len)`` of each are paired. Channel counts may differ (the map
+    averages over channels; the mean and the paper's sum over channels give the same
+    normalised map). When the spatial sizes differ, ``pool: attention`` (default) adaptive-
+    average-pools the larger *attention map* (``mean_c |A|^p``, before normalisation) to the
+    smaller size, which keeps the signs of pre-activation features from cancelling out;
+    ``pool: features`` pools the larger *feature map* first, as RepDistiller does (it pools
+    to a square ``H × H``; the authors' code and torchdistill require equal sizes). The map
+    is ``|A|^p`` as in the paper; RepDistiller and torchdistill raise ``A`` to ``p`` without
+    the absolute value (the same for even ``p``). No connector, no parameters.
 
     Config (``conf/distill/at.yaml``)::
 
         _target_: kdlab.strategies.attention.AT
         beta: 1000.0
         p: 2.0
+        form: code
+        pool: attention
         student_layers: stages
         teacher_layers: stages
 
@@ -117,15 +155,22 @@ class AT(Strategy):
         p: exponent of the attention map, ``>= 1`` (the paper's default: 2).
         student_layers: student layers (paths or aliases: ``stages``, ``preact``).
         teacher_layers: teacher layers, paired with the student's as above.
+        form: ``code`` (mean of squared differences: authors' code, RepDistiller,
+            torchdistill) or ``paper`` (per-sample L2 norm of the difference over ``hw``).
+        pool: ``attention`` (pool the larger attention map) or ``features`` (pool the larger
+            feature map first, RepDistiller), when the spatial sizes of a pair differ.
     """
 
     def __init__(self, beta: float = 1000.0, p: float = 2.0, student_layers: Layers = "stages",
-                 teacher_layers: Layers = "stages") -> None:
+                 teacher_layers: Layers = "stages", form: str = "code",
+                 pool: str = "attention") -> None:
         super().__init__()
         self.beta = check_number("beta", beta)
         if not p >= 1:  # |a|^p with p < 1 has an infinite slope at the zeros of ReLU maps
             raise KdlabError(f"distill.p={p} must be >= 1")
         self.p = float(p)
+        self.form = check_choice("form", form, AT_FORMS)
+        self.pool = check_choice("pool", pool, AT_POOLS)
         self.student_layers = layers_arg(student_layers, "student_layers")
         self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
 
@@ -135,7 +180,7 @@ class AT(Strategy):
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         pairs = pair_last(self.student_features(student), self.teacher_features(teacher))
-        loss = sum(at_loss(s, t.detach(), self.p) for s, t in pairs)
+        loss = sum(at_loss(s, t.detach(), self.p, self.form, self.pool) for s, t in pairs)
         return {"at": self.beta * loss}
 
 
@@ -168,9 +213,13 @@ class NST(Strategy):
     ``MMD² = mean_{i,i'} k(t^i, t^i') + mean_{j,j'} k(s^j, s^j') − 2 mean_{i,j} k(s^j, t^i)``,
     ``loss = beta · Σ_pairs mean_batch MMD²``
 
-    The paper writes ``λ/2 · MMD²``; like RepDistiller (Tian et al., ICLR 2020) we weight the
-    MMD² by ``beta`` directly, with their ``β = 50``. The paper's polynomial kernel (``d = 2,
-    c = 0``) is the default.
+    The paper writes ``λ/2 · MMD²``: kdlab's ``beta = λ/2``. RepDistiller's ``NSTLoss``
+    (Tian et al., ICLR 2020; ``β = 50``, every stage, the larger feature map pooled) is the
+    same function: equal to kdlab's at ``beta = 50`` exactly. The authors' MXNet code
+    (TuSimple/neuron-selectivity-transfer ``symbol/transfer.py``, ImageNet, last stage only,
+    ``λ = 50``) drops the teacher-only term ``mean k(t, t)``: kdlab's value is theirs plus
+    ``beta · mean k(t, t)``, a constant of the teacher, so the gradients are identical.
+    torchdistill has no NST. The paper's polynomial kernel (``d = 2, c = 0``) is the default.
 
     Reads the feature maps of ``student_layers`` / ``teacher_layers`` (default: every stage
     output); if the counts differ, the last ``min(len)`` of each are paired. Channel counts may

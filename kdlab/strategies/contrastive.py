@@ -44,30 +44,52 @@ def nce_loss(
     return -(log_h_pos + log_not_h_neg.sum(dim=1)).mean()
 
 
+#: which row the anchor is scored against as the positive (see :class:`CRD`)
+CRD_POSITIVES = ("bank", "live")
+#: where the negatives are drawn from
+CRD_NEGATIVES = ("other_classes", "uniform")
+#: rounds of redrawing negatives that share the anchor's class (``negatives: other_classes``)
+REDRAW_ROUNDS = 10
+
+
 class CRD(Strategy):
     """Contrastive representation distillation — Tian, Krishnan & Isola, "Contrastive
     Representation Distillation", ICLR 2020 (arXiv:1910.10699).
 
     ``loss = beta · (L(s → bank_t) + L(t → bank_s))``, ``L = -log h(pos) - Σ_K log(1 - h(neg))``
     with ``h = P / (P + K/M)``, ``P = exp(<a, b>/τ) / Z``: NCE telling the pair (student,
-    teacher) of the same input from ``K`` pairs drawn uniformly among the ``M`` training samples.
+    teacher) of the same input from ``K`` pairs drawn among the ``M`` training samples.
 
     Reads the penultimate feature vectors (``"embedding"`` on both sides; another layer is
     flattened). Each side has a linear head to ``feat_dim`` followed by L2 normalisation; both
     heads train with the student (the teacher's head is part of the critic), the teacher never
     receives gradients. Each side keeps a memory bank of ``M = num_train_samples`` rows (a
-    persistent buffer, saved in checkpoints, initialised with random unit vectors): row ``i``
-    holds the past embedding of training sample ``i`` (``batch.index``).
+    persistent buffer, saved in checkpoints, initialised with random unit vectors; the authors'
+    rows are uniform in ``±√(3/feat_dim)``, of unit norm only on average): row ``i`` holds the
+    past embedding of training sample ``i`` (``batch.index``).
 
-    Per sample, ``K = min(num_negatives, M - 1)`` negative rows are drawn uniformly with
-    replacement from the other ``M - 1`` rows (never the sample itself). The student anchor is
-    scored against its current teacher embedding (the positive, as in the paper's pairs drawn
-    from the joint; the reference code reads it from the bank instead) and the teacher bank rows
-    (negatives), and symmetrically for the teacher anchor against the student bank; the two
-    directions share the negative indices. ``Z`` is estimated once per direction, on the first
-    training batch, by Monte Carlo over the negatives: ``Z ≈ M · mean exp(<a, bank_j>/τ)``, then
-    kept fixed (a buffer, so resumed runs keep it). After the loss, the rows of the batch are
-    updated without gradients: ``bank[i] ← normalise(m · bank[i] + (1 - m) · embedding_i)``.
+    The positive (``positive``): ``bank`` (default, the authors' code — RepDistiller, which is
+    CRD's — and torchdistill) scores the student anchor against the teacher bank's row of the
+    same sample and the teacher anchor against the student bank's row, so gradients reach each
+    head through its anchor only; the rows hold momentum averages of past epochs' embeddings
+    (random vectors before a sample's first visit, so short runs of under an epoch learn
+    little from it). ``live`` scores each anchor against the other network's current
+    embedding of the same input (the paper's pairs drawn from the joint; kdlab's earlier
+    default); then gradients also flow through the positive. Not a constant factor.
+
+    The negatives (``negatives``): ``K = min(num_negatives, M - 1)`` rows per sample, never the
+    sample itself, drawn uniformly with replacement; ``other_classes`` (default, as the
+    authors' CIFAR-100 sampler, ``mode=exact``) redraws (up to 10 rounds) any that share the
+    anchor's label. kdlab learns the labels of the rows from the batches it sees (a
+    non-persistent buffer), so during the first epoch unseen rows count as other classes, and
+    unlabelled transfer-set samples never clash; the authors sample without replacement.
+    ``uniform``: any other sample. The two directions share the negative indices.
+
+    ``Z`` is estimated once per direction, on the first training batch, by Monte Carlo over
+    the negatives: ``Z ≈ M · mean exp(<a, bank_j>/τ)`` (the authors' mean also includes the
+    positive), then kept fixed (a buffer, so resumed runs keep it). After the loss, the rows of
+    the batch are updated without gradients:
+    ``bank[i] ← normalise(m · bank[i] + (1 - m) · embedding_i)``.
 
     Cost: two banks of ``M × feat_dim`` floats (2 × 28 MB for Fashion-MNIST) and, per step,
     ``B × M`` scores per direction. Written for one process: under DDP the banks are not
@@ -75,6 +97,8 @@ class CRD(Strategy):
 
     Cross-entropy on the labels keeps weight 1 (RepDistiller's CRD: CE 1, CRD 0.8); combine
     with KD as ``distill=[kd,crd]``.
+
+    CIFAR-100 resnet32x4 → resnet8x4 top-1 (the paper / RepDistiller): 75.51.
 
     Config (``conf/distill/crd.yaml``)::
 
@@ -84,6 +108,8 @@ class CRD(Strategy):
         num_negatives: 16384
         nce_t: 0.07
         nce_mom: 0.5
+        positive: bank
+        negatives: other_classes
 
     Args:
         beta: weight of the contrastive term, ``>= 0``.
@@ -91,6 +117,8 @@ class CRD(Strategy):
         num_negatives: negatives per sample ``N``, ``> 0`` (clamped to ``M - 1``).
         nce_t: temperature ``τ > 0`` of the critic.
         nce_mom: momentum of the bank update, in ``[0, 1)``.
+        positive: ``bank`` or ``live`` (above).
+        negatives: ``other_classes`` or ``uniform`` (above).
         student_layers: the student layer to read (a path or an alias naming one layer).
         teacher_layers: the teacher layer to read (a path or an alias naming one layer).
     """
@@ -102,6 +130,8 @@ class CRD(Strategy):
         num_negatives: int = 16384,
         nce_t: float = 0.07,
         nce_mom: float = 0.5,
+        positive: str = "bank",
+        negatives: str = "other_classes",
         student_layers: Sequence[str] | str = "embedding",
         teacher_layers: Sequence[str] | str = "embedding",
     ) -> None:
@@ -113,11 +143,17 @@ class CRD(Strategy):
             raise KdlabError(f"distill.num_negatives={num_negatives} must be a positive integer")
         if not 0.0 <= nce_mom < 1.0:
             raise KdlabError(f"distill.nce_mom={nce_mom} must be in [0, 1)")
+        for key, value, choices in (("positive", positive, CRD_POSITIVES),
+                                    ("negatives", negatives, CRD_NEGATIVES)):
+            if value not in choices:
+                raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
         self.beta = check_number("beta", beta)
         self.feat_dim = int(feat_dim)
         self.num_negatives = int(num_negatives)
         self.nce_t = check_number("nce_t", nce_t, "> 0")
         self.nce_mom = float(nce_mom)
+        self.positive = str(positive)
+        self.negative_sampling = str(negatives)
         self.student_layers = layers_arg(student_layers, "student_layers")
         self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
         self.num_samples = 0  # M, set by setup
@@ -143,6 +179,9 @@ class CRD(Strategy):
         # log Z for the student anchor (vs the teacher bank) and the teacher anchor; NaN: not
         # estimated yet
         self.register_buffer("log_z", torch.full((2,), math.nan))
+        # the label of each row as seen in training (-1: not seen yet, or unlabelled)
+        self.register_buffer("labels", torch.full((self.num_samples,), -1, dtype=torch.long),
+                             persistent=False)
 
     def embed(self, student: Outputs, teacher: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The projected, L2-normalised student and teacher embeddings, ``[B, feat_dim]``."""
@@ -151,12 +190,27 @@ class CRD(Strategy):
         return (F.normalize(self.student_head(s), dim=1),
                 F.normalize(self.teacher_head(t), dim=1))
 
-    def sample_negatives(self, index: torch.Tensor) -> torch.Tensor:
-        """``[B, K]`` bank rows drawn uniformly with replacement among the ``M - 1`` rows other
-        than each sample's own."""
-        draws = torch.randint(0, self.num_samples - 1, (index.shape[0], self.negatives),
+    def _uniform_others(self, index: torch.Tensor, count: int) -> torch.Tensor:
+        draws = torch.randint(0, self.num_samples - 1, (index.shape[0], count),
                               device=index.device)
         return draws + (draws >= index[:, None]).long()  # skip the sample's own row
+
+    def sample_negatives(self, index: torch.Tensor,
+                         targets: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, K]`` bank rows drawn uniformly with replacement among the ``M - 1`` rows other
+        than each sample's own; with ``negatives: other_classes`` and ``targets`` given, rows
+        whose known label equals the sample's are redrawn (up to :data:`REDRAW_ROUNDS`
+        rounds)."""
+        draws = self._uniform_others(index, self.negatives)
+        if self.negative_sampling != "other_classes" or targets is None:
+            return draws
+        own = targets.to(draws.device).long()[:, None]
+        for _ in range(REDRAW_ROUNDS):
+            clash = (self.labels[draws] == own) & (own >= 0)
+            if not bool(clash.any()):
+                break
+            draws = torch.where(clash, self._uniform_others(index, self.negatives), draws)
+        return draws
 
     def _direction(self, anchor: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor,
                    negatives: torch.Tensor, which: int) -> torch.Tensor:
@@ -187,10 +241,18 @@ class CRD(Strategy):
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         index = batch.index.to(self.student_bank.device).long()
+        targets = batch.targets.to(index.device).long()
+        with torch.no_grad():
+            self.labels[index] = targets.clamp_min(-1)
         s, t = (e.float() for e in self.embed(student, teacher))
         with torch.autocast(device_type=index.device.type, enabled=False):  # scores in fp32
-            negatives = self.sample_negatives(index)
-            loss_s = self._direction(s, t, self.teacher_bank.float(), negatives, 0)
-            loss_t = self._direction(t, s, self.student_bank.float(), negatives, 1)
+            negatives = self.sample_negatives(index, targets)
+            student_bank, teacher_bank = self.student_bank.float(), self.teacher_bank.float()
+            if self.positive == "bank":
+                pos_t, pos_s = teacher_bank[index], student_bank[index]
+            else:
+                pos_t, pos_s = t, s
+            loss_s = self._direction(s, pos_t, teacher_bank, negatives, 0)
+            loss_t = self._direction(t, pos_s, student_bank, negatives, 1)
         self.update_banks(index, s, t)
         return {"crd": self.beta * (loss_s + loss_t)}

@@ -26,24 +26,62 @@ from kdlab.strategies.checks import Layers, check_number, layers_arg
 from kdlab.util.errors import KdlabError
 
 
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a :class:`KdlabError` naming
+    ``distill.<key>``."""
+    if value not in choices:
+        raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
+    return str(value)
+
+
 # -- FSP -----------------------------------------------------------------------------------------
-def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+#: how the larger of two consecutive maps is brought to the smaller's spatial size
+FSP_POOLS = ("avg", "max")
+#: how the squared (or plain) differences of two FSP matrices are reduced (see :class:`FSP`)
+FSP_REDUCTIONS = ("mean", "sum", "column_norm")
+
+
+def fsp_matrix(first: torch.Tensor, second: torch.Tensor, pool: str = "avg") -> torch.Tensor:
     """The "flow of solution procedure" matrix ``G = F₁ᵀ F₂ / (h·w)`` of two ``[N, C, H, W]``
-    maps: ``[N, C₁, C₂]``. The larger map is average-pooled to the smaller's spatial size."""
+    maps: ``[N, C₁, C₂]``. The larger map is adaptive-average-pooled (``pool="avg"``) or
+    adaptive-max-pooled (``"max"``) to the smaller's spatial size."""
     size = common_size(first, second)
-    a = pool_to(first, size).flatten(2)  # [N, C1, hw]
-    b = pool_to(second, size).flatten(2)  # [N, C2, hw]
+    if pool == "max":
+        first, second = (x if tuple(x.shape[-2:]) == size else F.adaptive_max_pool2d(x, size)
+                         for x in (first, second))
+    else:
+        first, second = pool_to(first, size), pool_to(second, size)
+    a, b = first.flatten(2), second.flatten(2)  # [N, C1, hw], [N, C2, hw]
     return a @ b.transpose(1, 2) / (size[0] * size[1])
 
 
-def fsp_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """``Σ_i mean (G_s^i − G_t^i)²`` over the FSP matrices of consecutive layers ``(i, i+1)``
-    of two equally long lists of maps whose channel counts match layer by layer."""
+def fsp_distance(g_s: torch.Tensor, g_t: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The distance of two batches of FSP matrices ``[N, C₁, C₂]``:
+
+    - ``mean``: ``mean_{n,a,b} (G_s − G_t)²`` (RepDistiller);
+    - ``sum``: ``mean_n Σ_{a,b} (G_s − G_t)²``, the paper's squared Frobenius norm per sample
+      (``= C₁·C₂ ×`` ``mean``);
+    - ``column_norm``: ``mean_n Σ_b ‖G_s[:, b] − G_t[:, b]‖₂`` (torchdistill: the L2 norms of
+      the columns, not squared, summed).
+    """
+    diff = g_s - g_t
+    if reduction == "sum":
+        return diff.pow(2).sum() / diff.shape[0]
+    if reduction == "column_norm":
+        return diff.norm(dim=1).sum() / diff.shape[0]
+    return diff.pow(2).mean()
+
+
+def fsp_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], pool: str = "avg",
+             reduction: str = "mean") -> torch.Tensor:
+    """``Σ_i d(G_s^i, G_t^i)`` over the FSP matrices of consecutive layers ``(i, i+1)`` of two
+    equally long lists of maps whose channel counts match layer by layer (``d``:
+    :func:`fsp_distance`)."""
     if len(student) != len(teacher):
         raise ValueError(f"{len(student)} student maps but {len(teacher)} teacher maps")
     return sum(
-        (fsp_matrix(student[i], student[i + 1]) - fsp_matrix(teacher[i], teacher[i + 1]))
-        .pow(2).mean()
+        fsp_distance(fsp_matrix(student[i], student[i + 1], pool),
+                     fsp_matrix(teacher[i], teacher[i + 1], pool), reduction)
         for i in range(len(student) - 1)
     )
 
@@ -53,49 +91,71 @@ class FSP(Strategy):
     Distillation: Fast Optimization, Network Minimization and Transfer Learning", CVPR 2017.
 
     ``G^i = F_iᵀ F_{i+1} / (h·w)`` (``[C_i, C_{i+1}]``) for consecutive tapped layers;
-    ``loss = beta · Σ_i mean (G_s^i − G_t^i)²``
+    ``loss = beta · Σ_i d(G_s^i, G_t^i)`` with, by ``reduction``:
 
-    The paper sums the squared entries (``‖G_t − G_s‖²₂``); like RepDistiller (Tian et al.,
-    ICLR 2020) we average them. Within one network, the larger of two consecutive maps is
-    adaptive-average-pooled to the smaller's spatial size (the FSP matrix itself does not
-    depend on it, so student and teacher sizes need not match).
+    - ``mean`` (default, RepDistiller — Tian et al., ICLR 2020 — whose β = 50 is the default):
+      ``d = mean_{n,a,b} (G_s − G_t)²``;
+    - ``sum`` (the paper: ``‖G_t − G_s‖²₂`` summed over the entries, averaged over the batch,
+      equal weights λ_i): ``d = mean_n Σ_{a,b} (G_s − G_t)²`` — per pair exactly
+      ``C_i · C_{i+1} ×`` ``mean`` (a different weight per pair, so not one constant factor);
+    - ``column_norm`` (torchdistill's ``FSPLoss``): ``d = mean_n Σ_b ‖G_s[:, b] − G_t[:, b]‖₂``,
+      the column L2 norms, not squared.
+
+    Within one network the larger of two consecutive maps is brought to the smaller's spatial
+    size by ``pool``: ``avg`` (adaptive average pooling, RepDistiller) or ``max`` (adaptive max
+    pooling, torchdistill); the paper pairs maps of equal size. The FSP matrix itself does not
+    depend on the spatial size, so student and teacher sizes need not match. No authors' code
+    was released.
 
     Reads the maps of ``student_layers`` / ``teacher_layers`` (default: every stage output;
     if the counts differ, the last ``min(len)`` of each are paired, and at least two pairs are
-    needed). **Deviation:** the paper requires equal channel counts; where a student layer's
-    channels differ from its teacher partner's, a bias-free 1×1 convolution (a connector,
-    trained with the student) maps the student layer to the teacher's width first, so the
-    student's FSP matrix becomes ``W_i G_s^i W_{i+1}ᵀ``.
+    needed). RepDistiller also pairs the stem's output with the first stage (its
+    ``feat[:-1]``: three matrices for a CIFAR ResNet where ``stages`` gives two); tap it
+    explicitly for that (e.g. ``[relu, layer1, layer2, layer3]`` on kdlab's CIFAR ResNets).
+    **Deviation:** the paper requires equal channel counts; where a student layer's channels
+    differ from its teacher partner's, a bias-free 1×1 convolution (a connector, trained with
+    the student) maps the student layer to the teacher's width first, so the student's FSP
+    matrix becomes ``W_i G_s^i W_{i+1}ᵀ``.
 
     Stages: the paper — and RepDistiller, with ``init_epochs = 30`` — trains the student on the
     FSP loss alone first, then on the task with no FSP term. Here :meth:`init_loss` (the
     unweighted FSP loss, logged as ``fsp_init``) runs for ``init_epochs`` (default 0), then
     :meth:`forward` adds ``beta ×`` the FSP loss (``fsp``) to the cross-entropy. ``beta = 50``
     is RepDistiller's β for FSP (their main stage actually adds no FSP term, so β is unused
-    there); ``init_epochs=30 beta=0`` reproduces their two-stage schedule.
+    there); ``init_epochs=30 beta=0`` reproduces their two-stage schedule (their 30 init
+    epochs come before the 240-epoch schedule, ours count inside ``trainer.max_epochs``).
+
+    CIFAR-100 resnet32x4 → resnet8x4 top-1 (RepDistiller, two stages): 72.62.
 
     Config (``conf/distill/fsp.yaml``)::
 
         _target_: kdlab.strategies.flow.FSP
         beta: 50.0
         init_epochs: 0
+        reduction: mean
+        pool: avg
         student_layers: stages
         teacher_layers: stages
 
     Args:
         beta: weight of the FSP term in the main stage, ``>= 0``.
         init_epochs: epochs of the FSP-only pre-stage, an integer ``>= 0``.
+        reduction: ``mean``, ``sum`` or ``column_norm`` (above).
+        pool: ``avg`` or ``max``: how the larger of two consecutive maps is downsized.
         student_layers: student layers (paths or aliases: ``stages``, ``preact``).
         teacher_layers: teacher layers, paired with the student's as above.
     """
 
-    def __init__(self, beta: float = 50.0, init_epochs: int = 0,
-                 student_layers: Layers = "stages", teacher_layers: Layers = "stages") -> None:
+    def __init__(self, beta: float = 50.0, init_epochs: int = 0, reduction: str = "mean",
+                 pool: str = "avg", student_layers: Layers = "stages",
+                 teacher_layers: Layers = "stages") -> None:
         super().__init__()
         self.beta = check_number("beta", beta)
         if isinstance(init_epochs, bool) or int(init_epochs) != init_epochs or init_epochs < 0:
             raise KdlabError(f"distill.init_epochs={init_epochs} must be an integer >= 0")
         self.init_epochs = int(init_epochs)
+        self.reduction = check_choice("reduction", reduction, FSP_REDUCTIONS)
+        self.pool = check_choice("pool", pool, FSP_POOLS)
         self.student_layers = layers_arg(student_layers, "student_layers")
         self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
         self.connectors = nn.ModuleList()
@@ -113,7 +173,7 @@ class FSP(Strategy):
         """The unweighted FSP loss of the paired layers (connectors applied)."""
         pairs = pair_last(self.student_features(student), self.teacher_features(teacher))
         s_feats = [connect(s) for connect, (s, _) in zip(self.connectors, pairs, strict=True)]
-        return fsp_loss(s_feats, [t.detach() for _, t in pairs])
+        return fsp_loss(s_feats, [t.detach() for _, t in pairs], self.pool, self.reduction)
 
     def init_loss(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         return {"fsp_init": self.fsp(student, teacher)}
@@ -196,37 +256,43 @@ class KDSVD(Strategy):
     ``G^l_{ijq} = exp(−(D^l_{iq} − D^{l+1}_{jq})² / 8)``, and
     ``loss = beta · Σ_l mean_batch Σ_{ijq} (G^l_s − G^l_t)²``
 
-    Our reading of the paper (and its authors' code): the teacher's singular values ``σ_t``
-    of the top ``k`` are L2-normalised and multiply both networks' vectors (so the dominant
-    directions weigh most; with ``k = 1`` the factor is 1); the student's vectors are
-    sign-aligned to the teacher's (flipped where their dot product is negative) — we also fix
-    the teacher's own signs (entries summing to ``>= 0``) so the teacher's ``G`` does not depend
-    on the SVD routine; the RBF compares entries of the front and the back layers' vectors
-    pairwise, per singular index ``q``, so the two layers' vector lengths may differ. The
-    authors additionally re-match each teacher vector with the most similar of the student's
-    top ``k + 1``; we compare the top ``k`` in order. Their loss is ``½ √k Σ`` over the batch;
-    like RepDistiller (Tian et al., ICLR 2020, ``β = 1``, ``k = 1``) we sum over the entries
-    and average over the batch.
+    As in the paper, its authors' code (sseung0703/SSKD_SVD) and RepDistiller: the teacher's
+    top-``k`` singular values are L2-normalised and multiply both networks' vectors (with
+    ``k = 1`` the factor is 1); each teacher vector is matched with the student vector of
+    largest ``|cos|`` among the student's top ``k + extra`` (``extra = 1`` in the authors' code,
+    3 in RepDistiller, 0: the top ``k`` in order), whose sign is flipped where the cosine is
+    negative. We fix the teacher's own signs (entries summing to ``>= 0``; the authors leave
+    them to the SVD routine) so the teacher's ``G`` does not depend on it. The RBF compares
+    entries of the front and the back layers' vectors pairwise, per index ``q``, so the two
+    layers' vector lengths may differ.
 
-    Which singular vectors (``space``): the paper uses the right singular vectors of
-    ``X`` — one entry per *channel* — which needs equal channel counts per student/teacher
-    pair. kdlab's default ``space: spatial`` uses the left singular vectors — one entry per
-    *position*, the principal spatial patterns — so student and teacher may differ in width;
-    then only the spatial sizes of a pair must match, and the larger map is adaptive-average-
-    pooled to the smaller. ``space: channel`` is the paper's variant (any spatial sizes; equal
-    channels per pair, checked in :meth:`setup`). The ``G`` of two spatial layers has
+    Normalisation: like RepDistiller (``β = 1``, ``k = 1``) we sum over the entries and average
+    over the batch; the authors' ``tf.nn.l2_loss(·)·√k`` sums over the batch and halves:
+    theirs ``= (N · √k / 2) ×`` ours for a batch of ``N``.
+
+    Which singular vectors (``space``): ``channel`` (default) is the paper's: the right
+    singular vectors of ``X`` — one entry per *channel* — so a student/teacher pair must have
+    equal widths; where they differ (not in the paper's or RepDistiller's pairs), a bias-free
+    1×1 convolution (a connector, trained with the student — a kdlab deviation, as in
+    :class:`FSP`) maps the student layer to the teacher's width. ``space: spatial`` (kdlab's
+    variant) uses the left singular vectors — one entry per *position*, the principal spatial
+    patterns — so widths may differ without a connector; then the larger map of a pair is
+    adaptive-average-pooled to the smaller. The ``G`` of two spatial layers has
     ``h_l w_l × h_{l+1} w_{l+1}`` entries per sample: mind memory on large maps.
 
-    Gradients reach the student through the SVD with a backward that involves the top ``k``
-    only (see :class:`_TopSingular`). Layers: as in :class:`FSP` (last ``min(len)`` paired, at
-    least two pairs). No parameters.
+    Gradients reach the student through the SVD with a backward that involves the top
+    ``k + extra`` only (see :class:`_TopSingular`). Layers: as in :class:`FSP` (last
+    ``min(len)`` paired, at least two pairs).
+
+    CIFAR-100 resnet32x4 → resnet8x4 top-1 (RepDistiller's benchmark does not list KDSVD).
 
     Config (``conf/distill/kdsvd.yaml``)::
 
         _target_: kdlab.strategies.flow.KDSVD
         beta: 1.0
         k: 1
-        space: spatial
+        extra: 1
+        space: channel
         student_layers: stages
         teacher_layers: stages
 
@@ -234,29 +300,36 @@ class KDSVD(Strategy):
         beta: weight of the KDSVD term, ``>= 0``.
         k: number of singular vectors kept per layer, an integer ``>= 1`` (at most the rank
             bound ``min(h·w, c)`` of every tapped layer).
-        space: ``spatial`` (left singular vectors) or ``channel`` (right, as in the paper).
+        extra: how many more of the student's singular vectors each teacher vector may be
+            matched with, an integer ``>= 0`` (capped by the rank bound); 0 pairs the top
+            ``k`` in order.
+        space: ``channel`` (right singular vectors, the paper's) or ``spatial`` (left).
         student_layers: student layers (paths or aliases: ``stages``, ``preact``).
         teacher_layers: teacher layers, paired with the student's as above.
     """
 
-    SPACES = ("spatial", "channel")
+    SPACES = ("channel", "spatial")
 
-    def __init__(self, beta: float = 1.0, k: int = 1, space: str = "spatial",
+    def __init__(self, beta: float = 1.0, k: int = 1, extra: int = 1, space: str = "channel",
                  student_layers: Layers = "stages", teacher_layers: Layers = "stages") -> None:
         super().__init__()
         self.beta = check_number("beta", beta)
-        if isinstance(k, bool) or int(k) != k or k < 1:
+        if isinstance(k, bool) or not isinstance(k, int | float) or int(k) != k or k < 1:
             raise KdlabError(f"distill.k={k} must be an integer >= 1")
-        if space not in self.SPACES:
-            raise KdlabError(f"distill.space={space} must be one of {', '.join(self.SPACES)}")
-        self.k, self.space = int(k), str(space)
+        if (isinstance(extra, bool) or not isinstance(extra, int | float) or int(extra) != extra
+                or extra < 0):
+            raise KdlabError(f"distill.extra={extra} must be an integer >= 0")
+        self.k, self.extra = int(k), int(extra)
+        self.space = check_choice("space", space, self.SPACES)
         self.student_layers = layers_arg(student_layers, "student_layers")
         self.teacher_layers = layers_arg(teacher_layers, "teacher_layers")
+        self.connectors = nn.ModuleList()
 
     def _matrices(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per pair, the student's and the teacher's matrices whose *left* singular vectors are
-        compared: ``[N, hw, c]`` (spatial, at the pair's common size) or ``[N, c, hw]``."""
+        compared: ``[N, c, hw]`` (channel) or ``[N, hw, c]`` (spatial, at the pair's common
+        size)."""
         out = []
         for s, t in pairs:
             if self.space == "spatial":
@@ -270,28 +343,44 @@ class KDSVD(Strategy):
     def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
         s_feats, t_feats = self.student_features(student), self.teacher_features(teacher)
         check_maps("kdsvd", s_feats, t_feats, self.student_layers, self.teacher_layers, 2)
-        for s, t in self._matrices(pair_last(s_feats, t_feats)):
-            if s.shape[1] != t.shape[1]:
-                raise KdlabError(
-                    f"distill.space={self.space}: paired student/teacher layers have "
-                    f"{s.shape[1]} and {t.shape[1]} channels; the channel variant needs equal "
-                    "widths (use space=spatial, or tap layers of equal width)")
-            rank = min(*s.shape[1:], *t.shape[1:])
+        if self.space == "channel":
+            self.connectors = nn.ModuleList(
+                nn.Conv2d(s.shape[1], t.shape[1], 1, bias=False) if s.shape[1] != t.shape[1]
+                else nn.Identity() for s, t in pair_last(s_feats, t_feats))
+        for s, t in pair_last(s_feats, t_feats):
+            if self.space == "channel":  # [c_t, h·w] each (the student after its connector)
+                rank = min(t.shape[1], s.shape[2] * s.shape[3], t.shape[2] * t.shape[3])
+            else:  # [h·w at the common size, c] each
+                h, w = common_size(s, t)
+                rank = min(h * w, s.shape[1], t.shape[1])
             if self.k > rank:
                 raise KdlabError(f"distill.k={self.k} must be <= {rank}, the rank bound "
                                  "min(h·w, c) of a tapped layer pair")
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
+    def _pairs(self, student: Outputs, teacher: Outputs) -> list[tuple[torch.Tensor, ...]]:
         pairs = pair_last(self.student_features(student), self.teacher_features(teacher))
+        if self.space == "channel":
+            pairs = [(connect(s), t) for connect, (s, t) in zip(self.connectors, pairs,
+                                                                  strict=True)]
+        return pairs
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         terms = []
         previous: tuple[torch.Tensor, torch.Tensor] | None = None
-        for s, t in self._matrices(pairs):
-            u_s, _ = top_singular(s.float(), self.k)
+        for s, t in self._matrices(self._pairs(student, teacher)):
+            candidates = max(self.k, min(self.k + self.extra, *s.shape[1:]))
+            u_s, _ = top_singular(s.float(), candidates)
             with torch.no_grad():
                 u_t, sigma_t = top_singular(t.detach().float(), self.k)
                 u_t = u_t * _sign(u_t.sum(dim=1, keepdim=True))
                 weight = F.normalize(sigma_t, dim=-1).unsqueeze(1)  # [N, 1, k]
-            u_s = u_s * _sign((u_s * u_t).sum(dim=1, keepdim=True))
+                cosine = u_s.detach().transpose(1, 2) @ u_t  # [N, candidates, k]
+                if self.extra:  # the most similar of the candidates
+                    best = cosine.abs().argmax(dim=1, keepdim=True)  # [N, 1, k]
+                else:  # in order
+                    best = torch.arange(self.k, device=u_s.device).expand(u_s.shape[0], 1, -1)
+                sign = _sign(cosine.gather(1, best))  # [N, 1, k]
+            u_s = u_s.gather(2, best.expand(-1, u_s.shape[1], -1)) * sign
             d_s, d_t = u_s * weight, u_t * weight
             if previous is not None:
                 g_s = rbf_correlation(previous[0], d_s)

@@ -23,11 +23,14 @@ from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import Layers, check_epochs, check_number, layers_arg
 from kdlab.util.errors import KdlabError
 
+
 # -- shared helpers --------------------------------------------------------------------------------
-
-
-
-
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a :class:`KdlabError` naming
+    ``distill.<key>``."""
+    if value not in choices:
+        raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
+    return str(value)
 
 
 def as_map(x: torch.Tensor, what: str = "feature") -> torch.Tensor:
@@ -113,19 +116,38 @@ class FitNets(_PairedFeatures):
     """FitNets hints — Romero, Ballas, Kahou, Chassang, Gatta & Bengio, "FitNets: Hints for Thin
     Deep Nets", ICLR 2015 (arXiv:1412.6550).
 
-    ``loss = beta · Σ_pairs mean((r(S) − T)²)``: a regressor ``r`` (1×1 conv + BatchNorm here;
-    the paper uses a convolutional regressor) maps the student's *guided* layer ``S`` to the
-    shape of the teacher's *hint* layer ``T``; the squared error is averaged over all elements.
+    ``loss = beta · Σ_pairs mean((r(S) − T)²)``: a regressor ``r`` (1×1 conv + BatchNorm, then a
+    ReLU with ``relu: true``) maps the student's *guided* layer ``S`` to the shape of the
+    teacher's *hint* layer ``T``; the squared error is averaged over all elements (like
+    RepDistiller's ``nn.MSELoss``). The authors' code (adri-romsor/FitNets, ``HintCost``) takes
+    ``½ Σ`` over a sample's elements and averages over the batch: theirs ``= (C·H·W / 2) ×``
+    ours for a hint of ``C × H × W`` (16384 for resnet32x4's middle stage, 128 × 16 × 16).
 
-    Reads ``student_layers`` / ``teacher_layers`` (default the last entry of ``"stages"`` on
-    each side: ``hints=1`` pairs only the deepest pair; ``hints: null`` pairs the last
-    ``min(n_s, n_t)``). The student map is resized to the teacher's spatial size first
-    (average pooling, or bilinear interpolation when it is smaller).
+    Which pair (``hints``): ``middle`` (default) pairs the middle entry of each list —
+    index ``(n − 1) // 2`` of ``student_layers`` / ``teacher_layers`` — as in the paper (the
+    middle layers of both networks) and RepDistiller (``hint_layer = 2`` of its feature list,
+    i.e. the second of three stages of a CIFAR ResNet/WRN or ShuffleNet, the second of four
+    of MobileNetV2/ResNet-50, the third of five VGG blocks: all ``(n − 1) // 2`` of kdlab's
+    ``stages``); an integer ``h`` pairs the last ``h`` entries from the end (``1``: the deepest
+    pair, kdlab's earlier default); ``null`` the last ``min(n_s, n_t)``.
+
+    The regressor: the paper's ends in the hint layer's nonlinearity, and RepDistiller's
+    ``ConvReg`` in BN + ReLU, so ``relu: true`` (default) applies a ReLU after the BatchNorm —
+    right for post-ReLU hints (``stages``); set ``relu: false`` for pre-activation hints. The
+    student map is resized to the teacher's spatial size first (average pooling, or bilinear
+    interpolation when it is smaller) and then projected by a 1×1 convolution; RepDistiller's
+    regressor instead picks a strided 3×3 convolution, a 4×4 transposed convolution or a
+    ``(1 + h_s − h_t)`` valid convolution by the sizes (a 1×1 convolution, as here, for equal
+    sizes, e.g. resnet32x4 → resnet8x4), and the authors' a valid convolution.
 
     The paper trains in two stages, hints first, then KD. With ``init_epochs > 0`` the first
     epochs minimise the unweighted hint loss alone (:meth:`init_loss`, logged as
-    ``fitnets_init``), then ``beta ×`` it plus the cross-entropy (combine with ``kd`` via
-    ``distill=[kd,fitnets]`` for the paper's second stage).
+    ``fitnets_init``; only the student layers below the guided layer and the regressor get
+    gradients, as in the paper's stage 1), then ``beta ×`` it plus the cross-entropy (the
+    paper's stage 2 is ``distill=[kd,fitnets]`` with ``beta: 0``). RepDistiller trains one
+    stage (CE + 100 × hint), the default here.
+
+    CIFAR-100 resnet32x4 → resnet8x4 top-1 (RepDistiller): 73.50.
 
     Config (``conf/distill/fitnets.yaml``)::
 
@@ -133,32 +155,50 @@ class FitNets(_PairedFeatures):
         beta: 100.0           # RepDistiller's hint weight
         student_layers: stages
         teacher_layers: stages
-        hints: 1
+        hints: middle
+        relu: true
         init_epochs: 0
 
     Args:
         beta: weight of the hint loss in the main stage, ``>= 0``.
         student_layers: student layer paths or alias (guided layers).
         teacher_layers: teacher layer paths or alias (hint layers).
-        hints: number of (guided, hint) pairs taken from the end of both lists, ``>= 1``, or
-            ``None`` for all ``min(n_s, n_t)``.
+        hints: ``middle`` (one pair: the middle entry of each list), an integer ``>= 1``
+            (pairs taken from the end of both lists) or ``None`` (all ``min(n_s, n_t)``).
+        relu: apply a ReLU after the regressor's BatchNorm.
         init_epochs: epochs of hint-only pre-training, ``>= 0``.
     """
 
     def __init__(self, beta: float = 100.0, student_layers: Layers = "stages",
-                 teacher_layers: Layers = "stages", hints: int | None = 1,
-                 init_epochs: int = 0) -> None:
-        super().__init__(student_layers, teacher_layers, max_pairs=hints)
-        if hints is not None and (isinstance(hints, bool) or not isinstance(hints, int)
-                                  or hints < 1):
-            raise KdlabError(f"distill.hints={hints} must be an integer >= 1 or null (all pairs)")
+                 teacher_layers: Layers = "stages", hints: int | str | None = "middle",
+                 relu: bool = True, init_epochs: int = 0) -> None:
+        if hints != "middle" and hints is not None and (
+                isinstance(hints, bool) or not isinstance(hints, int) or hints < 1):
+            raise KdlabError(f"distill.hints={hints} must be 'middle', an integer >= 1 or null "
+                             "(all pairs)")
+        super().__init__(student_layers, teacher_layers,
+                         max_pairs=1 if hints == "middle" else hints)
+        if not isinstance(relu, bool):
+            raise KdlabError(f"distill.relu={relu} must be true or false")
+        self.hints = hints
+        self.relu = relu
         self.beta = check_number("beta", beta)
         self.init_epochs = check_epochs("init_epochs", init_epochs)
         self.regressors = nn.ModuleList()
 
+    def resolve(self, student: nn.Module, teacher: nn.Module) -> tuple[list[str], list[str]]:
+        """The paired paths: the middle entry of each list (``hints: middle``) or the last
+        ones (see :class:`_PairedFeatures`)."""
+        if self.hints != "middle":
+            return super().resolve(student, teacher)
+        s, t = Strategy.resolve(self, student, teacher)
+        self.student_paths, self.teacher_paths = [s[(len(s) - 1) // 2]], [t[(len(t) - 1) // 2]]
+        return self.student_paths, self.teacher_paths
+
     def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
-        self.regressors = nn.ModuleList(conv_bn(s.shape[1], t.shape[1])
-                                        for s, t in self._probe(student, teacher))
+        self.regressors = nn.ModuleList(
+            nn.Sequential(*conv_bn(s.shape[1], t.shape[1]), *([nn.ReLU()] if self.relu else []))
+            for s, t in self._probe(student, teacher))
 
     def hint_loss(self, student: Outputs, teacher: Outputs) -> torch.Tensor:
         """``Σ_pairs mean((r(S) − T)²)``, unweighted."""
@@ -195,6 +235,16 @@ class OFD(_PairedFeatures):
     teacher responses with ``momentum`` (no gradients). A channel with no negative response
     seen so far keeps ``m = 0`` (then ``σ_m`` is a plain ReLU for it) and takes the first
     batch estimate as is.
+
+    Against the authors' code (clovaai/overhaul-distillation: ``Σ / N / 1000`` added to the
+    cross-entropy on CIFAR-100, hence ``beta = 1e-3``) and mdistiller (``FEAT_WEIGHT``, the
+    same sum averaged over the batch): the same loss; the authors' connector is the same
+    1×1 conv + BN; mdistiller average-pools the *teacher* map to the student's size where
+    they differ, kdlab resizes the student map to the teacher's (equal sizes in the
+    resnet32x4 → resnet8x4 pair). Not a constant factor only where sizes differ.
+
+    CIFAR-100 resnet32x4 → resnet8x4 top-1: not in the paper (later benchmarks, e.g. the DKD
+    paper's, report 74.95).
 
     Config (``conf/distill/ofd.yaml``)::
 
@@ -268,31 +318,61 @@ class OFD(_PairedFeatures):
 
 
 # -- AB --------------------------------------------------------------------------------------------
+#: how the AB loss of the pairs is normalised (see :class:`AB`)
+AB_REDUCTIONS = ("mean", "authors")
+
+
+def ab_elementwise(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Tensor:
+    """``(s + m)² · 1{s > −m} · 1{t ≤ 0} + (s − m)² · 1{s ≤ m} · 1{t > 0}`` per element."""
+    off = (s + margin).pow(2) * ((s > -margin) & (t <= 0))
+    on = (s - margin).pow(2) * ((s <= margin) & (t > 0))
+    return off + on
+
+
 class AB(_PairedFeatures):
     """Activation-boundary transfer — Heo, Lee, Yun & Choi, "Knowledge Transfer via
     Distillation of Activation Boundaries Formed by Hidden Neurons", AAAI 2019
     (arXiv:1811.03233).
 
-    ``loss = beta · Σ_pairs mean[(s + m)² · 1{s > −m} · 1{t ≤ 0} + (s − m)² · 1{s ≤ m} · 1{t > 0}]``
+    ``ℓ(s, t) = (s + m)² · 1{s > −m} · 1{t ≤ 0} + (s − m)² · 1{s ≤ m} · 1{t > 0}`` per element,
     with ``s = r(S)`` the connected student pre-activation, ``t`` the teacher's and margin
     ``m``: the student is pushed to be active (``≥ m``) exactly where the teacher neuron is
-    active and inactive (``≤ −m``) where it is not. Normalisation: the mean over all elements
-    of a pair (batch, channels, positions), summed over pairs (the authors and RepDistiller
-    sum elements, weight deeper pairs more and divide by ``1000 · N / 3``).
+    active and inactive (``≤ −m``) where it is not. How the elements are reduced
+    (``reduction``):
+
+    - ``mean`` (default): ``loss = beta · Σ_i mean_{n,c,h,w} ℓ_i`` — every pair's per-element
+      mean, summed;
+    - ``authors`` (the authors' code, bhheo/AB_distillation, and RepDistiller):
+      ``loss = beta · (3/1000) · Σ_i 2^{−(k−1−i)} · Σ_{n,c,h,w} ℓ_i / N`` for pairs
+      ``i = 0..k−1`` from the shallowest (the deepest weighs 1, each shallower one half the
+      next). Per pair that is ``3 · C_i H_i W_i · 2^{−(k−1−i)} / 1000 ×`` the ``mean`` term —
+      not one constant in general, but 49.152 for every pre-ReLU stage of resnet8x4 /
+      resnet32x4 (64·32·32/4 = 128·16·16/2 = 256·8·8 = 16384 elements).
+
+    ``mean`` stays the default because kdlab's default is single-stage (the AB term kept in
+    the main stage with ``beta = 1``, a kdlab choice: the authors' main stage has no AB
+    term), where the ``authors`` scale would swamp the cross-entropy; the authors' two-stage
+    protocol uses ``reduction: authors`` (see below).
 
     Reads pre-ReLU features (alias ``"preact"`` both sides; last ``min(n_s, n_t)`` paired),
-    connector 1×1 conv + BatchNorm, student map resized to the teacher's spatial size.
+    connector 1×1 conv + BatchNorm (as in the authors' code; RepDistiller connects a pair of
+    equal shapes by the identity), student map resized to the teacher's spatial size.
 
-    In the paper (and RepDistiller, 30 epochs) AB is an initialisation: the first
-    ``init_epochs`` minimise the unweighted AB loss alone (``ab_init``), after which the
-    original trains with cross-entropy/KD only — set ``beta: 0`` to reproduce that. With the
-    default ``beta: 1`` the AB term stays in the main stage.
+    In the paper (and RepDistiller, 30 epochs at LR 0.05 before the 240-epoch schedule) AB is
+    an initialisation: the first ``init_epochs`` minimise the unweighted AB loss alone
+    (``ab_init``), after which the original trains with cross-entropy/KD only — ``beta: 0``,
+    ``init_epochs: 30``, ``reduction: authors`` reproduce that (kdlab's pre-stage counts
+    inside ``trainer.max_epochs``). With the default ``beta: 1`` the AB term stays in the
+    main stage.
+
+    CIFAR-100 resnet32x4 → resnet8x4 top-1 (RepDistiller, two stages): 73.17.
 
     Config (``conf/distill/ab.yaml``)::
 
         _target_: kdlab.strategies.hints.AB
         beta: 1.0
         margin: 1.0
+        reduction: mean
         student_layers: preact
         teacher_layers: preact
         init_epochs: 0
@@ -300,18 +380,21 @@ class AB(_PairedFeatures):
     Args:
         beta: weight of the AB term in the main stage, ``>= 0``.
         margin: the margin ``m > 0``.
+        reduction: ``mean`` or ``authors`` (above).
         student_layers: student layer paths or alias (pre-ReLU).
         teacher_layers: teacher layer paths or alias (pre-ReLU).
         init_epochs: epochs of AB-only initialisation, ``>= 0``.
     """
 
-    def __init__(self, beta: float = 1.0, margin: float = 1.0, student_layers: Layers = "preact",
-                 teacher_layers: Layers = "preact", init_epochs: int = 0) -> None:
+    def __init__(self, beta: float = 1.0, margin: float = 1.0, reduction: str = "mean",
+                 student_layers: Layers = "preact", teacher_layers: Layers = "preact",
+                 init_epochs: int = 0) -> None:
         super().__init__(student_layers, teacher_layers)
         self.beta = check_number("beta", beta)
         if not (isinstance(margin, int | float) and margin > 0 and math.isfinite(margin)):
             raise KdlabError(f"distill.margin={margin} must be a finite number > 0")
         self.margin = float(margin)
+        self.reduction = check_choice("reduction", reduction, AB_REDUCTIONS)
         self.init_epochs = check_epochs("init_epochs", init_epochs)
         self.connectors = nn.ModuleList()
 
@@ -320,14 +403,15 @@ class AB(_PairedFeatures):
                                         for s, t in self._probe(student, teacher))
 
     def ab_loss(self, student: Outputs, teacher: Outputs) -> torch.Tensor:
-        """The unweighted AB loss (sum over pairs of the per-element mean)."""
-        m = self.margin
+        """The unweighted AB loss, reduced as :attr:`reduction` says."""
+        pairs = self.paired_maps(student, teacher)
         total = 0.0
-        for connector, (s, t) in zip(self.connectors, self.paired_maps(student, teacher)):
-            s = connector(s)
-            off = (s + m).pow(2) * ((s > -m) & (t <= 0))
-            on = (s - m).pow(2) * ((s <= m) & (t > 0))
-            total = total + (off + on).mean()
+        for i, (connector, (s, t)) in enumerate(zip(self.connectors, pairs)):
+            loss = ab_elementwise(connector(s), t, self.margin)
+            if self.reduction == "authors":
+                total = total + loss.sum() / s.shape[0] * 3 / 1000 / 2 ** (len(pairs) - 1 - i)
+            else:
+                total = total + loss.mean()
         return total
 
     def init_loss(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
@@ -347,10 +431,15 @@ class VID(_PairedFeatures):
     ``μ(s)`` regressed from the student feature and a learned per-channel variance
     ``σ_c² = softplus(α_c) + eps`` — a variational lower bound on their mutual information.
 
-    ``μ`` is 1×1 conv → ReLU → 1×1 conv → ReLU → 1×1 conv (hidden width = teacher channels);
-    ``α`` starts where ``σ² = init_pred_var``. Reads ``"stages"`` on both sides by default
-    (last ``min(n_s, n_t)`` paired); the student map is resized to the teacher's spatial size
-    before ``μ``. The pairs' terms are summed, as in RepDistiller.
+    ``μ`` is 1×1 conv → ReLU → 1×1 conv → ReLU → 1×1 conv, bias-free (hidden width = teacher
+    channels), as in the authors' code that RepDistiller reproduces; ``α`` starts where
+    ``σ² = init_pred_var``. Reads ``"stages"`` on both sides by default (last
+    ``min(n_s, n_t)`` paired); the student map is resized to the teacher's spatial size before
+    ``μ`` (RepDistiller pools whichever map is larger, so a smaller student map meets a pooled
+    teacher map there; equal sizes in the resnet32x4 → resnet8x4 pair). The pairs' terms are
+    summed, as in RepDistiller (``beta = 1``; torchdistill likewise).
+
+    CIFAR-100 resnet32x4 → resnet8x4 top-1 (RepDistiller): 73.09.
 
     Config (``conf/distill/vid.yaml``)::
 
@@ -386,10 +475,11 @@ class VID(_PairedFeatures):
 
     @staticmethod
     def regressor(in_channels: int, out_channels: int) -> nn.Sequential:
-        """``μ``: three 1×1 convolutions with ReLUs between, hidden width ``out_channels``."""
-        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(),
-                             nn.Conv2d(out_channels, out_channels, 1), nn.ReLU(),
-                             nn.Conv2d(out_channels, out_channels, 1))
+        """``μ``: three bias-free 1×1 convolutions with ReLUs between, hidden width
+        ``out_channels`` (as the authors' code, through RepDistiller)."""
+        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.ReLU(),
+                             nn.Conv2d(out_channels, out_channels, 1, bias=False), nn.ReLU(),
+                             nn.Conv2d(out_channels, out_channels, 1, bias=False))
 
     def setup(self, student: Outputs, teacher: Outputs, num_train_samples: int) -> None:
         pairs = self._probe(student, teacher)

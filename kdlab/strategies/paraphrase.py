@@ -50,20 +50,50 @@ class Translator(nn.Sequential):
         super().__init__(*_conv_stack([channels, channels, factor_channels, factor_channels]))
 
 
+#: what is compared of the two factors (see :func:`factor_transfer_loss`)
+FT_FACTORS = ("full", "channel_mean_sq")
+#: how the difference of the normalised factors is reduced
+FT_DISTANCES = ("mean", "norm")
+#: the paraphraser's reconstruction loss in the pre-stage
+FT_RECONSTRUCTIONS = ("l1", "mse")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
+    return str(value)
+
+
 def factor_transfer_loss(
-    student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: int = 1
+    student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: int = 1,
+    factor: str = "full", distance: str = "mean",
 ) -> torch.Tensor:
-    """``mean_n (1/d) · ‖F_t/‖F_t‖₂ − F_s/‖F_s‖₂‖_p^p`` over factors flattened per sample
-    (``d`` elements each): the FT loss as the authors' code computes it (``nn.L1Loss`` on
-    L2-normalised factors for ``p = 1``). Maps of different spatial size are first
-    average-pooled to the smaller one."""
+    """The FT loss of two factors ``[N, C, H, W]`` (maps of different spatial size are first
+    average-pooled to the smaller one). Per sample, ``φ(F)`` is
+
+    - ``full``: the whole factor flattened (the paper, its authors' code, torchdistill), or
+    - ``channel_mean_sq``: ``mean_c F_c²``, an ``H·W`` map (RepDistiller's ``p1 = 2``),
+
+    L2-normalised; with ``Δ = φ(F_t)/‖φ(F_t)‖₂ − φ(F_s)/‖φ(F_s)‖₂`` of ``d`` entries the loss is
+
+    - ``mean``: ``mean_n (1/d) Σ |Δ|^p`` (``nn.L1Loss`` for ``p = 1``, the authors' code;
+      RepDistiller's ``.pow(p).mean()``), or
+    - ``norm``: ``mean_n ‖Δ‖_p`` (the paper's ``‖·‖_p``; torchdistill's ``p = 2``). For
+      ``p = 1`` this is exactly ``d ×`` ``mean``; for ``p = 2`` it is the square root of
+      ``d ×`` the ``mean`` form per sample, not a constant factor.
+    """
     if student_factor.shape[-2:] != teacher_factor.shape[-2:]:
         size = tuple(min(a, b) for a, b in zip(student_factor.shape[-2:],
                                                 teacher_factor.shape[-2:]))
         student_factor = F.adaptive_avg_pool2d(student_factor, size)
         teacher_factor = F.adaptive_avg_pool2d(teacher_factor, size)
+    if factor == "channel_mean_sq":
+        student_factor, teacher_factor = (f.pow(2).mean(dim=1)
+                                          for f in (student_factor, teacher_factor))
     s = F.normalize(student_factor.flatten(1), dim=1)
     t = F.normalize(teacher_factor.flatten(1), dim=1)
+    if distance == "norm":
+        return (s - t).norm(p=p, dim=1).mean()
     return (s - t).abs().pow(p).mean()
 
 
@@ -71,21 +101,46 @@ class FT(Strategy):
     """Factor transfer — Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression
     via Factor Transfer", NeurIPS 2018 (arXiv:1802.04977).
 
-    ``pre-stage: L_rec = ‖x − P(x)‖²``, ``main: loss = beta · mean_n (1/d)·‖F_t/‖F_t‖₂ −
-    F_s/‖F_s‖₂‖_p^p`` with ``F_t = P_enc(x_t)`` and ``F_s = T(x_s)``
+    Pre-stage: ``L_rec`` between the teacher map ``x`` and its reconstruction ``P(x)``; main:
+    ``loss = beta · mean_n (1/d)·‖F_t/‖F_t‖₂ − F_s/‖F_s‖₂‖_p^p`` with ``F_t = P_enc(x_t)`` and
+    ``F_s = T(x_s)`` (defaults; the variants below).
 
     Reads the last entry of ``student_layers`` / ``teacher_layers`` (default: the last stage of
-    each, as in the paper). A *paraphraser* ``P`` (3-conv encoder to ``round(rate · C_t)``
-    channels and its mirrored decoder, LeakyReLU 0.1) learns to reconstruct the teacher map
-    during the pre-stage of ``init_epochs`` epochs; its encoder output is the *teacher factor*.
-    Then a *translator* ``T`` (3 convs on the student map to the same channels) is trained with
-    the student so that the L2-normalised student factor matches the teacher's; the
-    paraphraser is frozen then (its factor is computed under ``no_grad``). Factors of different
-    spatial size are average-pooled to the smaller one.
+    each, as in the paper and RepDistiller). A *paraphraser* ``P`` (3-conv encoder to
+    ``round(rate · C_t)`` channels and its mirrored decoder, LeakyReLU 0.1, no BatchNorm, as
+    the authors') learns to reconstruct the teacher map during the pre-stage of
+    ``init_epochs`` epochs; its encoder output is the *teacher factor*. Then a *translator*
+    ``T`` (3 convs on the student map to the same channels; RepDistiller adds BatchNorm, the
+    authors do not) is trained with the student so that the L2-normalised student factor
+    matches the teacher's; the paraphraser is frozen then (its factor is computed under
+    ``no_grad``). Factors of different spatial size are average-pooled to the smaller one.
 
-    The norm is divided by the factor size ``d`` (a mean over elements, as ``nn.L1Loss`` in the
-    authors' code and RepDistiller): ``beta`` is on that scale. Hard-label cross-entropy is
-    kept with weight 1 (RepDistiller's FT runs: ``-a 0 -b 200``).
+    Variants (config keys):
+
+    - ``reconstruction``: ``l1`` (default: ``nn.L1Loss``, the authors' code,
+      Jangho-Kim/Factor-Transfer-pytorch ``train_Paraphraser.py``) or ``mse`` (the paper's
+      squared error as RepDistiller computes it, ``nn.MSELoss``; kdlab's earlier default).
+    - ``factor``: ``full`` (default: the whole factor, the paper / authors / torchdistill) or
+      ``channel_mean_sq`` (RepDistiller's ``FactorTransfer(p1=2)``: ``mean_c F_c²``, a spatial
+      map, is what gets normalised and compared).
+    - ``p`` and ``distance``: ``mean`` (default) takes ``mean_n (1/d) Σ|Δ|^p`` — the authors'
+      ``nn.L1Loss`` for ``p = 1``, RepDistiller's mean for either ``p``; ``norm`` takes the
+      paper's ``mean_n ‖Δ‖_p`` (torchdistill's ``p = 2``). For ``p = 1`` ``norm`` is exactly
+      ``d ×`` ``mean`` (``d = round(rate·C_t)·H·W``: 8192 for resnet32x4's last stage at
+      ``rate 0.5``, 128·8·8); for ``p = 2`` it is ``√(d · mean)`` per sample.
+
+    ``beta = 200`` is RepDistiller's (``-a 0 -b 200``, CE weight 1), tuned for its
+    ``channel_mean_sq`` factor; the authors' code uses 500 with the ``full`` factor on
+    CIFAR-10. The scales differ: the ``mean`` of ``|Δ|`` between unit vectors of ``d`` entries
+    goes as ``1/√d``, so at equal ``beta`` the ``full`` term is about ``√C`` (≈ 11 for the
+    128-channel factor of resnet32x4) smaller than the ``channel_mean_sq`` one; a CIFAR-100
+    protocol file (``conf/protocol/ft/cifar100_ft.yaml``, read by ``ft.yaml``'s defaults
+    list when present) selects RepDistiller's factor with its ``beta``. The authors' and
+    RepDistiller's paraphraser trains separately before the student (the authors' 6
+    epochs at LR 0.1; RepDistiller's 30 epochs at LR 0.01 for ResNet/WRN students); here its
+    pre-stage runs inside the run, at the run's LR, and counts in ``trainer.max_epochs``.
+
+    CIFAR-100 resnet32x4 → resnet8x4 top-1 (RepDistiller): 72.86.
 
     Config (``conf/distill/ft.yaml``)::
 
@@ -93,12 +148,18 @@ class FT(Strategy):
         beta: 200.0
         rate: 0.5
         p: 1
+        distance: mean
+        factor: full
+        reconstruction: l1
         init_epochs: 1
 
     Args:
         beta: weight of the factor-transfer term, ``>= 0``.
         rate: paraphrase rate ``k > 0``: the factor has ``max(1, round(k · C_t))`` channels.
         p: the norm of the factor difference, 1 (paper default) or 2.
+        distance: ``mean`` or ``norm`` (above).
+        factor: ``full`` or ``channel_mean_sq`` (above).
+        reconstruction: ``l1`` or ``mse``: the paraphraser's pre-stage loss.
         init_epochs: epochs of the paraphraser pre-stage, ``>= 0`` (0: random paraphraser).
         student_layers: student layer(s); the last one is used.
         teacher_layers: teacher layer(s); the last one is used.
@@ -109,6 +170,9 @@ class FT(Strategy):
         beta: float = 200.0,
         rate: float = 0.5,
         p: int = 1,
+        distance: str = "mean",
+        factor: str = "full",
+        reconstruction: str = "l1",
         init_epochs: int = 1,
         student_layers: Sequence[str] | str = "stages",
         teacher_layers: Sequence[str] | str = "stages",
@@ -116,9 +180,12 @@ class FT(Strategy):
         super().__init__()
         self.beta = check_number("beta", beta)
         self.rate = check_number("rate", rate, "> 0")
-        if p not in (1, 2):
+        if isinstance(p, bool) or p not in (1, 2):
             raise KdlabError(f"distill.p={p} must be 1 or 2")
         self.p = int(p)
+        self.distance = _choice("distance", distance, FT_DISTANCES)
+        self.factor = _choice("factor", factor, FT_FACTORS)
+        self.reconstruction = _choice("reconstruction", reconstruction, FT_RECONSTRUCTIONS)
         self.init_epochs = check_epochs("init_epochs", init_epochs)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
 
@@ -134,10 +201,12 @@ class FT(Strategy):
 
     def init_loss(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         t = self.teacher_features(teacher)[-1].detach()
-        return {"ft_rec": F.mse_loss(self.paraphraser(t), t)}
+        rec = F.l1_loss if self.reconstruction == "l1" else F.mse_loss
+        return {"ft_rec": rec(self.paraphraser(t), t)}
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         with torch.no_grad():
             factor_t = self.paraphraser.encoder(self.teacher_features(teacher)[-1].detach())
         factor_s = self.translator(self.student_features(student)[-1])
-        return {"ft": self.beta * factor_transfer_loss(factor_s, factor_t, self.p)}
+        loss = factor_transfer_loss(factor_s, factor_t, self.p, self.factor, self.distance)
+        return {"ft": self.beta * loss}

@@ -48,9 +48,10 @@ def _reference_loss(anchors, positives, bank, negatives, tau, log_z=None):
     return total / len(anchors), log_z
 
 
-def test_nce_loss_on_a_hand_made_bank_matches_an_independent_computation(monkeypatch):
+@pytest.mark.parametrize("positive", ["bank", "live"])
+def test_nce_loss_on_a_hand_made_bank_matches_an_independent_computation(monkeypatch, positive):
     torch.manual_seed(0)
-    crd = _crd(4, beta=0.5, nce_t=0.5, nce_mom=0.0)
+    crd = _crd(4, beta=0.5, nce_t=0.5, nce_mom=0.0, positive=positive)
     s = _unit([1.0, 0.0, 0.0], [0.0, 2.0, 1.0])
     t = _unit([1.0, 1.0, 0.0], [0.0, 1.0, 0.0])
     bank_s = _unit([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0])
@@ -58,14 +59,19 @@ def test_nce_loss_on_a_hand_made_bank_matches_an_independent_computation(monkeyp
     crd.student_bank.copy_(torch.tensor(bank_s))
     crd.teacher_bank.copy_(torch.tensor(bank_t))
     index, negatives = [0, 2], [[1, 3, 3], [0, 1, 3]]
-    monkeypatch.setattr(crd, "sample_negatives", lambda i: torch.tensor(negatives))
+    monkeypatch.setattr(crd, "sample_negatives", lambda *args: torch.tensor(negatives))
     student = Outputs(torch.zeros(2, 1), {"s": torch.tensor(s) * 3})  # heads normalise
     teacher = Outputs(torch.zeros(2, 1), {"t": torch.tensor(t)})
     batch = Batch(torch.zeros(2, 1), torch.tensor([0, -1]), torch.tensor(index))
 
+    def positives(bank, live):
+        # bank: the other side's stored row of the same sample (the authors' code); live: the
+        # other network's current embedding
+        return [bank[i] for i in index] if positive == "bank" else live
+
     terms = crd(student, teacher, batch)
-    loss_s, z_s = _reference_loss(s, t, bank_t, negatives, 0.5)
-    loss_t, z_t = _reference_loss(t, s, bank_s, negatives, 0.5)
+    loss_s, z_s = _reference_loss(s, positives(bank_t, t), bank_t, negatives, 0.5)
+    loss_t, z_t = _reference_loss(t, positives(bank_s, s), bank_s, negatives, 0.5)
     assert set(terms) == {"crd"}
     assert terms["crd"].item() == pytest.approx(0.5 * (loss_s + loss_t), rel=1e-5)
     assert crd.log_z.tolist() == pytest.approx([z_s, z_t], rel=1e-5)
@@ -73,10 +79,43 @@ def test_nce_loss_on_a_hand_made_bank_matches_an_independent_computation(monkeyp
     # Z stays as estimated on the first batch; the banks now hold the batch (momentum 0)
     terms = crd(student, teacher, batch)
     bank_s[0], bank_s[2], bank_t[0], bank_t[2] = s[0], s[1], t[0], t[1]
-    loss_s, _ = _reference_loss(s, t, bank_t, negatives, 0.5, log_z=z_s)
-    loss_t, _ = _reference_loss(t, s, bank_s, negatives, 0.5, log_z=z_t)
+    loss_s, _ = _reference_loss(s, positives(bank_t, t), bank_t, negatives, 0.5, log_z=z_s)
+    loss_t, _ = _reference_loss(t, positives(bank_s, s), bank_s, negatives, 0.5, log_z=z_t)
     assert terms["crd"].item() == pytest.approx(0.5 * (loss_s + loss_t), rel=1e-5)
     assert crd.log_z.tolist() == pytest.approx([z_s, z_t], rel=1e-5)
+
+
+def test_defaults_are_the_authors_bank_positive_and_other_class_negatives():
+    crd = CRD()
+    assert (crd.positive, crd.negative_sampling) == ("bank", "other_classes")
+
+
+def test_other_classes_negatives_avoid_the_anchors_known_label():
+    torch.manual_seed(3)
+    crd = _crd(40, num_negatives=30)
+    labels = torch.arange(40) % 4  # four classes of ten rows
+    crd.labels.copy_(labels)
+    index = torch.tensor([0, 5, 10, 39])
+    drawn = crd.sample_negatives(index, labels[index])
+    assert drawn.shape == (4, 30)
+    assert not (labels[drawn] == labels[index][:, None]).any()
+    assert not (drawn == index[:, None]).any()
+    # an unlabelled anchor (-1) and rows not seen yet (-1) are never rejected
+    unlabelled = crd.sample_negatives(torch.tensor([7] * 200), torch.full((200,), -1))
+    assert (labels[unlabelled] == labels[7]).any()
+    uniform = _crd(40, num_negatives=30, negatives="uniform")
+    uniform.labels.copy_(labels)
+    same = uniform.sample_negatives(index, labels[index])
+    assert (labels[same] == labels[index][:, None]).any()  # uniform: any other sample
+
+
+def test_the_forward_pass_learns_the_labels_of_the_rows_it_sees():
+    crd = _crd(6)
+    outputs = Outputs(torch.zeros(3, 1), {"s": torch.randn(3, 3), "t": torch.randn(3, 3)})
+    batch = Batch(torch.zeros(3, 1), torch.tensor([2, -1, 0]), torch.tensor([5, 1, 3]))
+    crd(outputs, outputs, batch)
+    assert crd.labels.tolist() == [-1, -1, -1, 0, -1, 2]
+    assert "labels" not in crd.state_dict()  # relearnt in an epoch; checkpoints unchanged
 
 
 def test_bank_rows_of_the_batch_get_a_momentum_update_and_stay_unit_vectors():
@@ -148,7 +187,8 @@ def test_num_negatives_larger_than_the_bank_is_clamped_and_never_the_sample_itse
 
 @pytest.mark.parametrize(("key", "value"), [
     ("beta", -0.1), ("feat_dim", 0), ("feat_dim", 1.5), ("num_negatives", 0),
-    ("nce_t", 0.0), ("nce_mom", 1.0), ("nce_mom", -0.5),
+    ("nce_t", 0.0), ("nce_mom", 1.0), ("nce_mom", -0.5), ("positive", "teacher"),
+    ("negatives", "hard"),
 ])
 def test_bad_hyper_parameters_name_the_key(key, value):
     with pytest.raises(KdlabError, match=rf"distill\.{key}={value} must"):

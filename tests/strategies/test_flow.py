@@ -55,6 +55,70 @@ def test_fsp_matches_the_formula_in_both_stages():
     assert fsp.init_epochs == 2
 
 
+def _max_pool_python(channels, h, w):
+    """Each channel of ``channels`` (lists of rows) max-pooled by an integer factor to h×w."""
+    fh, fw = len(channels[0]) // h, len(channels[0][0]) // w
+    return [[[max(ch[i * fh + a][j * fw + b] for a in range(fh) for b in range(fw))
+              for j in range(w)] for i in range(h)] for ch in channels]
+
+
+def _avg_pool_python(channels, h, w):
+    """Each channel average-pooled by an integer factor to h×w."""
+    fh, fw = len(channels[0]) // h, len(channels[0][0]) // w
+    return [[[sum(ch[i * fh + a][j * fw + b] for a in range(fh) for b in range(fw)) / (fh * fw)
+              for j in range(w)] for i in range(h)] for ch in channels]
+
+
+def _pooled_gram(first, second, pool):
+    """The FSP matrix of one sample, ``first`` pooled (avg or max) to ``second``'s size."""
+    h, w = len(second[0]), len(second[0][0])
+    pooled = (_max_pool_python if pool == "max" else _avg_pool_python)(first, h, w)
+    return _gram_python(pooled, second)
+
+
+def _gram_python(first, second):
+    """G[a][b] = Σ_{h,w} F1[a,h,w]·F2[b,h,w] / (h·w) of two equally sized maps (one sample)."""
+    h, w = len(first[0]), len(first[0][0])
+    return [[sum(fa[i][j] * fb[i][j] for i in range(h) for j in range(w)) / (h * w)
+             for fb in second] for fa in first]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "column_norm"])
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_fsp_reductions_and_pools_match_their_formulas(reduction, pool):
+    g = torch.Generator().manual_seed(21)
+    shapes = [(3, 2, 4, 4), (3, 3, 2, 2), (3, 2, 1, 1)]
+    student = [torch.randn(*sh, generator=g, dtype=torch.float64) for sh in shapes]
+    teacher = [torch.randn(*sh, generator=g, dtype=torch.float64) for sh in shapes]
+    fsp = FSP(beta=2.0, reduction=reduction, pool=pool)
+    loss = fsp(*_connect(fsp, student, teacher))["fsp"].item()
+    expected = 0.0
+    for i in range(2):
+        per_sample = []
+        for n in range(3):
+            g_s = _pooled_gram(student[i][n].tolist(), student[i + 1][n].tolist(), pool)
+            g_t = _pooled_gram(teacher[i][n].tolist(), teacher[i + 1][n].tolist(), pool)
+            rows, cols = len(g_s), len(g_s[0])
+            if reduction == "column_norm":
+                per_sample.append(sum(math.sqrt(sum((g_s[a][b] - g_t[a][b]) ** 2
+                                                    for a in range(rows)))
+                                      for b in range(cols)))
+            else:
+                squares = sum((g_s[a][b] - g_t[a][b]) ** 2 for a in range(rows)
+                              for b in range(cols))
+                per_sample.append(squares if reduction == "sum" else squares / (rows * cols))
+        expected += sum(per_sample) / len(per_sample)
+    assert loss == pytest.approx(2.0 * expected, rel=1e-10)
+
+
+def test_fsp_paper_sum_is_the_mean_times_each_pairs_channel_product():
+    student, teacher = _maps(22, (2, 2, 4, 4), (2, 3, 2, 2)), _maps(23, (2, 2, 4, 4), (2, 3, 2, 2))
+    mean, total = FSP(reduction="mean"), FSP(reduction="sum")
+    ratio = (total(*_connect(total, student, teacher))["fsp"]
+             / mean(*_connect(mean, student, teacher))["fsp"]).item()
+    assert ratio == pytest.approx(2 * 3, rel=1e-6)  # one pair: C_0 · C_1
+
+
 def test_fsp_connectors_project_unequal_student_widths_and_train():
     student = [f.requires_grad_() for f in _maps(2, (2, 3, 8, 8), (2, 4, 4, 4), (2, 6, 2, 2))]
     teacher = [f.requires_grad_() for f in _maps(3, (2, 5, 4, 4), (2, 6, 2, 2))]
@@ -127,7 +191,7 @@ def test_kdsvd_spatial_matches_the_formula():
     # channel counts differ; the student's first layer is not paired
     student = _maps(4, (2, 3, 8, 8), (2, 3, 4, 4), (2, 2, 3, 1))
     teacher = _maps(5, (2, 5, 2, 2), (2, 4, 3, 1))
-    kdsvd = KDSVD(beta=3.0)
+    kdsvd = KDSVD(beta=3.0, space="spatial", extra=0)
     terms = kdsvd(*_connect(kdsvd, student, teacher))
     assert set(terms) == {"kdsvd"}
     expected = 0.0
@@ -145,7 +209,7 @@ def test_kdsvd_channel_space_with_two_vectors_matches_the_formula():
     student = _maps(6, (2, 3, 4, 4), (2, 4, 2, 2))
     teacher = _maps(7, (2, 3, 2, 2), (2, 4, 1, 1))
     teacher[1] = teacher[1].repeat(1, 1, 3, 2) + 0.1 * _maps(8, (2, 4, 3, 2))[0]  # rank >= 2
-    kdsvd = KDSVD(k=2, space="channel")
+    kdsvd = KDSVD(k=2, space="channel", extra=0)
     terms = kdsvd(*_connect(kdsvd, student, teacher))
     expected = 0.0
     for n in range(2):
@@ -154,6 +218,110 @@ def test_kdsvd_channel_space_with_two_vectors_matches_the_formula():
         (fs, ft), (bs, bt) = (_dfv(s, t, 2) for s, t in layers)
         expected += _rbf_loss(fs, bs, ft, bt) / 2
     assert terms["kdsvd"].item() == pytest.approx(expected, rel=1e-4)
+
+
+def _dfv_matched(student_matrix, teacher_matrix, k, extra):
+    """The authors' matching, with NumPy: each of the teacher's top-k left singular vectors
+    (signs fixed to sum >= 0) takes the student vector of largest |cos| among the student's
+    top k + extra, sign-aligned; both weighted by the teacher's normalised singular values."""
+    u_s, _, _ = np.linalg.svd(np.asarray(student_matrix, dtype=np.float64))
+    u_t, sigma_t, _ = np.linalg.svd(np.asarray(teacher_matrix, dtype=np.float64))
+    u_t, sigma_t = u_t[:, :k], sigma_t[:k]
+    u_t = u_t * np.where(u_t.sum(0) >= 0, 1.0, -1.0)
+    candidates = u_s[:, :min(k + extra, *np.shape(student_matrix))]
+    columns = []
+    for q in range(k):
+        cos = candidates.T @ u_t[:, q]
+        j = int(np.argmax(np.abs(cos)))
+        columns.append(candidates[:, j] * (1.0 if cos[j] >= 0 else -1.0))
+    weight = sigma_t / np.linalg.norm(sigma_t)
+    return np.stack(columns, 1) * weight, u_t * weight
+
+
+def test_kdsvd_default_is_the_papers_channel_variant_with_the_authors_matching():
+    # equal widths per pair (as in the paper), spatial sizes differ; k = 2 of the student's
+    # top 3 (extra = 1); the student's first maps are built so its vectors come out of order
+    g = torch.Generator().manual_seed(30)
+    student = [torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64),
+               torch.randn(3, 5, 2, 2, generator=g, dtype=torch.float64)]
+    teacher = [torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64),
+               torch.randn(3, 5, 3, 1, generator=g, dtype=torch.float64)]
+    kdsvd = KDSVD(k=2)
+    assert (kdsvd.space, kdsvd.extra) == ("channel", 1)
+    terms = kdsvd(*_connect(kdsvd, student, teacher))
+    assert all(isinstance(c, nn.Identity) for c in kdsvd.connectors)
+    expected = 0.0
+    for n in range(3):
+        layers = [(s[n].numpy().reshape(s.shape[1], -1), t[n].numpy().reshape(t.shape[1], -1))
+                  for s, t in zip(student, teacher)]
+        (fs, ft), (bs, bt) = (_dfv_matched(s, t, 2, 1) for s, t in layers)
+        expected += _rbf_loss(fs, bs, ft, bt) / 3
+    assert terms["kdsvd"].item() == pytest.approx(expected, rel=1e-4)
+    # RepDistiller's extra = 3 is the same formula with more candidates
+    wide = KDSVD(k=1, extra=3)
+    wide_loss = wide(*_connect(wide, student, teacher))["kdsvd"].item()
+    expected = 0.0
+    for n in range(3):
+        layers = [(s[n].numpy().reshape(s.shape[1], -1), t[n].numpy().reshape(t.shape[1], -1))
+                  for s, t in zip(student, teacher)]
+        (fs, ft), (bs, bt) = (_dfv_matched(s, t, 1, 3) for s, t in layers)
+        expected += _rbf_loss(fs, bs, ft, bt) / 3
+    assert wide_loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_kdsvd_matching_picks_a_lower_student_vector_when_it_fits_better():
+    # the student's second singular direction is the teacher's first: matched with extra >= 1
+    base = torch.zeros(1, 3, 4, 1, dtype=torch.float64)
+    base[0, 0, 0, 0], base[0, 1, 1, 0], base[0, 2, 2, 0] = 3.0, 2.0, 1.0  # σ 3, 2, 1
+    teacher_first = torch.zeros(1, 3, 4, 1, dtype=torch.float64)
+    teacher_first[0, 1, 0, 0], teacher_first[0, 0, 1, 0] = 3.0, 0.5  # top: channel 1
+    student = [base, base[:, :, :2]]
+    teacher = [teacher_first, base[:, :, :2]]
+    in_order, matched = KDSVD(extra=0), KDSVD(extra=1)
+    loss_order = in_order(*_connect(in_order, student, teacher))["kdsvd"].item()
+    loss_matched = matched(*_connect(matched, student, teacher))["kdsvd"].item()
+    assert loss_matched == pytest.approx(0.0, abs=1e-10) and loss_order > 1e-3
+
+
+def test_kdsvd_authors_normalisation_is_n_sqrt_k_over_two_times_ours():
+    g = torch.Generator().manual_seed(31)
+    student = [torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64) for _ in range(2)]
+    teacher = [torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64) for _ in range(2)]
+    kdsvd = KDSVD(k=2)
+    ours = kdsvd(*_connect(kdsvd, student, teacher))["kdsvd"].item()
+    # the authors' tf.nn.l2_loss(G_s − G_t)·√k: half the squared sum over the whole batch
+    authors = 0.0
+    for n in range(4):
+        layers = [(s[n].numpy().reshape(3, -1), t[n].numpy().reshape(3, -1))
+                  for s, t in zip(student, teacher)]
+        (fs, ft), (bs, bt) = (_dfv_matched(s, t, 2, 1) for s, t in layers)
+        authors += _rbf_loss(fs, bs, ft, bt) / 2 * math.sqrt(2)
+    assert authors == pytest.approx(4 * math.sqrt(2) / 2 * ours, rel=1e-4)
+
+
+def test_kdsvd_channel_connectors_project_unequal_student_widths_and_train():
+    g = torch.Generator().manual_seed(32)
+    student = [torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64).requires_grad_(),
+               torch.randn(2, 4, 2, 2, generator=g, dtype=torch.float64)]
+    teacher = [torch.randn(2, 5, 4, 4, generator=g, dtype=torch.float64),
+               torch.randn(2, 4, 2, 2, generator=g, dtype=torch.float64)]
+    kdsvd = KDSVD(extra=0)
+    s_out, t_out, batch = _connect(kdsvd, student, teacher)
+    first, second = kdsvd.connectors
+    assert first.weight.shape == (5, 3, 1, 1) and first.bias is None
+    assert isinstance(second, nn.Identity)
+    first.double()
+    loss = kdsvd(s_out, t_out, batch)["kdsvd"]
+    projected = torch.einsum("oc,nchw->nohw", first.weight[:, :, 0, 0], student[0]).detach()
+    expected = 0.0
+    for n in range(2):
+        layers = [(projected[n].numpy().reshape(5, -1), teacher[0][n].numpy().reshape(5, -1)),
+                  (student[1][n].numpy().reshape(4, -1), teacher[1][n].numpy().reshape(4, -1))]
+        (fs, ft), (bs, bt) = (_dfv(s, t, 1) for s, t in layers)
+        expected += _rbf_loss(fs, bs, ft, bt) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    loss.backward()
+    assert first.weight.grad.abs().sum() > 0 and student[0].grad.abs().sum() > 0
 
 
 def test_kdsvd_is_zero_when_the_student_has_the_teachers_maps():
@@ -204,6 +372,9 @@ def test_top_singular_backward_stays_finite_with_repeated_discarded_singular_val
     (KDSVD, {"k": 0}, "distill.k=0"),
     (KDSVD, {"k": 1.5}, "distill.k=1.5"),
     (KDSVD, {"space": "pixel"}, "distill.space=pixel"),
+    (KDSVD, {"extra": -1}, "distill.extra=-1"),
+    (FSP, {"reduction": "median"}, "distill.reduction=median"),
+    (FSP, {"pool": "min"}, "distill.pool=min"),
 ])
 def test_bad_hyper_parameters_name_the_key(cls, kwargs, key):
     with pytest.raises(KdlabError, match=key):
@@ -216,12 +387,12 @@ def test_a_single_layer_pair_is_refused(cls):
         _connect(cls(), [torch.zeros(2, 4, 2, 2)], [torch.zeros(2, 4, 2, 2)] * 2)
 
 
-def test_kdsvd_checks_k_and_channel_widths_against_the_layers():
+def test_kdsvd_checks_k_against_the_layers():
     student, teacher = _maps(12, (2, 4, 2, 2), (2, 4, 1, 1)), _maps(13, (2, 4, 2, 2), (2, 6, 1, 1))
     with pytest.raises(KdlabError, match=r"distill.k=2 must be <= 1"):
         _connect(KDSVD(k=2), student, teacher)
-    with pytest.raises(KdlabError, match=r"distill.space=channel: .* 4 and 6 channels"):
-        _connect(KDSVD(space="channel"), student, teacher)
+    with pytest.raises(KdlabError, match=r"distill.k=5 must be <= 4"):
+        _connect(KDSVD(k=5, space="spatial"), *(_maps(14, (2, 4, 2, 2), (2, 5, 2, 2)),) * 2)
 
 
 @pytest.mark.parametrize("distill", ["fsp", "kdsvd"])

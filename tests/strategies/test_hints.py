@@ -61,7 +61,9 @@ def test_resize_pools_larger_maps_interpolates_smaller_ones_and_vectors_become_m
 def test_layers_pair_from_the_end_and_unpaired_layers_are_not_tapped():
     torch.manual_seed(0)
     student, teacher = CNN([1, 28, 28], 10, channels=[8, 16, 16], hidden=16), CNN([1, 28, 28], 10)
-    assert FitNets().resolve(student, teacher) == (["stages.2"], ["stages.1"])
+    # FitNets' default pairs the middle entries, (n - 1) // 2: of 3 student and 2 teacher stages
+    assert FitNets().resolve(student, teacher) == (["stages.1"], ["stages.0"])
+    assert FitNets(hints=1).resolve(student, teacher) == (["stages.2"], ["stages.1"])
     assert FitNets(hints=None).resolve(student, teacher) == (["stages.1", "stages.2"],
                                                              ["stages.0", "stages.1"])
     assert AB().resolve(student, teacher) == (["stages.1.1", "stages.2.1"],
@@ -87,6 +89,58 @@ def test_fitnets_is_beta_times_the_mean_squared_error_after_pooling():
     assert fit(student, teacher, BATCH)["fitnets"].item() == pytest.approx(3.0 * 0.25)
     assert fit.init_loss(student, teacher, BATCH)["fitnets_init"].item() == pytest.approx(0.25)
     assert fit.init_epochs == 2
+
+
+def test_fitnets_middle_is_the_lower_middle_of_each_list_as_repdistillers_hint_layer():
+    five, four = nn.Sequential(*[nn.Identity() for _ in range(5)]), nn.Sequential(
+        *[nn.Identity() for _ in range(4)])
+    fit = FitNets(student_layers=[str(i) for i in range(5)],
+                  teacher_layers=[str(i) for i in range(4)])
+    # 5 VGG blocks -> the third; 4 stages (MobileNetV2, ResNet-50) -> the second
+    assert fit.resolve(five, four) == (["2"], ["1"])
+    three = nn.Sequential(*[nn.Identity() for _ in range(3)])
+    assert FitNets(student_layers=["0", "1", "2"], teacher_layers=["0"]).resolve(
+        three, three) == (["1"], ["0"])
+
+
+def _bn_train(x):
+    """BatchNorm in training mode with weight 1, bias 0: per channel (x − mean) / √(var + 1e-5),
+    biased variance over (N, H, W)."""
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_fitnets_regressor_is_conv_bn_then_relu_as_the_paper_and_repdistiller(relu):
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 3, 2, 2, generator=g, dtype=torch.float64).relu()
+    fit = FitNets(beta=2.0, relu=relu)
+    student, teacher = _build(fit, [s], [t])
+    fit.double()
+    assert isinstance(fit.regressors[0][-1], nn.ReLU) == relu
+    weight = fit.regressors[0][0].weight[:, :, 0, 0].detach()  # (3, 2)
+    # independently: 1×1 conv as a sum over input channels, BN, ReLU, squared error
+    conv = torch.stack([sum(weight[o, c] * s[:, c] for c in range(2)) for o in range(3)], 1)
+    out = _bn_train(conv)
+    out = out.clamp_min(0) if relu else out
+    expected = ((out - t) ** 2).sum().item() / t.numel()
+    assert fit(student, teacher, BATCH)["fitnets"].item() == pytest.approx(2.0 * expected,
+                                                                           rel=1e-10)
+
+
+def test_fitnets_authors_half_sum_is_chw_over_two_times_ours():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    fit = FitNets(beta=1.0)
+    student, teacher = _build(fit, [s], [t])
+    fit.regressors[0] = nn.Identity()
+    ours = fit(student, teacher, BATCH)["fitnets"].item()
+    # adri-romsor/FitNets HintCost: mean over the batch of Σ_features ½ (hint − r)²
+    authors = sum(0.5 * float(((t[n] - s[n]) ** 2).sum()) for n in range(4)) / 4
+    assert authors == pytest.approx(3 * 5 * 5 / 2 * ours, rel=1e-12)
 
 
 def test_fitnets_gradients_reach_student_and_regressor_not_teacher():
@@ -170,6 +224,41 @@ def test_ab_is_the_mean_piecewise_margin_loss():
     assert ab.init_loss(student, teacher, BATCH)["ab_init"].item() == pytest.approx(expected)
 
 
+def test_ab_authors_reduction_weights_pairs_by_depth_and_scales_by_3_over_1000():
+    g = torch.Generator().manual_seed(5)
+    shapes = [(2, 2, 4, 4), (2, 3, 2, 2), (2, 4, 1, 1)]
+    s_feats = [torch.randn(*sh, generator=g, dtype=torch.float64) for sh in shapes]
+    t_feats = [torch.randn(*sh, generator=g, dtype=torch.float64) for sh in shapes]
+    ab = AB(beta=0.5, margin=0.7, reduction="authors")
+    student, teacher = _build(ab, s_feats, t_feats)
+    ab.connectors = nn.ModuleList([nn.Identity()] * 3)
+    expected = 0.0
+    for level, (s, t) in enumerate(zip(s_feats, t_feats)):  # shallowest first
+        total = 0.0
+        for (_, sv), (_, tv) in zip(_items(s), _items(t)):
+            if sv > -0.7 and tv <= 0:
+                total += (sv + 0.7) ** 2
+            if sv <= 0.7 and tv > 0:
+                total += (sv - 0.7) ** 2
+        expected += total / 2 * 3 / 1000 * {0: 0.25, 1: 0.5, 2: 1.0}[level]  # / N
+    assert ab(student, teacher, BATCH)["ab"].item() == pytest.approx(0.5 * expected, rel=1e-10)
+    assert ab.init_loss(student, teacher, BATCH)["ab_init"].item() == pytest.approx(expected,
+                                                                                    rel=1e-10)
+
+
+def test_ab_authors_reduction_is_49_152_times_the_mean_on_resnet8x4_preacts():
+    g = torch.Generator().manual_seed(6)
+    shapes = [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8)]  # resnet8x4 / resnet32x4
+    s_feats = [torch.randn(*sh, generator=g) for sh in shapes]
+    t_feats = [torch.randn(*sh, generator=g) for sh in shapes]
+    ab = AB()
+    student, teacher = _build(ab, s_feats, t_feats)
+    mean = ab.ab_loss(student, teacher)
+    ab.reduction = "authors"
+    authors = ab.ab_loss(student, teacher)
+    assert (authors / mean).item() == pytest.approx(3 * 16384 / 1000, rel=1e-5)  # 49.152
+
+
 def test_ab_gradients_reach_student_and_connectors_not_teacher():
     torch.manual_seed(0)
     s = [torch.randn(4, 3, 4, 4, requires_grad=True), torch.randn(4, 3, 2, 2, requires_grad=True)]
@@ -190,6 +279,8 @@ def test_vid_starts_at_the_initial_variance_and_is_the_gaussian_nll():
     vid = VID(beta=1.5)
     student, teacher = _build(vid, [s], [t])
     assert _flat(vid.variances()[0]) == pytest.approx([5.0, 5.0])
+    convs = [m for m in vid.regressors[0] if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3 and all(c.bias is None for c in convs)  # the authors' bias-free μ
     vid.regressors[0] = nn.Identity()
     with torch.no_grad():
         vid.alphas[0].copy_(torch.tensor([0.3, -1.0]))
@@ -218,6 +309,9 @@ def test_vid_gradients_reach_student_regressor_and_variance_not_teacher():
     (lambda: FitNets(beta=-1.0), "distill.beta=-1.0"),
     (lambda: FitNets(hints=0), "distill.hints=0"),
     (lambda: FitNets(init_epochs=-1), "distill.init_epochs=-1"),
+    (lambda: FitNets(hints="first"), "distill.hints=first"),
+    (lambda: FitNets(relu="yes"), "distill.relu=yes"),
+    (lambda: AB(reduction="sum"), "distill.reduction=sum"),
     (lambda: FitNets(student_layers=[]), r"distill.student_layers=\[\]"),
     (lambda: OFD(beta=float("nan")), "distill.beta=nan"),
     (lambda: OFD(momentum=1.5), "distill.momentum=1.5"),

@@ -46,6 +46,57 @@ def test_factor_loss_is_the_mean_abs_difference_of_l2_normalised_factors():
     assert factor_transfer_loss(t, t, 1).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def _normalised_difference(s, t, factor):
+    """Per sample, the difference of the L2-normalised φ(t) and φ(s) as Python lists: φ is the
+    flattened factor (``full``) or ``mean_c F_c²`` per position (``channel_mean_sq``)."""
+    out = []
+    for n in range(len(s)):
+        if factor == "full":
+            fs, ft = s[n].flatten().tolist(), t[n].flatten().tolist()
+        else:
+            fs, ft = ([sum(float(x[n, c, i, j]) ** 2 for c in range(x.shape[1])) / x.shape[1]
+                       for i in range(x.shape[2]) for j in range(x.shape[3])] for x in (s, t))
+        out.append([a - b for a, b in zip(_unit(ft), _unit(fs))])
+    return out
+
+
+@pytest.mark.parametrize("factor", ["full", "channel_mean_sq"])
+@pytest.mark.parametrize("distance", ["mean", "norm"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_factor_loss_variants_match_their_formulas(factor, distance, p):
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64)
+    per_sample = []
+    for diff in _normalised_difference(s, t, factor):
+        if distance == "mean":  # (1/d) Σ |Δ|^p
+            per_sample.append(sum(abs(x) ** p for x in diff) / len(diff))
+        else:  # ‖Δ‖_p, the paper's norm
+            per_sample.append(sum(abs(x) ** p for x in diff) ** (1 / p))
+    expected = sum(per_sample) / len(per_sample)
+    loss = factor_transfer_loss(s, t, p, factor, distance).item()
+    assert loss == pytest.approx(expected, rel=1e-10)
+
+
+def test_factor_loss_norm_with_p1_is_d_times_the_mean():
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    ratio = factor_transfer_loss(s, t, 1, distance="norm") / factor_transfer_loss(s, t, 1)
+    assert ratio.item() == pytest.approx(3 * 2 * 2, rel=1e-12)  # d = C·H·W of the factor
+
+
+def test_ft_keys_reach_the_main_stage_loss():
+    ft = _ft((2, 4, 3, 3), (2, 6, 3, 3), beta=2.0, p=2, distance="norm",
+             factor="channel_mean_sq")
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 6, 3, 3)
+    with torch.no_grad():
+        fs, ft_ = ft.translator(s), ft.paraphraser.encoder(t)
+    expected = 2.0 * factor_transfer_loss(fs, ft_, 2, "channel_mean_sq", "norm")
+    assert ft(*_io(s, t))["ft"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_factor_loss_pools_the_larger_map_to_the_smaller():
     torch.manual_seed(1)
     s, t = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 4, 4)
@@ -85,15 +136,18 @@ def test_main_stage_loss_is_beta_times_ft_of_translator_and_paraphraser_factors(
     assert terms["ft"].item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_pre_stage_is_the_reconstruction_mse_and_trains_only_the_paraphraser():
-    ft = _ft((2, 4, 3, 3), (2, 6, 5, 5))
+@pytest.mark.parametrize("reconstruction", ["l1", "mse"])
+def test_pre_stage_is_the_reconstruction_loss_and_trains_only_the_paraphraser(reconstruction):
+    ft = _ft((2, 4, 3, 3), (2, 6, 5, 5), reconstruction=reconstruction)
     s = torch.randn(2, 4, 3, 3, requires_grad=True)
     t = torch.randn(2, 6, 5, 5, requires_grad=True)
     terms = ft.init_loss(*_io(s, t))
     assert set(terms) == {"ft_rec"}
     with torch.no_grad():
         rec = ft.paraphraser.decoder(ft.paraphraser.encoder(t))
-    expected = sum((a - b) ** 2 for a, b in zip(rec.flatten().tolist(), t.flatten().tolist()))
+    power = 1 if reconstruction == "l1" else 2  # l1: the authors' nn.L1Loss (the default)
+    expected = sum(abs(a - b) ** power
+                   for a, b in zip(rec.flatten().tolist(), t.flatten().tolist()))
     assert terms["ft_rec"].item() == pytest.approx(expected / t.numel(), rel=1e-5)
     terms["ft_rec"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ft.paraphraser.parameters())
@@ -146,6 +200,9 @@ def test_two_stages_in_the_training_step_with_differing_stages():
     ({"p": 3}, "distill.p=3"),
     ({"init_epochs": -1}, "distill.init_epochs=-1"),
     ({"init_epochs": 1.5}, "distill.init_epochs=1.5"),
+    ({"distance": "max"}, "distill.distance=max"),
+    ({"factor": "attention"}, "distill.factor=attention"),
+    ({"reconstruction": "l2"}, "distill.reconstruction=l2"),
 ])
 def test_bad_hyper_parameters_name_the_key(kwargs, key):
     with pytest.raises(KdlabError, match=key):
