@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
-from kdlab.strategies.checks import Layers, check_number, layers_arg
+from kdlab.strategies.checks import Layers, check_choice, check_number, layers_arg
 from kdlab.util.errors import KdlabError
 
 
@@ -73,14 +73,6 @@ def check_maps(
 AT_FORMS = ("code", "paper")
 #: what is average-pooled when the two maps' spatial sizes differ (see :class:`AT`)
 AT_POOLS = ("attention", "features")
-
-
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a :class:`KdlabError` naming
-    ``distill.<key>``."""
-    if value not in choices:
-        raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
-    return str(value)
 
 
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:

@@ -21,6 +21,14 @@ def check_number(key: str, value: float, condition: str = ">= 0") -> float:
     return float(value)
 
 
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a :class:`KdlabError` naming
+    ``distill.<key>``."""
+    if value not in choices:
+        raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
+    return str(value)
+
+
 def check_epochs(key: str, value: int) -> int:
     """A whole number of epochs ``>= 0``, else a :class:`KdlabError` naming the key."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

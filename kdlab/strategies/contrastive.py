@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
-from kdlab.strategies.checks import check_number, layers_arg
+from kdlab.strategies.checks import check_choice, check_number, layers_arg
 from kdlab.util.errors import KdlabError
 
 
@@ -143,10 +143,8 @@ class CRD(Strategy):
             raise KdlabError(f"distill.num_negatives={num_negatives} must be a positive integer")
         if not 0.0 <= nce_mom < 1.0:
             raise KdlabError(f"distill.nce_mom={nce_mom} must be in [0, 1)")
-        for key, value, choices in (("positive", positive, CRD_POSITIVES),
-                                    ("negatives", negatives, CRD_NEGATIVES)):
-            if value not in choices:
-                raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
+        check_choice("positive", positive, CRD_POSITIVES)
+        check_choice("negatives", negatives, CRD_NEGATIVES)
         self.beta = check_number("beta", beta)
         self.feat_dim = int(feat_dim)
         self.num_negatives = int(num_negatives)

@@ -22,17 +22,8 @@ from kdlab.strategies.attention import (
     pool_to,
 )
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
-from kdlab.strategies.checks import Layers, check_number, layers_arg
+from kdlab.strategies.checks import Layers, check_choice, check_number, layers_arg
 from kdlab.util.errors import KdlabError
-
-
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a :class:`KdlabError` naming
-    ``distill.<key>``."""
-    if value not in choices:
-        raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
-    return str(value)
-
 
 # -- FSP -----------------------------------------------------------------------------------------
 #: how the larger of two consecutive maps is brought to the smaller's spatial size

@@ -20,19 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
-from kdlab.strategies.checks import Layers, check_epochs, check_number, layers_arg
+from kdlab.strategies.checks import Layers, check_choice, check_epochs, check_number, layers_arg
 from kdlab.util.errors import KdlabError
 
 
 # -- shared helpers --------------------------------------------------------------------------------
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a :class:`KdlabError` naming
-    ``distill.<key>``."""
-    if value not in choices:
-        raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
-    return str(value)
-
-
 def as_map(x: torch.Tensor, what: str = "feature") -> torch.Tensor:
     """``(N, C, H, W)`` maps pass; ``(N, C)`` vectors become ``(N, C, 1, 1)``."""
     if x.dim() == 4:

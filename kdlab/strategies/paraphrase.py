@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
-from kdlab.strategies.checks import check_epochs, check_number
+from kdlab.strategies.checks import check_choice, check_epochs, check_number
 from kdlab.util.errors import KdlabError
 
 #: negative slope of the LeakyReLU after every paraphraser / translator layer (authors' code)
@@ -56,12 +56,6 @@ FT_FACTORS = ("full", "channel_mean_sq")
 FT_DISTANCES = ("mean", "norm")
 #: the paraphraser's reconstruction loss in the pre-stage
 FT_RECONSTRUCTIONS = ("l1", "mse")
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
-    return str(value)
 
 
 def factor_transfer_loss(
@@ -183,9 +177,9 @@ class FT(Strategy):
         if isinstance(p, bool) or p not in (1, 2):
             raise KdlabError(f"distill.p={p} must be 1 or 2")
         self.p = int(p)
-        self.distance = _choice("distance", distance, FT_DISTANCES)
-        self.factor = _choice("factor", factor, FT_FACTORS)
-        self.reconstruction = _choice("reconstruction", reconstruction, FT_RECONSTRUCTIONS)
+        self.distance = check_choice("distance", distance, FT_DISTANCES)
+        self.factor = check_choice("factor", factor, FT_FACTORS)
+        self.reconstruction = check_choice("reconstruction", reconstruction, FT_RECONSTRUCTIONS)
         self.init_epochs = check_epochs("init_epochs", init_epochs)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
 

@@ -17,21 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
-from kdlab.strategies.checks import check_number, layers_arg
+from kdlab.strategies.checks import check_choice, check_number, layers_arg
 from kdlab.util.errors import KdlabError
 
 #: guards divisions and logarithms
 EPS = 1e-12
 #: (student, teacher) features of the paired layers, each ``[b, D]``
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a :class:`KdlabError` naming
-    ``distill.<key>``."""
-    if value not in choices:
-        raise KdlabError(f"distill.{key}={value} must be one of {', '.join(choices)}")
-    return str(value)
 
 
 def _flag(key: str, value: bool) -> bool:
@@ -169,7 +161,7 @@ class RKD(_Relational):
         self.beta = check_number("beta", beta)
         self.distance_weight = check_number("distance_weight", distance_weight)
         self.angle_weight = check_number("angle_weight", angle_weight)
-        self.pairs = _choice("pairs", pairs, RKD_PAIRS)
+        self.pairs = check_choice("pairs", pairs, RKD_PAIRS)
 
     def _terms(self, pairs: Pairs, device: torch.device) -> Terms:
         dist_loss = angle_loss = torch.zeros((), device=device)
@@ -267,7 +259,7 @@ class PKT(_Relational):
         if not (isinstance(eps, int | float) and 0 < eps < 1):
             raise KdlabError(f"distill.eps={eps} must be in (0, 1)")
         self.eps = float(eps)
-        self.form = _choice("form", form, PKT_FORMS)
+        self.form = check_choice("form", form, PKT_FORMS)
 
     def _terms(self, pairs: Pairs, device: torch.device) -> Terms:
         loss = torch.zeros((), device=device)
@@ -338,7 +330,7 @@ class SP(_Relational):
     ) -> None:
         super().__init__(student_layers, teacher_layers)
         self.beta = check_number("beta", beta)
-        self.norm = _choice("norm", norm, SP_NORMS)
+        self.norm = check_choice("norm", norm, SP_NORMS)
         self.last_only = _flag("last_only", last_only)
 
     def _select(self, paths: list[str]) -> list[str]:
@@ -461,10 +453,10 @@ class CC(_Relational):
                                      or feat_dim < 1):
             raise KdlabError(f"distill.feat_dim={feat_dim} must be a positive integer or null")
         self.gamma, self.order, self.feat_dim = float(gamma), order, feat_dim
-        self.kernel = _choice("kernel", kernel, CC_KERNELS)
+        self.kernel = check_choice("kernel", kernel, CC_KERNELS)
         self.normalize = _flag("normalize", normalize)
-        self.distance = _choice("distance", distance, CC_DISTANCES)
-        self.form = _choice("form", form, CC_FORMS)
+        self.distance = check_choice("distance", distance, CC_DISTANCES)
+        self.form = check_choice("form", form, CC_FORMS)
         # Taylor coefficients e^{-2γ} (2γ)^p / p!, p = 0..P
         self.coefficients = [math.exp(-2 * self.gamma) * (2 * self.gamma) ** p / math.factorial(p)
                              for p in range(order + 1)]
