@@ -218,12 +218,20 @@ def report(table: str, workdir: Path, methods: list[str], smoke: bool) -> str:
             + "\n".join(lines))
 
 
+def published_methods(spec: dict) -> list[str]:
+    """The student alone, then every method with a published number in some row of the
+    table, in :data:`METHODS` order."""
+    published = set().union(*(row.published for row in spec["rows"]))
+    return ["vanilla", *(m for m in METHODS if m != "vanilla" and m in published)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", nargs="*", default=["cifar100_same"],
                         choices=[*TABLES, "all"])
-    parser.add_argument("--methods", nargs="*", default=["vanilla", "kd", "dkd", "crd"],
-                        choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=None, choices=list(METHODS),
+                        help="default: the student alone and every method with a published "
+                             "number in the table")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="*", default=None,
                         help="only these rows, as teacher-student (e.g. resnet32x4-resnet8x4)")
@@ -243,11 +251,12 @@ def main() -> None:
     start = time.perf_counter()
     for table in tables:
         spec = TABLES[table]
+        methods = args.methods or published_methods(spec)
         for row in spec["rows"]:
             pair = f"{row.teacher}-{row.student}"
             if args.rows and pair not in args.rows:
                 continue
-            for method in args.methods:
+            for method in methods:
                 if args.report_only:
                     continue
                 if method not in row.published and method != "vanilla":
@@ -257,10 +266,10 @@ def main() -> None:
                               args.seeds, store, args.smoke, args.data_dir,
                               spec.get("method_overrides", {}).get(method, []))
                 failed += not ok
-        text = report(table, workdir, args.methods, args.smoke)
+        text = report(table, workdir, methods, args.smoke)
         mode = "smoke" if args.smoke else "full"
         command = (f"`python scripts/reproduce.py --table {table} --methods "
-                   f"{' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))}"
+                   f"{' '.join(methods)} --seeds {' '.join(map(str, args.seeds))}"
                    f"{' --smoke' if args.smoke else ''}` ({time.strftime('%Y-%m-%d')})")
         replace_section(args.doc, f"reproduce-{table}-{mode}", f"{command}\n\n{text}")
         print(text, flush=True)

@@ -138,6 +138,7 @@ def build_strategy(cfg: DictConfig) -> Strategy | None:
                              "(a subclass of kdlab.Strategy)")
         members[name] = member
     warn_about_long_warmups(members, cfg.trainer.get("max_epochs"))
+    warn_about_long_pre_stages(members, cfg.trainer.get("max_epochs"))
     return Composite(**members) if members else None
 
 
@@ -157,6 +158,24 @@ def warn_about_long_warmups(members: dict[str, Strategy], max_epochs: Any) -> li
                          f"{max_epochs}/{warmup} = {max_epochs / warmup:.0%} of its weight in "
                          f"the last epoch; set distill.{name}.warmup={max_epochs} or less for a "
                          "full-weight phase (the authors warm up over 20 of 240 epochs)")
+            log.warning(lines[-1])
+    return lines
+
+
+def warn_about_long_pre_stages(members: dict[str, Strategy], max_epochs: Any) -> list[str]:
+    """One warning line for each member whose pre-stage (``init_epochs``) takes the whole
+    schedule: the run would end before the method's main stage (for RepDistiller's AB and FSP,
+    before the student's classifier trains at all). Kept, never silent. Returns the lines."""
+    if not isinstance(max_epochs, int) or max_epochs < 1:
+        return []
+    lines = []
+    for name, member in members.items():
+        if member.init_epochs >= max_epochs:
+            lines.append(f"kdlab: warning: distill.{name}.init_epochs={member.init_epochs} "
+                         f"epochs of pre-stage fill the schedule (trainer.max_epochs="
+                         f"{max_epochs}): the run ends before the method's main stage; write "
+                         "trainer.max_epochs as ${after_pre_stage:N} (N epochs after the "
+                         f"pre-stage), lower distill.{name}.init_epochs, or pick protocol=none")
             log.warning(lines[-1])
     return lines
 

@@ -1,0 +1,139 @@
+"""ViT students on Fashion-MNIST: alone, with KD, with DeiT's distillation token; over seeds.
+
+    python scripts/bench_vit.py                       # 3 seeds, 3 epochs (about an hour, 2 cores)
+    python scripts/bench_vit.py --seeds 0 --epochs 1  # a quick look
+    python scripts/bench_vit.py --report-only         # rewrite the doc from finished runs
+
+The main job's data and teacher (``conf/train.yaml``: 1,000 labelled Fashion-MNIST images plus
+54,000 the CNN teacher labels softly; the teacher is trained once into the store and shared by
+every run), with the student replaced by the zoo's ``vit_nano`` (DeiT-style, patch 4):
+
+* **alone**: the ViT trained on the 1,000 labels only, for the same number of steps (the
+  ``baseline`` run of each KD job);
+* **kd**: Hinton KD (``distill=kd``, T=4, alpha=0.9) on all 55,000 images;
+* **deit**: ``vit_nano_distilled`` with ``distill=deit`` (hard distillation through the
+  distillation token, alpha=0.5), tested as the paper does, on the average of its two heads.
+
+Each configuration is one Hydra multirun over the seeds, in its own folder under ``--workdir``;
+a multirun whose runs all have ``results.json`` is not run again (resumable). Test accuracy is
+read on the checkpoint of best validation accuracy. The table goes into docs/RESULTS.md between
+``<!-- vit:start -->`` and ``<!-- vit:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_section import replace_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+#: configuration → (overrides, which result of each run to read)
+CONFIGS = {
+    "kd": (["distill=kd", "student=zoo", "student.model.name=vit_nano", "baseline=true"],
+           "student"),
+    "deit": (["distill=deit", "student=zoo", "student.model.name=vit_nano_distilled",
+              "baseline=false"], "student"),
+}
+LABELS = {"alone": "ViT alone (1,000 labels; `baseline` of the KD runs)",
+          "kd": "ViT + KD (`distill=kd`)",
+          "deit": "ViT + DeiT token (`distill=deit`, hard, `vit_nano_distilled`)"}
+
+
+def run_sweep(folder: Path, overrides: list[str], expected: int) -> tuple[list[dict], float]:
+    """One Hydra multirun into ``folder`` (skipped when its results exist); its results and
+    wall time in seconds."""
+    done = sorted(folder.glob("*/results.json"))
+    wall_file = folder / "wall_s.txt"
+    if len(done) < expected:
+        command = ["kdlab-train", "-m", *overrides, f"hydra.sweep.dir={folder}"]
+        print("+", " ".join(command), flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(command, cwd=ROOT, text=True, stdout=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            sys.exit(f"failed: {' '.join(command)}")
+        wall_file.write_text(f"{time.perf_counter() - start:.1f}\n")
+        done = sorted(folder.glob("*/results.json"))
+    wall = float(wall_file.read_text()) if wall_file.exists() else 0.0
+    return [json.loads(p.read_text()) for p in done], wall
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f} (n={len(values)})"
+
+
+def report(rows: dict[str, list[float]], teacher: float | None, params: dict[str, int],
+           command: str, wall_s: float) -> str:
+    alone = statistics.mean(rows["alone"]) if rows.get("alone") else None
+    lines = [
+        "### ViT students (issue 20, item 4)", "",
+        f"Command: `{command}`; {wall_s / 60:.0f} min wall on 2 CPU cores shared with other "
+        "work (the first sweep also trains the teacher into the store), "
+        f"{time.strftime('%Y-%m-%d')}. The main job's data and CNN teacher "
+        f"({teacher:.2f}% test), the student replaced by the zoo's `vit_nano` "
+        f"({params.get('kd', 0):,} parameters; `vit_nano_distilled`: "
+        f"{params.get('deit', 0):,}). Test accuracy (%) on the best-validation checkpoint, "
+        "mean ± std over seeds; Δ against the ViT alone.", "",
+        "| student | test acc | Δ |", "|---|---|---|"]
+    for name in ("alone", "kd", "deit"):
+        if not rows.get(name):
+            continue
+        delta = statistics.mean(rows[name]) - alone if alone is not None else 0.0
+        lines.append(f"| {LABELS[name]} | {mean_std(rows[name])} | {delta:+.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench_vit")
+    parser.add_argument("--teacher-store", type=Path, default=None,
+                        help="paths.teacher_store (default: the workdir's teachers/)")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("override", nargs="*", help="extra Hydra overrides for every run")
+    args = parser.parse_args()
+    workdir = args.workdir.resolve()
+    store = (args.teacher_store or workdir / "teachers").resolve()
+    base = [f"trainer.max_epochs={args.epochs}", f"seed={','.join(map(str, args.seeds))}",
+            f"paths.teacher_store={store}", "trainer.enable_progress_bar=false", *args.override]
+    rows: dict[str, list[float]] = {}
+    params: dict[str, int] = {}
+    teacher = None
+    wall_s = 0.0
+    for name, (overrides, _) in CONFIGS.items():
+        folder = workdir / name
+        if args.report_only:
+            results = [json.loads(p.read_text()) for p in sorted(folder.glob("*/results.json"))]
+            wall = float((folder / "wall_s.txt").read_text()) if (
+                folder / "wall_s.txt").exists() else 0.0
+        else:
+            results, wall = run_sweep(folder, [*overrides, *base], len(args.seeds))
+        wall_s += wall
+        for result in results:
+            rows.setdefault(name, []).append(100 * result["student"]["metrics"]["test/acc"])
+            params[name] = result["student"]["params"]
+            teacher = 100 * result["teacher"]["metrics"]["test/acc"]
+            if "baseline" in result:
+                rows.setdefault("alone", []).append(
+                    100 * result["baseline"]["metrics"]["test/acc"])
+    if not rows:
+        sys.exit("no finished runs under " + str(workdir))
+    extra = f" {' '.join(args.override)}" if args.override else ""
+    command = (f"python scripts/bench_vit.py --seeds {' '.join(map(str, args.seeds))} "
+               f"--epochs {args.epochs}{extra}")
+    text = report(rows, teacher, params, command, wall_s)
+    replace_section(args.doc, "vit", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
