@@ -7,8 +7,8 @@ package data ``kdlab/conf`` (``pyproject.toml`` maps the folder into the package
   ``site-packages/kdlab/conf``;
 - an editable install (``pip install -e .``) reads the checkout's ``conf/`` through the same
   package name (setuptools' editable finder maps ``kdlab.conf`` to it);
-- a checkout used without installing (``PYTHONPATH=<checkout>``, as on a lent GPU machine) reads
-  ``<checkout>/conf``.
+- a checkout imported from its own folder (``PYTHONPATH=<checkout>``, a git worktree, a copy on a
+  lent GPU machine) reads ``<checkout>/conf``, before any installed copy.
 
 A user's own config folder adds groups and options on top of these (``--config-dir DIR`` or
 ``hydra.searchpath=[file://DIR]``, see the README): :func:`group_options` lists them too.
@@ -27,7 +27,15 @@ _PRIMARY = "train.yaml"
 
 
 def config_dir() -> Path:
-    """The folder of kdlab's own configs (see the module docstring)."""
+    """The folder of kdlab's own configs (see the module docstring).
+
+    A checkout (a folder holding kdlab's ``pyproject.toml``, ``kdlab/`` and ``conf/``) reads its
+    own ``conf/`` first, so a second checkout put on ``PYTHONPATH`` (a git worktree, a copy on a
+    lent GPU machine) never reads the configs of the checkout installed in editable mode.
+    """
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / _PRIMARY).is_file():
+        return checkout / "conf"
     try:
         spec = importlib.util.find_spec("kdlab.conf")
     except ModuleNotFoundError:
@@ -36,10 +44,7 @@ def config_dir() -> Path:
         for location in spec.submodule_search_locations:
             if (Path(location) / _PRIMARY).is_file():
                 return Path(location)
-    checkout = Path(__file__).resolve().parents[2] / "conf"
-    if (checkout / _PRIMARY).is_file():
-        return checkout
-    raise KdlabError(f"kdlab's configs are missing: no kdlab/conf package data and no {checkout}; "
+    raise KdlabError(f"kdlab's configs are missing: no kdlab/conf package data and no {checkout / 'conf'}; "
                      "reinstall kdlab (pip install .) or run from a complete checkout")
 
 
