@@ -3,6 +3,7 @@
     python scripts/bench_strategies.py                       # the full protocol (hours on 2 cores)
     python scripts/bench_strategies.py --strategies kd at --epochs 2 --seeds 0 1
     python scripts/bench_strategies.py --report-only         # rewrite the doc from finished runs
+    python scripts/bench_strategies.py --strategies nkd wttm --section newer --title "…"
 
 Protocol, per strategy:
 
@@ -31,6 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_section import replace_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"transfer": ["data.num_labels=1000"], "full": ["data.num_labels=null"]}
 # The searched key of each strategy and its grid (the published default in the middle).
@@ -56,9 +60,35 @@ GRIDS: dict[str, tuple[str, list[float]]] = {
     "sp": ("beta", [300.0, 3000.0, 30000.0]),
     "cc": ("beta", [10.0, 100.0, 1000.0]),
     "crd": ("beta", [0.08, 0.8, 8.0]),
+    "nkd": ("gamma", [1.5, 3.5, 7.0]),
+    "wttm": ("beta", [1.0, 4.0, 16.0]),
+    "ctkd": ("kd.alpha", [0.5, 0.9, 1.0]),
+    "catkd": ("beta", [1.5, 15.0, 150.0]),
+    "sdd": ("complementary", [1.0, 2.0, 4.0]),
+    # DOT is an optimizer (over KD): its grid's delta=0 is plain SGD with momentum 0.9, the
+    # control that separates DOT's split momenta from the change of optimizer; the published
+    # 0.075 is the grid's top, as momentum + delta must stay below 1
+    "dot": ("optimizer.delta", [0.0, 0.05, 0.075]),
 }
+#: rows that are not `distill=<name>`: their overrides (the grid key is then a full config path)
+VARIANTS = {"dot": ["distill=kd", "optimizer=dot"]}
 # Warm-ups given in epochs of a 240-epoch recipe (20 epochs, 8%) are scaled to the short runs.
-SHORT_RUN = {"dkd": ["distill.dkd.warmup=1"], "reviewkd": ["distill.reviewkd.warmup=1"]}
+# CTKD's 10-epoch curriculum of lambda is shortened likewise.
+SHORT_RUN = {"dkd": ["distill.dkd.warmup=1"], "reviewkd": ["distill.reviewkd.warmup=1"],
+             "ctkd": ["distill.ctkd.loops=1"]}
+
+
+def key_path(name: str, key: str) -> str:
+    """The full config path of a row's grid key."""
+    return key if name in VARIANTS else f"distill.{name}.{key}"
+
+
+def config_value(result: dict, path: str) -> float:
+    """The value at a dotted ``path`` of a run's resolved config."""
+    value = result["config"]
+    for part in path.split("."):
+        value = value[part]
+    return value
 
 
 def run_sweep(folder: Path, overrides: list[str], expected: int) -> list[dict]:
@@ -101,21 +131,22 @@ def benchmark(args: argparse.Namespace) -> dict:
         report["rows"].setdefault("none", {})[setting] = {"runs": runs}
     for name in args.strategies:
         key, grid = GRIDS[name]
-        extra = [f"distill={name}", *SHORT_RUN.get(name, []), *base]
+        path = key_path(name, key)
+        extra = [*VARIANTS.get(name, [f"distill={name}"]), *SHORT_RUN.get(name, []), *base]
         folder = args.workdir / "transfer" / name / "grid"
         grid_runs = (collect(folder) if args.report_only else
-                     run_sweep(folder, [*extra, f"distill.{name}.{key}={','.join(map(str, grid))}",
+                     run_sweep(folder, [*extra, f"{path}={','.join(map(str, grid))}",
                                         f"seed={args.seeds[0]}", *SETTINGS["transfer"]],
                                len(grid)))
         if not grid_runs:
             continue
         best = max(grid_runs, key=lambda r: accuracy(r, "val"))
-        value = best["config"]["distill"][name][key]
+        value = config_value(best, path)
         row = report["rows"].setdefault(name, {})
         row["key"], row["value"] = key, value
-        row["grid"] = {r["config"]["distill"][name][key]: accuracy(r, "val") for r in grid_runs}
+        row["grid"] = {config_value(r, path): accuracy(r, "val") for r in grid_runs}
         for setting in args.settings:
-            chosen = [f"distill.{name}.{key}={value}", *SETTINGS[setting]]
+            chosen = [f"{path}={value}", *SETTINGS[setting]]
             folder = args.workdir / setting / name / "seeds"
             if setting == "transfer":
                 if len(args.seeds) > 1:
@@ -133,7 +164,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         result = json.loads(path.read_text())
         if "teacher" in result:
             report["teacher"] = accuracy({"student": result["teacher"]}, "test")
-    report["wall_s"] = sum(float(p.read_text()) for p in args.workdir.glob("*/*/*/wall_s.txt"))
+    report["wall_s"] = sum(float(p.read_text()) for name in ("none", *args.strategies)
+                           for p in args.workdir.glob(f"*/{name}/*/wall_s.txt"))
     return report
 
 
@@ -146,7 +178,7 @@ def write_doc(report: dict, args: argparse.Namespace) -> str:
     none = {s: [accuracy(r, "test") for r in rows.get("none", {}).get(s, {}).get("runs", [])]
             for s in args.settings}
     lines = [
-        "# Results: every strategy on Fashion-MNIST", "",
+        f"### {args.title or f'Full protocol — {len(args.strategies)} strategies'}", "",
         f"Command: `python scripts/bench_strategies.py {' '.join(sys.argv[1:])}` "
         f"({time.strftime('%Y-%m-%d')}, 2 CPU cores, {report['wall_s'] / 3600:.1f} h of runs). "
         f"Student: CNN, 27k parameters; teacher: CNN, 422k parameters, "
@@ -159,7 +191,11 @@ def write_doc(report: dict, args: argparse.Namespace) -> str:
         "the value chosen in `transfer`). Test accuracy (%) is read once per run, on the "
         "checkpoint with the best validation accuracy; mean ± std over seeds (n in brackets). "
         "Δ is against the CE-only student of the same setting. DKD's and ReviewKD's 20-epoch "
-        "warm-ups (8% of their 240-epoch recipe) are shortened to 1 epoch.", "",
+        "warm-ups (8% of their 240-epoch recipe) are shortened to 1 epoch"
+        + (", and so is CTKD's 10-epoch curriculum" if "ctkd" in args.strategies else "")
+        + (". `dot` is `distill=kd optimizer=dot`: its grid's delta=0 is plain SGD with "
+           "momentum, the control for the change of optimizer (the others train with AdamW)"
+           if "dot" in args.strategies else "") + ".", "",
         "- `transfer`: 1,000 labelled training images (100 per class) + 54,000 unlabelled ones "
         "the teacher labels softly — the main job's data.",
         "- `full`: all 55,000 training labels.", "",
@@ -213,6 +249,9 @@ def main() -> None:
                         help="extra Hydra overrides for every run (e.g. for a smoke test)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the doc from finished runs without starting any")
+    parser.add_argument("--section", default="protocol",
+                        help="the generated section of --out to rewrite (<!-- NAME:start -->)")
+    parser.add_argument("--title", default=None, help="the section's heading")
     args = parser.parse_args()
     if "transfer" not in args.settings:
         parser.error("hyper-parameters are chosen in the `transfer` setting: include it")
@@ -220,7 +259,7 @@ def main() -> None:
     args.teacher_store = args.teacher_store.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     doc = write_doc(benchmark(args), args)
-    args.out.write_text(doc)
+    replace_section(args.out, args.section, doc)
     print(doc)
 
 
