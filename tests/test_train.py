@@ -82,3 +82,19 @@ def test_multirun_shares_one_teacher(multirun_2x2):
     sources = [r["teacher"]["source"]["source"] for r in loaded if "teacher" in r]
     assert sorted(sources) == ["store", "trained"]
     assert len(list((tmp_path / "teachers").glob("*/teacher.pt"))) == 1
+
+
+
+def test_a_given_teacher_is_measured_on_the_batches_the_trainer_limits_allow(tmp_path):
+    """``trainer.limit_val_batches`` / ``limit_test_batches`` apply to every network of a run,
+    a given teacher too: with 1 validation and 2 test batches of 256 images, the teacher's
+    accuracies are whole numbers of 256ths and 512ths (not of the full splits' 5,000ths and
+    10,000ths)."""
+    from tests.strategies.harness import PAIR, pair_teacher
+
+    results = run(make_cfg(tmp_path, ["distill=kd", *PAIR, f"teacher.ckpt={pair_teacher()}",
+                                      "trainer.limit_train_batches=2"]))
+    assert results["teacher"]["source"]["source"] == "ckpt"
+    for split, images in (("val", 256), ("test", 512)):
+        hits = results["teacher"]["metrics"][f"{split}/acc"] * images
+        assert abs(hits - round(hits)) < 1e-3, (split, hits)

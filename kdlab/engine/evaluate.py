@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,14 +16,16 @@ from kdlab.engine.module import DistillationModule
 def evaluate_model(model: nn.Module, data: LightningDataModule, num_classes: int,
                    accelerator: str = "cpu", precision: str | int = "32-true",
                    channels_last: bool = False, splits: Sequence[str] = ("val", "test"),
-                   ) -> dict[str, float]:
+                   limits: Mapping[str, Any] | None = None) -> dict[str, float]:
     """``val/acc``, ``val/loss``, ``test/acc``, ``test/loss`` of ``model`` (for the ``splits``
-    asked for), through a Trainer on one device of ``accelerator`` at ``precision``."""
+    asked for), through a Trainer on one device of ``accelerator`` at ``precision``. ``limits``
+    are the run's ``fast_dev_run`` / ``limit_val_batches`` / ``limit_test_batches`` (Trainer
+    arguments), so every network of a run is measured on the same batches."""
     module = DistillationModule(student=model, num_classes=num_classes,
                                 optimizer=torch.optim.SGD, channels_last=channels_last)
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False, **dict(limits or {}))
     metrics: dict[str, float] = {}
     if "val" in splits:
         metrics.update(trainer.validate(module, datamodule=data, verbose=False)[0])

@@ -88,13 +88,20 @@ def latency_args(cfg: DictConfig, data: InMemoryDataModule) -> tuple:
     return (data.input_shape, cfg.latency, bool(cfg.channels_last))
 
 
+#: the trainer options that limit an evaluation's batches
+EVAL_LIMITS = ("fast_dev_run", "limit_val_batches", "limit_test_batches")
+
+
 def evaluate(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule) -> dict[str, float]:
     """Validation and test accuracy and loss of ``model`` on ``data``, on the run's accelerator
-    and precision (``cfg.trainer``)."""
+    and precision, and on the batches its trainer's limits allow (``cfg.trainer``:
+    ``fast_dev_run``, ``limit_val_batches``, ``limit_test_batches``), as the trained networks
+    are measured."""
+    limits = {key: cfg.trainer[key] for key in EVAL_LIMITS if cfg.trainer.get(key) is not None}
     return evaluate_model(model, data, data.num_classes,
                           accelerator=cfg.trainer.get("accelerator", "auto"),
                           precision=cfg.trainer.get("precision", "32-true"),
-                          channels_last=bool(cfg.get("channels_last", False)))
+                          channels_last=bool(cfg.get("channels_last", False)), limits=limits)
 
 
 def stage_entry(stage: str, name: str, model: nn.Module, result: StageResult,

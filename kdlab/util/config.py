@@ -44,8 +44,9 @@ def config_dir() -> Path:
         for location in spec.submodule_search_locations:
             if (Path(location) / _PRIMARY).is_file():
                 return Path(location)
-    raise KdlabError(f"kdlab's configs are missing: no kdlab/conf package data and no {checkout / 'conf'}; "
-                     "reinstall kdlab (pip install .) or run from a complete checkout")
+    raise KdlabError(f"kdlab's configs are missing: no kdlab/conf package data and no "
+                     f"{checkout / 'conf'}; reinstall kdlab (pip install .) or run from a "
+                     "complete checkout")
 
 
 #: kdlab's config folder, found once at import
