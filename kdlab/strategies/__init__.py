@@ -10,6 +10,7 @@ from kdlab.strategies.contrastive import CRD
 from kdlab.strategies.controls import LabelSmoothing, PseudoLabels
 from kdlab.strategies.curriculum import CTKD
 from kdlab.strategies.deit import DeiT
+from kdlab.strategies.divergences import GKD, ULD, ReverseKL, SkewKL
 from kdlab.strategies.flow import FSP, KDSVD
 from kdlab.strategies.hints import AB, OFD, VID, FitNets
 from kdlab.strategies.logits import DIST, DKD, KD, LSKD, kd_loss
@@ -19,8 +20,8 @@ from kdlab.strategies.review import ReviewKD
 from kdlab.strategies.transformed import NKD, WTTM
 
 __all__ = [
-    "AB", "AT", "CATKD", "CC", "CRD", "CTKD", "DIST", "DKD", "FSP", "FT", "KD", "KDSVD", "LSKD",
-    "NKD", "NST", "OFD", "PKT", "RKD", "SDD", "SP", "VID", "WTTM", "Batch", "Composite", "DeiT",
-    "FitNets", "LabelSmoothing", "Outputs", "PseudoLabels", "ReviewKD", "Strategy", "Terms",
-    "kd_loss",
+    "AB", "AT", "CATKD", "CC", "CRD", "CTKD", "DIST", "DKD", "FSP", "FT", "GKD", "KD", "KDSVD",
+    "LSKD", "NKD", "NST", "OFD", "PKT", "RKD", "SDD", "SP", "ULD", "VID", "WTTM", "Batch",
+    "Composite", "DeiT", "FitNets", "LabelSmoothing", "Outputs", "PseudoLabels", "ReverseKL",
+    "ReviewKD", "SkewKL", "Strategy", "Terms", "kd_loss",
 ]
