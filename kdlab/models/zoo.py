@@ -22,7 +22,7 @@ from torch import nn
 from kdlab.util.errors import KdlabError, close_matches
 
 #: the modules whose ``MODELS`` dicts make up the registry, in the order they are listed
-FAMILIES = ("resnet_cifar", "wrn", "vgg", "mobilenetv2", "shufflenet", "vit", "hub")
+FAMILIES = ("resnet_cifar", "wrn", "vgg", "mobilenetv2", "shufflenet", "vit", "gpt", "hub")
 
 
 def registry() -> dict[str, Callable[..., nn.Module]]:
