@@ -1,0 +1,248 @@
+"""Text for language-model distillation, offline: a folder of text files (by default the Python
+standard library's own source, which every machine that runs kdlab has), a byte-level
+tokenizer, a split by file and fixed-length windows of next-token targets.
+
+**Why the standard library.** Language-model runs need a sizeable corpus that exists without a
+download, on every machine, with no licence question: the ``.py`` files of the interpreter's
+standard library (about 12 MB of real, varied text — code, docstrings, comments — in CPython
+3.11; test suites, ``site-packages`` and caches left out) fit. Its content depends on the Python
+version, so the corpus is identified by a digest of its files (:meth:`TextDataModule.identity`),
+never by its path: two machines share a stored teacher only when their corpora are the same
+bytes.
+
+**Tokens.** :class:`ByteTokenizer` maps text to its UTF-8 bytes (vocabulary 256, no unknown
+token, nothing to download); bits per byte are then the cross-entropy in nats divided by
+``ln 2``. Files are joined with a NUL byte (which text files do not contain) as separator.
+
+**Splits.** Each file goes to train, validation or test by a seeded hash of its path relative to
+the root (``split_seed``; fractions ``val_fraction`` / ``test_fraction``), so no file is seen in
+two splits and a file keeps its split when others are added. Each split is cut into windows of
+``context + 1`` tokens with stride ``context``: a window's first ``context`` tokens are the
+input, its last ``context`` the next-token targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from kdlab.data.loader import BatchLoader
+from kdlab.util.errors import KdlabError
+
+#: folders of the standard library left out of the default corpus
+_SKIPPED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+#: the byte that separates files in a split
+SEPARATOR = 0
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, lossless on any text."""
+
+    vocab_size = 256
+    name = "bytes"
+
+    def encode(self, text: str) -> torch.Tensor:
+        """``text`` as a 1-D ``uint8`` tensor of its UTF-8 bytes."""
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        """The text of byte tokens (invalid UTF-8 sequences, e.g. a cut multi-byte character,
+        become U+FFFD)."""
+        return bytes(tokens.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def stdlib_root() -> Path:
+    """The folder of this interpreter's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus_files(root: Path, pattern: str) -> list[Path]:
+    """The files under ``root`` matching ``pattern`` (a glob, ``**`` recursive), sorted by
+    relative path, without test suites, installed packages and caches."""
+    if not root.is_dir():
+        raise KdlabError(f"data.root={root} is not a folder of text files")
+    files = sorted(p for p in root.glob(pattern) if p.is_file()
+                   and not _SKIPPED.intersection(p.relative_to(root).parts[:-1]))
+    if not files:
+        raise KdlabError(f"data.root={root} holds no file matching data.pattern={pattern!r}")
+    return files
+
+
+def split_of(relative: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """``train``, ``val`` or ``test`` for the file at ``relative``: a seeded hash of its path."""
+    digest = hashlib.sha256(f"{seed}:{relative}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def windows(tokens: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``[N, context]`` and next-token targets ``[N, context]`` of the windows of
+    ``context + 1`` tokens with stride ``context`` (the tail shorter than a window is
+    dropped)."""
+    n = (len(tokens) - 1) // context
+    if n < 1:
+        return (torch.empty(0, context, dtype=torch.long),
+                torch.empty(0, context, dtype=torch.long))
+    body = tokens[: n * context + 1].long()
+    return body[:-1].view(n, context), body[1:].view(n, context)
+
+
+class TextDataModule(L.LightningDataModule):
+    """Byte-level language-modelling data from a folder of text files (see the module
+    docstring).
+
+    Args:
+        root: folder of the corpus; ``None``: the Python standard library (``pattern`` then
+            defaults to ``**/*.py``).
+        pattern: glob of the files to read under ``root`` (``**`` is recursive).
+        context: tokens per training window (the model's context).
+        batch_size: training windows per batch.
+        eval_batch_size: windows per validation/test batch.
+        val_fraction, test_fraction: expected shares of the files in validation and test.
+        split_seed: seed of the split by file.
+        max_bytes: read at most this many bytes of the corpus (files in sorted order, the last
+            one cut), for quick runs; ``None`` reads everything.
+        shuffle_seed: seed of the training order (epoch ``e`` is shuffled with ``(seed, e)``).
+    """
+
+    name = "text"
+    in_memory = True
+
+    def __init__(self, root: str | None = None, pattern: str | None = None, context: int = 128,
+                 batch_size: int = 64, eval_batch_size: int = 256, val_fraction: float = 0.05,
+                 test_fraction: float = 0.05, split_seed: int = 0, max_bytes: int | None = None,
+                 shuffle_seed: int = 0) -> None:
+        super().__init__()
+        if context < 1:
+            raise KdlabError(f"data.context={context} must be a positive number of tokens")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise KdlabError(f"data.batch_size={batch_size} and data.eval_batch_size="
+                             f"{eval_batch_size} must be positive")
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1
+                and val_fraction + test_fraction < 1):
+            raise KdlabError(f"data.val_fraction={val_fraction} and data.test_fraction="
+                             f"{test_fraction} must be in (0, 1) with a sum below 1")
+        if max_bytes is not None and max_bytes < 1:
+            raise KdlabError(f"data.max_bytes={max_bytes} must be positive or null")
+        self.root = Path(root).expanduser() if root is not None else None
+        self.pattern = pattern or ("**/*.py" if root is None else "**/*")
+        self.context = int(context)
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.split_seed, self.shuffle_seed = int(split_seed), int(shuffle_seed)
+        self.max_bytes = max_bytes
+        self.tokenizer = ByteTokenizer()
+        self.num_classes = self.tokenizer.vocab_size
+        self.input_shape = (self.context,)
+        self._ready = False
+
+    @property
+    def corpus_root(self) -> Path:
+        return self.root if self.root is not None else stdlib_root()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        root = self.corpus_root
+        parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
+        counts = {"train": 0, "val": 0, "test": 0}
+        digest = hashlib.sha256()
+        budget = self.max_bytes
+        for path in corpus_files(root, self.pattern):
+            data = path.read_bytes().replace(bytes([SEPARATOR]), b"")
+            if budget is not None:
+                data = data[:budget]
+                budget -= len(data)
+            relative = path.relative_to(root).as_posix()
+            digest.update(relative.encode() + b"\0" + hashlib.sha256(data).digest())
+            split = split_of(relative, self.split_seed, self.val_fraction, self.test_fraction)
+            parts[split].append(data)
+            counts[split] += 1
+            if budget is not None and budget <= 0:
+                break
+        self.content = digest.hexdigest()[:32]
+        self.files = counts
+        self.bytes: dict[str, int] = {}
+        for split, chunks in parts.items():
+            text = bytes([SEPARATOR]).join(chunks)
+            self.bytes[split] = len(text)
+            tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else \
+                torch.empty(0, dtype=torch.uint8)
+            x, y = windows(tokens, self.context)
+            if len(x) == 0:
+                raise KdlabError(
+                    f"data: the {split} split of {root} ({counts[split]} files, {len(text)} "
+                    f"bytes) holds no window of data.context={self.context} tokens: use a "
+                    "larger corpus or data.max_bytes, a smaller context, or other fractions")
+            setattr(self, f"x_{split}", x)
+            setattr(self, f"y_{split}", y)
+        self._ready = True
+
+    def identity(self) -> dict[str, Any]:
+        """What defines the text a network is trained and validated on, for the key of a stored
+        teacher: a digest of the corpus's files (paths and bytes), the tokenizer, the context
+        and the split."""
+        self.setup()
+        return {"dataset": type(self).__name__, "content": self.content,
+                "tokenizer": self.tokenizer.name, "context": self.context,
+                "split_seed": self.split_seed, "val_fraction": self.val_fraction,
+                "test_fraction": self.test_fraction, "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape)}
+
+    @property
+    def num_train_samples(self) -> int:
+        """Training windows."""
+        self.setup()
+        return len(self.x_train)
+
+    def example_input(self, n: int = 2) -> torch.Tensor:
+        """``n`` training windows (for probing shapes)."""
+        self.setup()
+        return self.x_train[:n]
+
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def train_dataloader(self) -> BatchLoader:
+        self.setup()
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        device = self._device()
+        self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
+        return BatchLoader(self.x_train, self.y_train,
+                           torch.arange(len(self.x_train), device=device), self.batch_size,
+                           shuffle=True, seed=self.shuffle_seed, rank=rank, world_size=world)
+
+    def _eval_loader(self, split: str) -> BatchLoader:
+        self.setup()
+        device = self._device()
+        x, y = getattr(self, f"x_{split}").to(device), getattr(self, f"y_{split}").to(device)
+        setattr(self, f"x_{split}", x)
+        setattr(self, f"y_{split}", y)
+        return BatchLoader(x, y, torch.arange(len(x), device=device), self.eval_batch_size)
+
+    def val_dataloader(self) -> BatchLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> BatchLoader:
+        return self._eval_loader("test")
+
+    def describe(self) -> str:
+        """One line for the log: the corpus and the size of each split."""
+        self.setup()
+        where = ("the Python standard library" if self.root is None else str(self.root))
+        sizes = ", ".join(f"{s} {self.files[s]} files / {self.bytes[s] / 1e6:.2f} MB / "
+                          f"{len(getattr(self, f'x_{s}'))} windows"
+                          for s in ("train", "val", "test"))
+        return (f"text ({where}, {self.pattern}, {self.tokenizer.name}, context "
+                f"{self.context}): {sizes}")
