@@ -6,6 +6,7 @@ from kdlab.data.fashion_mnist import FashionMNISTDataModule
 from kdlab.data.imagefolder import ImageFolderDataModule
 from kdlab.data.memory import UNLABELLED, InMemoryDataModule
 from kdlab.data.synthetic import SyntheticDataModule
+from kdlab.data.text import TextDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -14,5 +15,6 @@ __all__ = [
     "ImageFolderDataModule",
     "InMemoryDataModule",
     "SyntheticDataModule",
+    "TextDataModule",
     "UNLABELLED",
 ]

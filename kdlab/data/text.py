@@ -33,6 +33,7 @@ import torch
 
 from kdlab.data.loader import BatchLoader
 from kdlab.util.errors import KdlabError
+from kdlab.util.inputs import TokenShape
 
 #: folders of the standard library left out of the default corpus
 _SKIPPED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -120,8 +121,22 @@ class TextDataModule(L.LightningDataModule):
     def __init__(self, root: str | None = None, pattern: str | None = None, context: int = 128,
                  batch_size: int = 64, eval_batch_size: int = 256, val_fraction: float = 0.05,
                  test_fraction: float = 0.05, split_seed: int = 0, max_bytes: int | None = None,
-                 shuffle_seed: int = 0) -> None:
+                 shuffle_seed: int = 0, transfer: bool = False, num_labels: int | None = None,
+                 augment: bool = False, mix: str = "none") -> None:
         super().__init__()
+        # the options every kdlab datamodule takes from the modes: every token of a text is
+        # its own label (the next token), so there is no transfer set and no labelled subset,
+        # and text has no random augmentation
+        if num_labels is not None:
+            raise KdlabError(f"data.num_labels={num_labels}: every window of a text is labelled "
+                             "by its next tokens; use data.max_bytes to train on less text")
+        if augment:
+            raise KdlabError("data=text has no augmentation: set teacher.train.augment=false "
+                             "(and data.augment is not a key of data=text)")
+        if mix != "none":
+            raise KdlabError(f"data.mix={mix}: mixing is for images; data=text has none")
+        self.transfer = bool(transfer)
+        self.mix = "none"
         if context < 1:
             raise KdlabError(f"data.context={context} must be a positive number of tokens")
         if batch_size < 1 or eval_batch_size < 1:
@@ -142,7 +157,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_bytes = max_bytes
         self.tokenizer = ByteTokenizer()
         self.num_classes = self.tokenizer.vocab_size
-        self.input_shape = (self.context,)
+        self.input_shape = TokenShape((self.context,), self.num_classes)
         self._ready = False
 
     @property
@@ -197,6 +212,16 @@ class TextDataModule(L.LightningDataModule):
                 "split_seed": self.split_seed, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction, "num_classes": self.num_classes,
                 "input_shape": list(self.input_shape)}
+
+    #: what the modes ask of every datamodule: no unlabelled samples, no augmentation
+    has_unlabelled = False
+    augmented = False
+    classes = None
+    view_bank = None
+
+    def augmentation(self) -> dict[str, Any]:
+        """The random augmentation of training batches: none for text."""
+        return {"augment": False}
 
     @property
     def num_train_samples(self) -> int:

@@ -254,6 +254,10 @@ def prepare_cache(options: CacheOptions, teacher: nn.Module | None, taps: Taps |
     if x_train is None:
         live("the data is read from disk batch by batch (the cache needs an in-memory dataset)")
         return None
+    if x_train.dim() == 2 and not x_train.is_floating_point():
+        live("the inputs are token sequences: the cache stores one row of outputs per sample, "
+             "not per token")
+        return None
     bank = None
     if getattr(data, "augmented", False):
         what = "data.mix" if getattr(data, "mix", "none") != "none" else "data.augment"

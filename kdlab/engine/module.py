@@ -44,6 +44,15 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A language model's per-position outputs ``[N, T, V]`` (or targets ``[N, T]``) as one row
+    per token, ``[N·T, V]`` (``[N·T]``): every strategy and metric then treats a token as a
+    sample. Image logits ``[N, C]`` and targets ``[N]`` are returned as they are."""
+    if t.dim() == 3 or (t.dim() == 2 and not t.is_floating_point()):
+        return t.flatten(0, 1)
+    return t
+
+
 class DistillationModule(L.LightningModule):
     """Trains ``student`` with cross-entropy plus the terms of ``strategy`` against ``teacher``.
 
@@ -153,7 +162,7 @@ class DistillationModule(L.LightningModule):
 
     @staticmethod
     def _outputs(model: nn.Module, taps: Taps | None, x: torch.Tensor) -> Outputs:
-        logits = model(x)
+        logits = as_rows(model(x))
         return Outputs(logits, taps.pop() if taps is not None else {})
 
     # -- the teacher stays frozen ----------------------------------------------------------------
@@ -178,7 +187,9 @@ class DistillationModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        if self.channels_last and x.dim() == 4:  # images; token ids [N, T] stay as they are
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(self._input(x))
@@ -213,6 +224,7 @@ class DistillationModule(L.LightningModule):
         computed (a pack's vectorised pass), the student's."""
         if student is None:
             student = self._outputs(self.student, self.student_taps, x)
+        y = as_rows(y)
         strategy = self.strategy
         if strategy is None:
             return {"ce": self._cross_entropy(student.logits, y)}
@@ -458,10 +470,15 @@ class DistillationModule(L.LightningModule):
 
     def _evaluate(self, batch: tuple[torch.Tensor, ...], split: str, metric) -> None:
         x, y, _ = batch
-        logits = self(x)
+        logits, y = as_rows(self(x)), as_rows(y)
         metric.update(logits, y)
-        self.log(f"{split}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        loss = F.cross_entropy(logits, y)
+        self.log(f"{split}/loss", loss, on_epoch=True, sync_dist=True)
         self.log(f"{split}/acc", metric, on_epoch=True, prog_bar=True)
+        if x.dim() == 2 and not x.is_floating_point():  # token ids: bits per token (per byte
+            # for a byte-level tokenizer), the loss in bits
+            self.log(f"{split}/bits_per_token", loss / math.log(2), on_epoch=True,
+                     sync_dist=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)

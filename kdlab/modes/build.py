@@ -30,6 +30,7 @@ from kdlab.engine.spec import (
 from kdlab.strategies.base import Strategy
 from kdlab.strategies.composite import Composite, qualify
 from kdlab.util.errors import KdlabError
+from kdlab.util.inputs import example_inputs
 from kdlab.util.tracking import RunLabels, is_wandb, stage_prefix, start_run, wandb_kwargs
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def build_model(model_cfg: DictConfig, data: InMemoryDataModule, key: str) -> nn
     model.eval()
     with torch.no_grad():
         try:
-            out = model(torch.zeros(2, *data.input_shape))
+            out = model(example_inputs(data.input_shape, 2, zeros=True))
         except RuntimeError as e:
             raise KdlabError(
                 f"{key} does not accept {data.name} inputs of shape {list(data.input_shape)}: "

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdlab.util.inputs import example_inputs
+
 
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters of ``model`` (trainable or not)."""
@@ -45,7 +47,7 @@ def side_by_side_latency_ms(models: Mapping[str, nn.Module], input_shape: tuple[
     states = {name: (_device(m), m.training) for name, m in models.items()}
     for model in models.values():
         model.cpu().eval()
-    x = torch.randn(batch_size, *input_shape)
+    x = example_inputs(input_shape, batch_size)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     names = list(models)
@@ -95,7 +97,7 @@ def flops_per_sample(model: nn.Module, input_shape: Sequence[int]) -> int:
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter:
-        model(torch.zeros(1, *input_shape, device=device))
+        model(example_inputs(input_shape, 1, zeros=True).to(device))
     model.train(was_training)
     return int(counter.get_total_flops())
 

@@ -1,0 +1,47 @@
+"""Language models through the same engine as images: ``kdlab-train data=text`` trains a GPT
+teacher into the store and distils a smaller GPT, one row per token; the teacher stays frozen;
+bits per token are reported."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdlab.engine.module import as_rows
+from kdlab.train import run
+from tests.conftest import make_cfg
+
+TEXT = ["data=text", "data.max_bytes=400000", "data.context=32", "data.batch_size=16",
+        "data.eval_batch_size=64", "student=zoo", "student.model.name=gpt_nano",
+        "teacher=zoo", "teacher.model.name=gpt_nano", "+teacher.model.dim=96",
+        "teacher.train.max_epochs=1", "teacher.train.augment=false",
+        "teacher.train.batch_size=16", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=30", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "logger=none",
+        "latency.repeats=1", "latency.batch_size=2", "baseline=false"]
+
+
+def test_as_rows_makes_one_row_per_token_and_leaves_images_alone():
+    logits, targets = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    assert as_rows(logits).shape == (10, 7) and torch.equal(as_rows(logits)[6], logits[1, 1])
+    assert as_rows(targets).shape == (10,)
+    images, labels = torch.randn(4, 10), torch.arange(4)
+    assert as_rows(images) is images and as_rows(labels) is labels
+
+
+def test_a_gpt_teacher_distils_into_a_gpt_student_on_text(tmp_path):
+    results = run(make_cfg(tmp_path, ["distill=kd", *TEXT]))
+    for role in ("teacher", "student"):
+        metrics = results[role]["metrics"]
+        assert 0 < metrics["test/bits_per_token"] < 8  # below a uniform byte's 8 bits
+        assert abs(metrics["test/bits_per_token"] * math.log(2) - metrics["test/loss"]) < 1e-4
+    assert results["teacher"]["params"] > results["student"]["params"]
+    assert results["config"]["data"]["_target_"] == "kdlab.data.TextDataModule"
+
+
+def test_text_refuses_image_options_naming_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(make_cfg(tmp_path, ["distill=kd", *TEXT, "teacher.train.augment=true"]))
+    assert "teacher.train.augment=false" in capsys.readouterr().err
