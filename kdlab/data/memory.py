@@ -28,6 +28,7 @@ import torch
 from kdlab.data.augment import random_shift_flip
 from kdlab.data.loader import BatchLoader
 from kdlab.data.mix import check_mix, mix_batch
+from kdlab.data.randaugment import StrongAugment
 from kdlab.data.views import ViewBank, view_schedule
 from kdlab.util.errors import KdlabError
 from kdlab.util.files import tensor_digest
@@ -186,6 +187,10 @@ class InMemoryDataModule(L.LightningDataModule):
         #: of fresh random ones; set by the engine when the teacher's outputs on them are
         #: cached, ``None`` otherwise
         self.view_bank: ViewBank | None = None
+        #: the augmentation of a second, strong view of every training batch, for a strategy
+        #: that reads two views (``Strategy.views = 2``, MLKD); set by the engine per stage,
+        #: ``None`` otherwise. Training batches then are ``(x, y, index, None, strong)``.
+        self.strong_view: StrongAugment | None = None
         self._ready = False
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -396,8 +401,24 @@ class InMemoryDataModule(L.LightningDataModule):
     def test_dataloader(self) -> BatchLoader:
         return self._eval_loader("x_test", "y_test")
 
+    def strong_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The strong view of the unaugmented normalised images ``x``: their own random
+        shift/flip (``data.shift``/``data.flip`` when ``data.augment``), then
+        :attr:`strong_view` (RandAugment + Cutout) in pixel space."""
+        if self.augment:
+            x = random_shift_flip(x, self.shift, self.black, self.flip)
+        mean, std = channel_stats(self.mean, self.std)
+        return self.strong_view(x, mean, std)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
+        if self.strong_view is not None and len(batch) == 3 and trainer is not None \
+                and trainer.training:  # a weak and a strong view (no mixing: refused)
+            x, y, idx = batch
+            strong = self.strong_batch(x)
+            if self.augment:
+                x = random_shift_flip(x, self.shift, self.black, self.flip)
+            return (x, y, idx, None, strong)
         if len(batch) == 4 and trainer is not None and trainer.training:  # a stored view
             x, y, idx, view = batch
             x = self.render_views(self.view_bank, idx, view, images=x)
@@ -422,6 +443,8 @@ class InMemoryDataModule(L.LightningDataModule):
         mixed = f", {self.mix} α={self.mix_alpha:g} (labels hidden)" if self.mix != "none" else ""
         if self.view_bank is not None and self.augmented:
             mixed += f", augmented views from a bank of {self.view_bank.views} per sample"
+        if self.strong_view is not None:
+            mixed += f", plus a strong view per sample ({self.strong_view.describe()})"
         return (
             f"{self.name}:{subset} train {len(self.x_train)} ({len(self.labelled)} labelled"
             + (f", {unlabelled} as transfer set" if self.transfer and unlabelled else "")

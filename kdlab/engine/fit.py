@@ -63,6 +63,38 @@ def compile_models(options: CompileOptions, module: DistillationModule) -> None:
             log.info("compile: teacher compiled (mode %s)", options.mode or "default")
 
 
+def two_view_names(strategy: Any) -> str:
+    """The ``distill.*`` names of the members that read a strong view (``views > 1``), for
+    messages: ``distill=mlkd`` or ``distill=[mlkd,...]``'s ``mlkd``."""
+    members = getattr(strategy, "members", None)
+    if members is None:
+        return type(strategy).__name__.lower()
+    return ",".join(name for name, m in members.items() if m.views > 1)
+
+
+def check_views(data: Any, strategy: Any, stage: str) -> None:
+    """A strategy that reads a second, strong view (``Strategy.views = 2``) needs a datamodule
+    that can draw it from in-memory batches, and unmixed batches (the strong view is of the
+    sample, a mixed image has no label for its cross-entropy); anything else fails in one
+    line."""
+    if strategy is None or strategy.views <= 1:
+        return
+    name = two_view_names(strategy)
+    if strategy.views > 2:
+        raise KdlabError(f"distill={name} asks for {strategy.views} views per sample; kdlab "
+                         "draws at most two (a weak and a strong one)")
+    if not hasattr(data, "strong_view"):
+        raise KdlabError(f"distill={name} trains on a second, strongly augmented view of every "
+                         f"batch, which kdlab draws from in-memory batches only; data "
+                         f"{type(data).__name__} streams its images from disk: use an "
+                         "in-memory dataset (e.g. data=cifar100)")
+    mix = getattr(data, "mix", "none")
+    if mix != "none":
+        raise KdlabError(f"data.mix={mix} with distill={name}: the strong view is drawn from "
+                         "the unmixed images and its cross-entropy needs their labels; set "
+                         "data.mix=none")
+
+
 def build_module(spec: StageSpec, caches: dict[tuple[str, ...], Any] | None = None,
                  compile_teacher: bool = True) -> DistillationModule:
     """The stage's LightningModule: student, frozen teacher, strategy (its connectors built
@@ -72,6 +104,7 @@ def build_module(spec: StageSpec, caches: dict[tuple[str, ...], Any] | None = No
     its shared teacher once)."""
     data = spec.data
     data.setup()
+    check_views(data, spec.strategy, spec.name)  # a strong view: in-memory, unmixed data
     check_stage(data, spec.strategy, spec.name)  # mixed batches need soft targets only
     module = DistillationModule(
         student=spec.student,
@@ -90,7 +123,18 @@ def build_module(spec: StageSpec, caches: dict[tuple[str, ...], Any] | None = No
     if spec.strategy is not None and spec.strategy.needs_teacher:
         taps = module.teacher_taps
         key = tuple(taps.paths) if taps is not None else ()
-        if caches is not None and key in caches:
+        if spec.strategy.views > 1:  # a fresh strong view every step: nothing to cache
+            name = two_view_names(spec.strategy)
+            if spec.cache.enabled is True:
+                raise KdlabError(f"teacher_cache.enabled=true but distill={name} shows the "
+                                 "teacher a fresh strongly augmented view of every batch, "
+                                 "which no cache of its outputs can hold: set "
+                                 "teacher_cache.enabled=auto or false")
+            if spec.cache.enabled is not False:
+                log.info("Teacher cache: off, the teacher runs every step (distill=%s shows "
+                         "it a fresh strong view of every batch)", name)
+            module.teacher_cache = None
+        elif caches is not None and key in caches:
             module.teacher_cache = caches[key]
         else:
             module.teacher_cache = prepare_cache(spec.cache, module.teacher, taps, data,
@@ -138,7 +182,10 @@ def fit_module(spec: StageSpec, module: DistillationModule) -> StageResult:
     checkpoint."""
     spec.data.setup()
     trainer, data = build_trainer(spec, module)
-    with showing_views(spec.data, getattr(module.teacher_cache, "bank", None), spec.name):
+    strategy = module.strategy
+    strong = strategy.strong_augment if strategy is not None and strategy.views > 1 else None
+    with showing_views(spec.data, getattr(module.teacher_cache, "bank", None), spec.name,
+                       strong):
         trainer.fit(module, datamodule=data, ckpt_path=spec.ckpt_path)
     speed = next((c.history for c in trainer.callbacks if isinstance(c, Throughput)), [])
     return finish_stage(spec, module, trainer, data, trainer.checkpoint_callbacks,
@@ -146,12 +193,20 @@ def fit_module(spec: StageSpec, module: DistillationModule) -> StageResult:
 
 
 @contextmanager
-def showing_views(data: Any, bank: Any, name: str) -> Iterator[None]:
+def showing_views(data: Any, bank: Any, name: str, strong: Any = None) -> Iterator[None]:
     """While a stage fits: its batches show the stored views whose teacher outputs the cache
-    holds (``bank``), or fresh random ones without a view bank; set for every stage and cleared
-    after it, as stages share a datamodule. The data's description goes to the log."""
+    holds (``bank``), or fresh random ones without a view bank, and carry a strong view drawn
+    by ``strong`` (a :class:`~kdlab.data.randaugment.StrongAugment`, for a strategy with
+    ``views = 2``; ``None``: none); set for every stage and cleared after it, as stages share
+    a datamodule (the no-teacher baseline of a run trains on one view). The data's description
+    goes to the log."""
     if hasattr(data, "view_bank"):
         data.view_bank = bank
+    if hasattr(data, "strong_view"):
+        data.strong_view = strong
+    elif strong is not None:
+        raise KdlabError(f"[{name}] the strategy reads a strong view that the datamodule "
+                         f"{type(data).__name__} cannot draw")
     if hasattr(data, "describe"):
         log.info("[%s] %s", name, data.describe())
     try:
@@ -159,6 +214,8 @@ def showing_views(data: Any, bank: Any, name: str) -> Iterator[None]:
     finally:
         if hasattr(data, "view_bank"):
             data.view_bank = None
+        if hasattr(data, "strong_view"):
+            data.strong_view = None
 
 
 def finish_stage(spec: StageSpec, module: DistillationModule, tester: L.Trainer,

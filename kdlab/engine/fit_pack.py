@@ -20,7 +20,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from kdlab.engine.callbacks import Throughput
-from kdlab.engine.fit import StageResult, build_trainer, finish_stage, showing_views
+from kdlab.engine.fit import (
+    StageResult,
+    build_trainer,
+    finish_stage,
+    showing_views,
+    two_view_names,
+)
 from kdlab.engine.module import DistillationModule
 from kdlab.engine.pack import (
     MemberCheckpoint,
@@ -58,6 +64,11 @@ def fit_pack(specs: Sequence[StageSpec], members: Sequence[DistillationModule],
             they can and the pack trains on a GPU, where one kernel for all members pays).
     """
     first = specs[0]
+    for spec in specs:  # one teacher pass on one view per batch: no strong views
+        if spec.strategy is not None and spec.strategy.views > 1:
+            raise KdlabError(f"a packed cohort shares one teacher pass on one view of each "
+                             f"batch, but distill={two_view_names(spec.strategy)} also trains "
+                             "on a strong view: run that job alone")
     stacked = use_stacked(members, stack, str(first.trainer.get("accelerator", "auto")),
                           compiled=first.compile.student)
     module = PackedModule(members, rng_states, stack=stacked,

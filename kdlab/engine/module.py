@@ -200,11 +200,16 @@ class DistillationModule(L.LightningModule):
             self.strategy.on_epoch_start(self.current_epoch)
 
     def _terms(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-               view: torch.Tensor | None = None) -> dict[str, Any]:
+               view: torch.Tensor | None = None,
+               strong: torch.Tensor | None = None) -> dict[str, Any]:
         """The weighted loss terms of one batch, by name (``view``: the stored augmented views
-        the batch shows, see :mod:`kdlab.data.views`)."""
+        the batch shows, see :mod:`kdlab.data.views`; ``strong``: the batch's strong view, for
+        a strategy with ``views = 2``: the live teacher runs on it too)."""
         teacher = self.teacher_outputs(x, index, view) if self.strategy is not None else None
-        return self.terms_given(x, y, index, teacher)
+        if strong is not None and teacher is not None and self.teacher is not None:
+            with torch.no_grad():
+                teacher.strong = self._outputs(self.teacher, self.teacher_taps, strong)
+        return self.terms_given(x, y, index, teacher, strong=strong)
 
     def teacher_outputs(self, x: torch.Tensor, index: torch.Tensor,
                         view: torch.Tensor | None = None) -> Outputs:
@@ -218,10 +223,12 @@ class DistillationModule(L.LightningModule):
         return Outputs(torch.empty(0))
 
     def terms_given(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-                    teacher: Outputs | None, student: Outputs | None = None) -> dict[str, Any]:
+                    teacher: Outputs | None, student: Outputs | None = None,
+                    strong: torch.Tensor | None = None) -> dict[str, Any]:
         """The weighted loss terms of one batch given the teacher's outputs (a packed cohort
         computes them once for all its members, :mod:`kdlab.engine.pack`) and, when already
-        computed (a pack's vectorised pass), the student's."""
+        computed (a pack's vectorised pass), the student's. ``strong``: the batch's strong
+        view (``Strategy.views = 2``), on which the student runs too (``student.strong``)."""
         if student is None:
             student = self._outputs(self.student, self.student_taps, x)
         y = as_rows(y)
@@ -233,6 +240,8 @@ class DistillationModule(L.LightningModule):
         init_epochs = strategy.init_epochs
         if init_epochs and self.current_epoch < init_epochs:  # the method's pre-stage
             return dict(strategy.init_loss(student, teacher, batch))
+        if strong is not None:  # a second forward pass: its own batch-norm statistics
+            student.strong = self._outputs(self.student, self.student_taps, strong)
         terms = {}
         if self.ce_weight > 0:
             terms["ce"] = self._cross_entropy(student.logits, y)
@@ -241,9 +250,14 @@ class DistillationModule(L.LightningModule):
 
     def batch_loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
         """The total loss of one ``(x, y, index)`` batch (``(x, y, index, view)`` when it shows
-        stored augmented views) and its weighted terms by name."""
-        x, y, index, *view = batch
-        terms = self._terms(self._input(x), y, index, view[0] if view else None)
+        stored augmented views, ``(x, y, index, None, strong)`` when it carries a strong view
+        for a two-view strategy) and its weighted terms by name."""
+        x, y, index, *rest = batch
+        view = rest[0] if rest else None
+        if len(rest) > 1 and rest[1] is not None:
+            terms = self._terms(self._input(x), y, index, view, strong=self._input(rest[1]))
+        else:
+            terms = self._terms(self._input(x), y, index, view)
         return functools.reduce(operator.add, terms.values()), terms
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -84,6 +84,9 @@ def unpackable(cfg: DictConfig) -> str | None:
     strategy = build_strategy(cfg)
     if strategy is None or not strategy.needs_teacher:
         return f"distill={strategy_name(cfg)} has no teacher pass to share"
+    if strategy.views > 1:
+        return (f"distill={strategy_name(cfg)} shows the teacher a second, strongly augmented "
+                "view of every batch, which the pack's one shared teacher pass does not cover")
     return None
 
 

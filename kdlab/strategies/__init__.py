@@ -14,6 +14,7 @@ from kdlab.strategies.divergences import GKD, ULD, ReverseKL, SkewKL
 from kdlab.strategies.flow import FSP, KDSVD
 from kdlab.strategies.hints import AB, OFD, VID, FitNets
 from kdlab.strategies.logits import DIST, DKD, KD, LSKD, kd_loss
+from kdlab.strategies.multilevel import MLKD
 from kdlab.strategies.paraphrase import FT
 from kdlab.strategies.relations import CC, PKT, RKD, SP
 from kdlab.strategies.review import ReviewKD
@@ -21,7 +22,7 @@ from kdlab.strategies.transformed import NKD, WTTM
 
 __all__ = [
     "AB", "AT", "CATKD", "CC", "CRD", "CTKD", "DIST", "DKD", "FSP", "FT", "GKD", "KD", "KDSVD",
-    "LSKD", "NKD", "NST", "OFD", "PKT", "RKD", "SDD", "SP", "ULD", "VID", "WTTM", "Batch",
-    "Composite", "DeiT", "FitNets", "LabelSmoothing", "Outputs", "PseudoLabels", "ReverseKL",
-    "ReviewKD", "SkewKL", "Strategy", "Terms", "kd_loss",
+    "LSKD", "MLKD", "NKD", "NST", "OFD", "PKT", "RKD", "SDD", "SP", "ULD", "VID", "WTTM",
+    "Batch", "Composite", "DeiT", "FitNets", "LabelSmoothing", "Outputs", "PseudoLabels",
+    "ReverseKL", "ReviewKD", "SkewKL", "Strategy", "Terms", "kd_loss",
 ]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kdlab.data.memory import UNLABELLED
+from kdlab.data.randaugment import StrongAugment
 from kdlab.models.paths import resolve_paths
 
 #: named, weighted loss terms returned by a strategy
@@ -18,10 +19,13 @@ Terms = dict[str, torch.Tensor]
 @dataclass
 class Outputs:
     """What a network produced for a batch: its logits and the outputs of its tapped modules,
-    keyed by module path."""
+    keyed by module path; for a strategy that trains on two views of every sample
+    (:attr:`Strategy.views` ``= 2``, e.g. MLKD), ``strong`` holds the network's outputs on the
+    batch's second, strongly augmented view (``None`` otherwise)."""
 
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    strong: Outputs | None = None
 
     def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
         """``log_softmax(logits / temperature)`` over classes. Cached teacher outputs answer
@@ -61,6 +65,15 @@ class Strategy(nn.Module):
 
     Multi-stage methods set :attr:`init_epochs`: for that many epochs the step minimises
     :meth:`init_loss` alone (e.g. training FT's paraphraser), then :meth:`forward`.
+
+    Methods that learn from two augmented views of every sample set :attr:`views` to 2 and
+    :attr:`strong_augment` to the augmentation of the second view: the engine then has the
+    datamodule add a strong view of each training batch (its own random shift/flip of the
+    unaugmented images, then :class:`StrongAugment`), runs the student and the live teacher
+    on it too and passes those outputs as ``student.strong`` / ``teacher.strong``. Such a
+    strategy cannot read cached teacher outputs (a fresh strong view every step), share a
+    packed cohort's one teacher pass, or train on mixed or disk-streamed batches: each is
+    refused or logged.
     """
 
     #: weight of the cross-entropy on the hard labels (Hinton's ``1 - alpha`` for KD)
@@ -72,6 +85,11 @@ class Strategy(nn.Module):
     #: layers read from the student and the teacher (paths or model aliases); empty: logits only
     student_layers: Sequence[str] | str = ()
     teacher_layers: Sequence[str] | str = ()
+    #: augmented views of each training sample the strategy reads: 1 (the batch), or 2 (plus a
+    #: strong view, see :attr:`strong_augment` and ``Outputs.strong``)
+    views: int = 1
+    #: the augmentation of the second view (``views = 2``)
+    strong_augment: StrongAugment | None = None
 
     def __init__(self) -> None:
         super().__init__()

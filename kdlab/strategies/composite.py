@@ -47,7 +47,10 @@ class Composite(Strategy):
     A term name used by two members is prefixed with the member's name. The cross-entropy weight
     is the product of the members' (KD's ``1 - alpha`` with AT's 1 gives ``1 - alpha``); the
     teacher is needed when any member needs it; the pre-stage lasts as long as the longest
-    member's, and each member runs its own pre-stage for its own ``init_epochs``.
+    member's, and each member runs its own pre-stage for its own ``init_epochs``. The run's
+    :attr:`views` are the most any member reads (MLKD's 2 with KD's 1 gives 2, with the first
+    such member's :attr:`strong_augment`): every member receives the outputs with their
+    ``strong`` view, which one-view members ignore.
     """
 
     def __init__(self, **members: Strategy) -> None:
@@ -58,6 +61,9 @@ class Composite(Strategy):
         self.ce_weight = math.prod(m.ce_weight for m in members.values())
         self.needs_teacher = any(m.needs_teacher for m in members.values())
         self.init_epochs = max(m.init_epochs for m in members.values())
+        self.views = max(m.views for m in members.values())
+        self.strong_augment = next((m.strong_augment for m in members.values()
+                                    if m.views > 1), None)
         self._current = next(iter(members))  # the member running now, for error messages
         #: the one member of a one-strategy run (a tuple: not registered twice as a submodule)
         self._only = tuple(members.values()) if len(members) == 1 else ()
