@@ -41,7 +41,12 @@ def test_a_gpt_teacher_distils_into_a_gpt_student_on_text(tmp_path):
     assert results["config"]["data"]["_target_"] == "kdlab.data.TextDataModule"
 
 
-def test_text_refuses_image_options_naming_the_key(tmp_path, capsys):
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["distill=kd", "teacher.train.augment=true"], "set teacher.train.augment=false"),
+    (["distill=mlkd", "trainer.fast_dev_run=true"], "data=text is text, which has no "
+                                                     "augmentation"),
+])
+def test_text_refuses_image_options_saying_why(overrides, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run(make_cfg(tmp_path, ["distill=kd", *TEXT, "teacher.train.augment=true"]))
-    assert "teacher.train.augment=false" in capsys.readouterr().err
+        run(make_cfg(tmp_path, [*TEXT, *overrides]))
+    assert message in capsys.readouterr().err

@@ -29,6 +29,7 @@ from kdlab.engine.loop import trainer_arguments
 from kdlab.engine.module import DistillationModule
 from kdlab.engine.spec import CompileOptions, StageSpec
 from kdlab.util.errors import KdlabError
+from kdlab.util.inputs import TokenShape
 from kdlab.util.runtime import release_free_memory
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ def check_views(data: Any, strategy: Any, stage: str) -> None:
     if strategy.views > 2:
         raise KdlabError(f"distill={name} asks for {strategy.views} views per sample; kdlab "
                          "draws at most two (a weak and a strong one)")
+    if isinstance(getattr(data, "input_shape", None), TokenShape):
+        raise KdlabError(f"distill={name} trains on a second, strongly augmented view of every "
+                         f"image; data={data.name} is text, which has no augmentation: use an "
+                         "image dataset, or a one-view strategy (distill=kd, gkd, ...)")
     if not hasattr(data, "strong_view"):
         raise KdlabError(f"distill={name} trains on a second, strongly augmented view of every "
                          f"batch, which kdlab draws from in-memory batches only; data "
