@@ -50,3 +50,13 @@ def test_text_refuses_image_options_saying_why(overrides, message, tmp_path, cap
     with pytest.raises(SystemExit):
         run(make_cfg(tmp_path, [*TEXT, *overrides]))
     assert message in capsys.readouterr().err
+
+
+def test_the_main_text_job_composes_and_runs_in_fast_dev_run(tmp_path):
+    results = run(make_cfg(tmp_path, ["experiment=text_kd", "trainer.fast_dev_run=true",
+                                      "data.max_bytes=300000", "logger=none",
+                                      "trainer.enable_progress_bar=false", "latency.repeats=1",
+                                      "latency.batch_size=2"]))
+    assert results["teacher"]["model"] == "gpt_micro"
+    assert results["student"]["model"] == results["baseline"]["model"] == "gpt_nano"
+    assert "test/bits_per_token" in results["student"]["metrics"]
