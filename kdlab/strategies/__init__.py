@@ -15,12 +15,13 @@ from kdlab.strategies.hints import AB, OFD, VID, FitNets
 from kdlab.strategies.logits import DIST, DKD, KD, LSKD, kd_loss
 from kdlab.strategies.paraphrase import FT
 from kdlab.strategies.relations import CC, PKT, RKD, SP
+from kdlab.strategies.reused_classifier import SimKD
 from kdlab.strategies.review import ReviewKD
 from kdlab.strategies.transformed import NKD, WTTM
 
 __all__ = [
     "AB", "AT", "CATKD", "CC", "CRD", "CTKD", "DIST", "DKD", "FSP", "FT", "KD", "KDSVD", "LSKD",
     "NKD", "NST", "OFD", "PKT", "RKD", "SDD", "SP", "VID", "WTTM", "Batch", "Composite", "DeiT",
-    "FitNets", "LabelSmoothing", "Outputs", "PseudoLabels", "ReviewKD", "Strategy", "Terms",
-    "kd_loss",
+    "FitNets", "LabelSmoothing", "Outputs", "PseudoLabels", "ReviewKD", "SimKD", "Strategy",
+    "Terms", "kd_loss",
 ]
