@@ -32,11 +32,15 @@ def projector(student_channels: int, teacher_channels: int, factor: int = 2) -> 
     if mid < 1:
         raise KdlabError(f"distill.factor={factor} leaves no channel: the teacher's map has "
                          f"{teacher_channels} channels (factor must be <= {teacher_channels})")
+    return bottleneck(student_channels, mid, teacher_channels)
+
+
+def bottleneck(channels_in: int, mid: int, channels_out: int) -> nn.Sequential:
+    """:func:`projector` with its middle width given."""
     return nn.Sequential(
-        nn.Conv2d(student_channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+        nn.Conv2d(channels_in, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
         nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-        nn.Conv2d(mid, teacher_channels, 1, bias=False), nn.BatchNorm2d(teacher_channels),
-        nn.ReLU())
+        nn.Conv2d(mid, channels_out, 1, bias=False), nn.BatchNorm2d(channels_out), nn.ReLU())
 
 
 def alignment(student_size: tuple[int, int], teacher_size: tuple[int, int]
@@ -229,7 +233,7 @@ class SimKD(Strategy):
             raise KdlabError(f"the checkpoint holds no SimKD projector and classifier ("
                              f"missing strategy keys {', '.join(missing)})")
         first, last = state["projector.0.weight"], state["projector.6.weight"]
-        self.projector = projector(first.shape[1], last.shape[0], last.shape[0] // first.shape[0])
+        self.projector = bottleneck(first.shape[1], first.shape[0], last.shape[0])
         weight = state["classifier.weight"]
         self.classifier = frozen_copy(nn.Linear(weight.shape[1], weight.shape[0],
                                                 bias="classifier.bias" in state))

@@ -20,6 +20,7 @@ from torch import nn
 
 from kdlab.engine.module import DistillationModule
 from kdlab.models import CNN, MLP, create
+from kdlab.models.head import final_head
 from kdlab.modes.build import build_datamodule, build_strategy
 from kdlab.modes.checkpoints import deployed_student, load_run_config
 from kdlab.strategies import KD, Composite, SimKD
@@ -101,6 +102,30 @@ def test_projector_is_the_authors_bottleneck():
     assert [m.num_features for m in p if isinstance(m, nn.BatchNorm2d)] == [128, 128, 256]
     assert p(torch.randn(2, 64, 8, 8)).shape == (2, 256, 8, 8)
     assert projector(3, 6, factor=3)[0].out_channels == 2
+
+
+BODIES = ["resnet8", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv1", "resnet18",
+          "mobilenet_v2"]  # the last two: torchvision wrappers (the cut reaches inside ``net``)
+
+
+@pytest.mark.parametrize("name", BODIES)
+def test_the_body_of_every_zoo_family_outputs_its_final_map(name):
+    from kdlab.engine.taps import Taps
+    from kdlab.models.head import final_map_body
+
+    torch.manual_seed(0)
+    model = create(name, input_shape=[3, 32, 32], num_classes=7).eval()
+    path = final_head(model).feature_path
+    body = final_map_body(model)
+    taps = Taps(model, [path])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        torch.testing.assert_close(body(x), taps.pop()[path])
+    shared = {id(p) for p in model.parameters()}
+    assert all(id(p) in shared for p in body.parameters())  # shared, not copied
+    head = final_head(model)
+    assert all(p is not head.classifier.weight for p in body.parameters())
 
 
 # -- the loss ----------------------------------------------------------------------------------
