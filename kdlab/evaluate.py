@@ -23,7 +23,7 @@ from kdlab.cli import friendly_errors, guard_argv
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.modes.build import build_datamodule
 from kdlab.modes.checkpoints import (
-    checkpoint_student,
+    deployed_student,
     load_run_config,
     output_folder,
     resolve_checkpoint,
@@ -64,7 +64,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             run_cfg[key] = OmegaConf.merge(run_cfg[key], cfg[key])
     run_cfg.channels_last = run_cfg.get("channels_last", False)
     data = build_datamodule(run_cfg, transfer=False)
-    model, model_cfg = checkpoint_student(run_cfg, checkpoint.path, data, cfg.get("member"))
+    model, model_cfg = deployed_student(run_cfg, checkpoint.path, data, cfg.get("member"))
     student = _entry(model, model_cfg, data, run_cfg, cfg.latency)
     student["checkpoint_bytes"] = checkpoint.path.stat().st_size
     result: dict[str, Any] = {"ckpt_path": str(checkpoint.path), "chosen": checkpoint.chosen,

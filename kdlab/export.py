@@ -28,7 +28,7 @@ from torch import nn
 from kdlab.cli import friendly_errors, guard_argv
 from kdlab.modes.build import build_datamodule
 from kdlab.modes.checkpoints import (
-    checkpoint_student,
+    deployed_student,
     load_run_config,
     output_folder,
     resolve_checkpoint,
@@ -171,7 +171,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = load_run_config(checkpoint.path)
     formats = choose_formats(cfg.get("formats", "auto"))
     data = build_datamodule(run_cfg, transfer=False)
-    model, model_cfg = checkpoint_student(run_cfg, checkpoint.path, data, cfg.get("member"))
+    model, model_cfg = deployed_student(run_cfg, checkpoint.path, data, cfg.get("member"))
     data.setup("test")
     x = data.x_test[: int(cfg.check_samples)].cpu().contiguous()
     if len(x) < 3:

@@ -65,7 +65,8 @@ class DistillationModule(L.LightningModule):
     same machinery trains teachers and no-teacher baselines.
 
     Every loss term is logged by name as ``train/<name>`` (already weighted; ``train/loss`` is
-    their sum). Validation and test log ``val/acc``, ``val/loss``, ``test/acc``, ``test/loss``.
+    their sum). Validation and test log ``val/acc``, ``val/loss``, ``test/acc``, ``test/loss``
+    of :attr:`deployed`: the student, or the network a head-replacing strategy delivers.
 
     Args:
         student: the network to train.
@@ -130,6 +131,8 @@ class DistillationModule(L.LightningModule):
         self.student_taps = self.teacher_taps = None
         if strategy is not None:
             self._connect(strategy, example_input, num_train_samples)
+        #: the network validated and tested (a tuple: not registered twice as a submodule)
+        self._deployed = (strategy.deployed(student) if strategy is not None else student,)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
@@ -191,8 +194,15 @@ class DistillationModule(L.LightningModule):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    @property
+    def deployed(self) -> nn.Module:
+        """The network this stage delivers: the student, or what the strategy deploys in its
+        place (:meth:`Strategy.deployed`, e.g. SimKD's student with the teacher's classifier).
+        Validation, test and :meth:`forward` run it."""
+        return self._deployed[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.student(self._input(x))
+        return self._deployed[0](self._input(x))
 
     def on_train_epoch_start(self) -> None:
         self.flush_logs()  # the previous epoch's rows logged after its checkpoint
@@ -240,6 +250,7 @@ class DistillationModule(L.LightningModule):
         init_epochs = strategy.init_epochs
         if init_epochs and self.current_epoch < init_epochs:  # the method's pre-stage
             return dict(strategy.init_loss(student, teacher, batch))
+        student = strategy.student_outputs(student)  # a replaced head's logits (SimKD)
         if strong is not None:  # a second forward pass: its own batch-norm statistics
             student.strong = self._outputs(self.student, self.student_taps, strong)
         terms = {}

@@ -39,6 +39,7 @@ a model whose forward the trace misreads fails at set-up, not silently.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -223,6 +224,18 @@ def _trace(module: nn.Module, name: str, where: str) -> fx.Graph:
 
 
 def _find(model: nn.Module, root: nn.Module, prefix: str, name: str, hint: str) -> Head:
+    feature_path, classifier_path, classifier, flat = _locate(root, prefix, name, hint)[1]
+    return Head(_aliased(model, feature_path), classifier_path, classifier, flat)
+
+
+#: what :func:`_locate` found at one level: the traced graph, the head
+#: ``(feature path, classifier path, classifier, flat)``, the node of that graph whose output is
+#: the final map (or the wrapper module's call when the head sits inside it) and, for a wrapper,
+#: its target and what was found inside it
+_Located = tuple[fx.Graph, tuple[str, str, nn.Linear, bool], fx.Node, "tuple[str, Any] | None"]
+
+
+def _locate(root: nn.Module, prefix: str, name: str, hint: str) -> _Located:
     graph = _trace(root, name, prefix.rstrip("."))
     nodes = list(graph.nodes)
     output = next(n for n in nodes if n.op == "output")
@@ -239,14 +252,52 @@ def _find(model: nn.Module, root: nn.Module, prefix: str, name: str, hint: str) 
         if not list(module.children()):
             raise KdlabError(f"{name}: its logits come from {path} ({type(module).__name__}), "
                              f"not an nn.Linear classifier{hint}")
-        return _find(model, module, path + ".", name, hint)  # a wrapper: read inside it
+        inner = _locate(module, path + ".", name, hint)  # a wrapper: read inside it
+        return graph, inner[1], node, (node.target, inner)
     classifier_path, classifier = _classifier(module, path, name, hint)
     feature_node, flat = _walk_back(root, node.args[0], prefix, classifier_path, name, hint)
     if any(n.op == "call_module" and n.target == feature_node.target
            for n in nodes[nodes.index(feature_node) + 1:]):
         raise KdlabError(f"{name}: {prefix + feature_node.target} runs again after it produces "
                          "the final feature map, so its output cannot be read by a hook")
-    return Head(_aliased(model, prefix + feature_node.target), classifier_path, classifier, flat)
+    return graph, (prefix + feature_node.target, classifier_path, classifier, flat), \
+        feature_node, None
+
+
+def final_map_body(model: nn.Module, role: str = "student") -> nn.Module:
+    """The part of ``model`` that produces its final feature map: ``model``'s forward cut
+    where :func:`final_head` finds the map (the pooling and classifier after it dropped), as a
+    ``torch.fx.GraphModule`` that shares ``model``'s submodules (and so its weights: training
+    one trains the other). Raises :class:`KdlabError` where :func:`final_head` does."""
+    name = f"{role} ({type(model).__name__})"
+    return _cut(model, _locate(model, "", name, _hint(model, role)))
+
+
+def _cut(root: nn.Module, located: _Located) -> fx.GraphModule:
+    """``root``'s traced graph up to the located node, which becomes its output; a wrapper's
+    call is replaced by the cut of what it wraps."""
+    graph, _, stop, wrapper = located
+    cut, env = fx.Graph(), {}
+    for node in graph.nodes:
+        env[node] = cut.node_copy(node, lambda n: env[n])
+        if node is stop:
+            break
+    cut.output(env[stop])
+    attributes: dict[str, Any] = {}
+    for node in cut.nodes:
+        if node.op == "call_module":
+            attributes[node.target] = root.get_submodule(node.target)
+        elif node.op == "get_attr":
+            owner, _, attr = node.target.rpartition(".")
+            attributes[node.target] = getattr(root.get_submodule(owner), attr)
+    if wrapper is not None:
+        target, inner = wrapper
+        attributes[target] = _cut(root.get_submodule(target), inner)
+    body = fx.GraphModule(attributes, cut, class_name=f"{type(root).__name__}Body")
+    body.graph.eliminate_dead_code()  # what only the dropped head read
+    body.delete_all_unused_submodules()
+    body.recompile()
+    return body
 
 
 def _classifier(module: nn.Module, path: str, name: str, hint: str) -> tuple[str, nn.Linear]:

@@ -143,6 +143,41 @@ def build_strategy(cfg: DictConfig) -> Strategy | None:
     return Composite(**members) if members else None
 
 
+def head_replacing_members(cfg: DictConfig) -> list[str]:
+    """The names of the run's strategies that replace the student's head
+    (:attr:`Strategy.replaces_head`, e.g. ``simkd``), read from their classes without building
+    them."""
+    from hydra.utils import get_class
+
+    names = []
+    for name, node in strategy_configs(cfg).items():
+        try:
+            cls = get_class(str(node._target_))
+        except Exception:  # noqa: BLE001 - build_strategy reports a bad _target_ in one line
+            continue
+        if getattr(cls, "replaces_head", False):
+            names.append(name)
+    return names
+
+
+def refuse_replaced_head(cfg: DictConfig, what: str, why: str) -> None:
+    """Fail in one line when a strategy of the run replaces the student's head and ``what``
+    (``mode=born_again``, ``compress=prune`` …) cannot handle it, for the reason ``why``."""
+    names = head_replacing_members(cfg)
+    if names:
+        raise KdlabError(f"{what} does not support distill={strategy_name(cfg)}: "
+                         f"{', '.join(names)} replaces the student's classifier with the "
+                         f"teacher's (the trained network is the student + projector + teacher "
+                         f"classifier), and {why}; use mode=offline and compress=none with it, "
+                         "or another distill")
+
+
+def deployed_network(strategy: Strategy | None, student: nn.Module) -> nn.Module:
+    """The network a trained stage delivers: the student, or what ``strategy`` deploys in its
+    place (:meth:`Strategy.deployed`)."""
+    return student if strategy is None else strategy.deployed(student)
+
+
 def warn_about_long_warmups(members: dict[str, Strategy], max_epochs: Any) -> list[str]:
     """One warning line for each member whose warm-up (DKD, ReviewKD: 20 epochs, from the
     authors' 240-epoch CIFAR schedule) is longer than the run's schedule: its loss would never

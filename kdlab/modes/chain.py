@@ -30,7 +30,13 @@ from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.fit import accuracy
 from kdlab.engine.teachers import TeacherStore
 from kdlab.modes.baseline import train_baseline
-from kdlab.modes.build import build_datamodule, build_model, build_strategy, strategy_name
+from kdlab.modes.build import (
+    build_datamodule,
+    build_model,
+    build_strategy,
+    refuse_replaced_head,
+    strategy_name,
+)
 from kdlab.modes.ensemble import TeacherEnsemble
 from kdlab.modes.offline import single_teacher
 from kdlab.modes.runner import (
@@ -49,6 +55,8 @@ log = logging.getLogger(__name__)
 
 
 def _strategy(cfg: DictConfig):
+    refuse_replaced_head(cfg, f"mode={cfg.mode.name}", "each stage's student teaches the next "
+                         "stage as a bare network, so its reused classifier would be lost")
     strategy = build_strategy(cfg)
     if strategy is None or not strategy.needs_teacher:
         raise KdlabError(f"mode={cfg.mode.name} distils every stage from the previous one: "

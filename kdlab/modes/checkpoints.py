@@ -16,7 +16,12 @@ from torch import nn
 
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.teachers import load_into, load_weights
-from kdlab.modes.build import build_model, strategy_configs
+from kdlab.modes.build import (
+    build_model,
+    build_strategy,
+    head_replacing_members,
+    strategy_configs,
+)
 from kdlab.modes.mutual import member_configs
 from kdlab.modes.resume import MARKER
 from kdlab.modes.teacher import get_teacher
@@ -189,6 +194,30 @@ def checkpoint_student(run_cfg: DictConfig, ckpt_path: str | Path, data: InMemor
              if k.startswith(prefix)}
     load_into(model, state, f"ckpt_path={ckpt_path} (member {index})")
     return model, configs[index]
+
+
+def deployed_student(run_cfg: DictConfig, ckpt_path: str | Path, data: InMemoryDataModule,
+                     member: int | None = None) -> tuple[nn.Module, DictConfig]:
+    """The network a kdlab checkpoint delivers and its student's model config: the student of
+    :func:`checkpoint_student`, or, when the run's strategy replaces the student's head
+    (SimKD), the network that strategy deployed, rebuilt from the checkpoint's strategy weights
+    without the teacher (:meth:`~kdlab.strategies.base.Strategy.deployed_from_state`)."""
+    model, model_cfg = checkpoint_student(run_cfg, ckpt_path, data, member)
+    mode = str((run_cfg.get("mode") or {}).get("name", "offline"))
+    if mode == "mutual" or not head_replacing_members(run_cfg):
+        return model, model_cfg
+    strategy = build_strategy(run_cfg)
+    assert strategy is not None
+    ckpt = load_safely(Path(ckpt_path), "ckpt_path", missing="give a kdlab checkpoint (.ckpt)",
+                       folder="give a kdlab checkpoint (.ckpt)")
+    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+    prefix = "strategy."
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        net = strategy.deployed_from_state(model, own)
+    except KdlabError as e:
+        raise KdlabError(f"ckpt_path={ckpt_path}: {e}") from None
+    return net.eval(), model_cfg
 
 
 def run_teacher(run_cfg: DictConfig, want: str) -> tuple[nn.Module | None, str]:

@@ -14,7 +14,7 @@ from torch import nn
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.module import freeze
 from kdlab.modes import offline
-from kdlab.modes.build import strategy_configs
+from kdlab.modes.build import refuse_replaced_head, strategy_configs
 from kdlab.modes.ensemble import TeacherEnsemble
 from kdlab.modes.runner import evaluated_entry
 from kdlab.util.errors import KdlabError
@@ -75,6 +75,8 @@ def ensemble_teacher(cfg: DictConfig, run_dir: Path, data: InMemoryDataModule,
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """The offline flow with the combined teacher."""
+    refuse_replaced_head(cfg, "mode=multi_teacher", "an ensemble of teachers has no single "
+                         "final feature map and classifier to reuse")
     results = offline.run(cfg, run_dir, teachers=ensemble_teacher)
     results["mode"] = "multi_teacher"
     return results

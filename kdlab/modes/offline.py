@@ -16,7 +16,14 @@ from torch import nn
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.models.transplant import init_from_teacher
 from kdlab.modes.baseline import train_baseline
-from kdlab.modes.build import build_datamodule, build_model, build_strategy, strategy_name
+from kdlab.modes.build import (
+    build_datamodule,
+    build_model,
+    build_strategy,
+    deployed_network,
+    refuse_replaced_head,
+    strategy_name,
+)
 from kdlab.modes.compress import Compression
 from kdlab.modes.runner import evaluated_entry, latency_args, model_name, stage_entry, train_stage
 from kdlab.modes.teacher import get_teacher
@@ -41,6 +48,11 @@ def run(cfg: DictConfig, run_dir: Path, teachers: TeacherSource = single_teacher
     teacher the student learns from)."""
     strategy = build_strategy(cfg)
     compress = Compression(cfg)  # compress=none: does nothing (kdlab/modes/compress.py)
+    if compress.active:
+        parts = [k for k in ("prune", "quantize") if (cfg.get("compress") or {}).get(k)]
+        refuse_replaced_head(cfg, f"compress ({', '.join(parts) or 'set'})",
+                             "compression prunes and fine-tunes the bare student (its "
+                             "fine-tuning would build a new projector)")
     needs_teacher = strategy is not None and strategy.needs_teacher
     data = build_datamodule(cfg, transfer=needs_teacher)
     data.setup()
@@ -66,8 +78,9 @@ def run(cfg: DictConfig, run_dir: Path, teachers: TeacherSource = single_teacher
     stage = train_stage(cfg, "student", run_dir, student, data, cfg.optimizer, cfg.get("scheduler"),
                         teacher=teacher, strategy=strategy, ckpt_path=cfg.ckpt_path,
                         callbacks=compress.callbacks(), monitor=compress.monitor)
-    results["student"] = stage_entry("student", model_name(cfg.student.model), student, stage,
-                                     latency)
+    # the network the stage delivers: SimKD's student + projector + teacher classifier
+    results["student"] = stage_entry("student", model_name(cfg.student.model),
+                                     deployed_network(strategy, student), stage, latency)
     results["stages"].append(results["student"])
     compress.run(results, run_dir, student, data, teacher, latency)
 

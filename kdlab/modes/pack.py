@@ -36,6 +36,7 @@ from kdlab.modes.build import (
     build_datamodule,
     build_model,
     build_strategy,
+    head_replacing_members,
     is_target,
     stage_callbacks,
     strategy_name,
@@ -81,6 +82,9 @@ def unpackable(cfg: DictConfig) -> str | None:
             return f"callbacks.{name} ({target}) is not one a pack runs"
     if str((cfg.get("optimizer") or {}).get("_target_", "")).endswith("DOT"):
         return "optimizer=dot (two backward passes per member)"
+    if head_replacing_members(cfg):
+        return (f"distill={strategy_name(cfg)} replaces the student's head (a pack runs bare "
+                "students)")
     strategy = build_strategy(cfg)
     if strategy is None or not strategy.needs_teacher:
         return f"distill={strategy_name(cfg)} has no teacher pass to share"

@@ -32,7 +32,13 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from kdlab.models.transplant import init_from_teacher
-from kdlab.modes.build import build_datamodule, build_model, build_strategy, strategy_name
+from kdlab.modes.build import (
+    build_datamodule,
+    build_model,
+    build_strategy,
+    refuse_replaced_head,
+    strategy_name,
+)
 from kdlab.modes.runner import (
     evaluated_entry,
     frozen_copy,
@@ -118,6 +124,8 @@ def _check(cfg: DictConfig) -> None:
     if int(mode.student_finetune_epochs) < 0:
         raise KdlabError(f"mode.student_finetune_epochs={mode.student_finetune_epochs} "
                          "must be >= 0")
+    refuse_replaced_head(cfg, "mode=transfer", "its last stage fine-tunes the distilled "
+                         "student as a plain classifier on the target labels")
     strategy = build_strategy(cfg)
     if strategy is None or not strategy.needs_teacher:
         raise KdlabError(f"mode=transfer distils the fine-tuned teacher: distill="

@@ -17,6 +17,7 @@ from kdlab.strategies.logits import DIST, DKD, KD, LSKD, kd_loss
 from kdlab.strategies.multilevel import MLKD
 from kdlab.strategies.paraphrase import FT
 from kdlab.strategies.relations import CC, PKT, RKD, SP
+from kdlab.strategies.reused_classifier import SimKD
 from kdlab.strategies.review import ReviewKD
 from kdlab.strategies.transformed import NKD, WTTM
 
@@ -24,5 +25,5 @@ __all__ = [
     "AB", "AT", "CATKD", "CC", "CRD", "CTKD", "DIST", "DKD", "FSP", "FT", "GKD", "KD", "KDSVD",
     "LSKD", "MLKD", "NKD", "NST", "OFD", "PKT", "RKD", "SDD", "SP", "ULD", "VID", "WTTM",
     "Batch", "Composite", "DeiT", "FitNets", "LabelSmoothing", "Outputs", "PseudoLabels",
-    "ReverseKL", "ReviewKD", "SkewKL", "Strategy", "Terms", "kd_loss",
+    "ReverseKL", "ReviewKD", "SimKD", "SkewKL", "Strategy", "Terms", "kd_loss",
 ]

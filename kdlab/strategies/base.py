@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +74,13 @@ class Strategy(nn.Module):
     strategy cannot read cached teacher outputs (a fresh strong view every step), share a
     packed cohort's one teacher pass, or train on mixed or disk-streamed batches: each is
     refused or logged.
+
+    A strategy that *replaces the student's head* (SimKD: the student's map through a projector
+    and a copy of the teacher's classifier) sets :attr:`replaces_head` and returns from
+    :meth:`deployed` the network that is validated, tested, measured and exported after
+    training in place of the bare student; :meth:`student_outputs` gives the cross-entropy and
+    the loss that network's logits, and :meth:`deployed_from_state` rebuilds it from a
+    checkpoint without the teacher. The defaults leave the student as it is.
     """
 
     #: weight of the cross-entropy on the hard labels (Hinton's ``1 - alpha`` for KD)
@@ -82,6 +89,8 @@ class Strategy(nn.Module):
     needs_teacher: bool = True
     #: epochs of the method's pre-stage (see :meth:`init_loss`)
     init_epochs: int = 0
+    #: True when the trained network is not the bare student (see :meth:`deployed`)
+    replaces_head: bool = False
     #: layers read from the student and the teacher (paths or model aliases); empty: logits only
     student_layers: Sequence[str] | str = ()
     teacher_layers: Sequence[str] | str = ()
@@ -127,6 +136,25 @@ class Strategy(nn.Module):
         step (a learned temperature, a schedule's current weight); never part of the loss.
         Default: none."""
         return {}
+
+    def deployed(self, student: nn.Module) -> nn.Module:
+        """The network this strategy delivers, evaluated, measured and exported after training
+        (called after :meth:`setup`); it shares the student's and the connectors' modules.
+        Default: the student itself."""
+        return student
+
+    def student_outputs(self, student: Outputs) -> Outputs:
+        """The student's outputs as the cross-entropy and :meth:`forward` read them during
+        training: a strategy that replaces the head puts the deployed network's logits in
+        place of the student's own. Default: unchanged."""
+        return student
+
+    def deployed_from_state(self, student: nn.Module,
+                            state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """The deployed network of a checkpoint, rebuilt without the teacher: ``student``
+        holds the checkpoint's student weights, ``state`` the strategy's saved tensors (keys
+        without the ``strategy.`` prefix). Default: the student."""
+        return student
 
     def init_loss(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         """The loss of the pre-stage, minimised during the first :attr:`init_epochs` epochs."""

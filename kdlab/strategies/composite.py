@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -50,7 +50,9 @@ class Composite(Strategy):
     member's, and each member runs its own pre-stage for its own ``init_epochs``. The run's
     :attr:`views` are the most any member reads (MLKD's 2 with KD's 1 gives 2, with the first
     such member's :attr:`strong_augment`): every member receives the outputs with their
-    ``strong`` view, which one-view members ignore.
+    ``strong`` view, which one-view members ignore. At most one member may replace the
+    student's head (:attr:`Strategy.replaces_head`): its deployed network and its logits are
+    the composite's, so the other members read those logits.
     """
 
     def __init__(self, **members: Strategy) -> None:
@@ -64,6 +66,13 @@ class Composite(Strategy):
         self.views = max(m.views for m in members.values())
         self.strong_augment = next((m.strong_augment for m in members.values()
                                     if m.views > 1), None)
+        heads = [name for name, m in members.items() if m.replaces_head]
+        if len(heads) > 1:
+            raise KdlabError(f"distill=[{','.join(members)}]: {' and '.join(heads)} each replace "
+                             "the student's head with their own; keep at most one of them")
+        #: the member that replaces the student's head, or None
+        self.head_member = heads[0] if heads else None
+        self.replaces_head = bool(heads)
         self._current = next(iter(members))  # the member running now, for error messages
         #: the one member of a one-strategy run (a tuple: not registered twice as a submodule)
         self._only = tuple(members.values()) if len(members) == 1 else ()
@@ -87,6 +96,26 @@ class Composite(Strategy):
         for name, member in self.members.items():
             self._current = name
             member.setup(student, teacher, num_train_samples)
+
+    def deployed(self, student: nn.Module) -> nn.Module:
+        if self.head_member is None:
+            return student
+        return self.members[self.head_member].deployed(student)
+
+    def student_outputs(self, student: Outputs) -> Outputs:
+        if self.head_member is None:
+            return student
+        return self.members[self.head_member].student_outputs(student)
+
+    @_qualified
+    def deployed_from_state(self, student: nn.Module,
+                            state: Mapping[str, torch.Tensor]) -> nn.Module:
+        if self.head_member is None:
+            return student
+        self._current = name = self.head_member
+        prefix = f"members.{name}."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        return self.members[name].deployed_from_state(student, own)
 
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
