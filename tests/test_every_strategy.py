@@ -37,6 +37,8 @@ CANNOT = {
     ("catkd", "vit>cnn"): "class-map methods need it to read the final feature map",
     ("sdd", "cnn>vit"): "class-map methods need it to read the final feature map",
     ("sdd", "vit>cnn"): "class-map methods need it to read the final feature map",
+    ("simkd", "cnn>vit"): "class-map methods need it to read the final feature map",
+    ("simkd", "vit>cnn"): "class-map methods need it to read the final feature map",
 }
 #: extra overrides a method needs on a pair: DeiT reads the distillation token's head; the
 #: class-map methods need the classifier on the last map (no hidden layer)
@@ -44,7 +46,9 @@ FLAT = ["teacher.model.hidden=0", "student.model.hidden=0"]
 NEEDS = {("deit", "cnn>vit"): ["student.model.name=vit_nano_distilled"],
          ("catkd", "cnn>cnn"): FLAT, ("sdd", "cnn>cnn"): FLAT,
          ("catkd", "cnn>vit"): FLAT[:1], ("sdd", "cnn>vit"): FLAT[:1],
-         ("catkd", "vit>cnn"): FLAT[1:], ("sdd", "vit>cnn"): FLAT[1:]}
+         ("catkd", "vit>cnn"): FLAT[1:], ("sdd", "vit>cnn"): FLAT[1:],
+         ("simkd", "cnn>cnn"): FLAT, ("simkd", "cnn>vit"): FLAT[:1],
+         ("simkd", "vit>cnn"): FLAT[1:]}
 
 
 @pytest.mark.parametrize("pair", ["cnn>vit", *(pytest.param(pair, marks=pytest.mark.slow)
