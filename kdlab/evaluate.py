@@ -42,7 +42,8 @@ def _entry(model: nn.Module, model_cfg: DictConfig, data: InMemoryDataModule,
            run_cfg: DictConfig, latency: DictConfig) -> dict[str, Any]:
     sizes = [int(b) for b in latency.get("batch_sizes", [latency.batch_size])]
     entry = {"model": model_name(model_cfg),
-             "metrics": evaluate_on(run_cfg, model, data),
+             # the whole splits, whatever trainer limits the run had
+             "metrics": evaluate_on(run_cfg, model, data, limited=False),
              **footprint(model, data.input_shape, sizes, int(latency.repeats),
                          bool(run_cfg.channels_last))}
     entry["latency_ms"] = entry["latency_ms_by_batch"][max(sizes)]

@@ -21,7 +21,7 @@ DOC = (ROOT / "docs" / "TROUBLESHOOTING.md").read_text()
 #: command-line overrides caught before Hydra composes anything
 CLI_CASES = [
     (["distill=kdd"], r"distill=kdd is not an option of the 'distill' group \(did you mean kd"),
-    (["student=resnet18"], r"student=resnet18 is not an option .*choose one of: cnn, mlp, zoo "
+    (["student=resnet18"], r"student=resnet18 is not an option .*choose one of: cnn, gpt, mlp, zoo "
                            r"\(resnet18 is a zoo model: student=zoo student.model.name=resnet18\)"),
     (["data=cifar_10"], r"data=cifar_10 is not an option .*did you mean cifar10.*choose one of: "
                         r"cifar10, cifar100, fashion_mnist"),

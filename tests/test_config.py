@@ -38,12 +38,19 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path):
     from kdlab.modes.compress import Compression
     from kdlab.modes.runner import stage_spec
 
-    cfg = make_cfg(tmp_path, [f"{group}={option}"])
+    text = group in ("teacher", "student") and option == "gpt"  # a language model: text data
+    cfg = make_cfg(tmp_path, [f"{group}={option}", *(
+        ["data=text", "data.max_bytes=200000", "data.context=16"] if text else [])])
     assert cfg.seed == 0
     if group in ("teacher", "student"):
         data = build_datamodule(cfg)
         model = build_model(cfg[group].model, data, f"{group}.model")
-        assert model(data_batch()).shape == (2, 10)
+        if text:
+            from kdlab.util.inputs import example_inputs
+
+            assert model(example_inputs(data.input_shape, 2)).shape == (2, 16, 256)
+        else:
+            assert model(data_batch()).shape == (2, 10)
     elif group == "distill":
         strategy = build_strategy(cfg)
         assert (strategy is None) == (option == "none")

@@ -92,12 +92,14 @@ def latency_args(cfg: DictConfig, data: InMemoryDataModule) -> tuple:
 EVAL_LIMITS = ("fast_dev_run", "limit_val_batches", "limit_test_batches")
 
 
-def evaluate(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule) -> dict[str, float]:
+def evaluate(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule,
+             limited: bool = True) -> dict[str, float]:
     """Validation and test accuracy and loss of ``model`` on ``data``, on the run's accelerator
     and precision, and on the batches its trainer's limits allow (``cfg.trainer``:
     ``fast_dev_run``, ``limit_val_batches``, ``limit_test_batches``), as the trained networks
-    are measured."""
-    limits = {key: cfg.trainer[key] for key in EVAL_LIMITS if cfg.trainer.get(key) is not None}
+    are measured; ``limited=False``: the whole splits, whatever the limits (``kdlab-eval``)."""
+    limits = {key: cfg.trainer[key] for key in EVAL_LIMITS
+              if limited and cfg.trainer.get(key) is not None}
     return evaluate_model(model, data, data.num_classes,
                           accelerator=cfg.trainer.get("accelerator", "auto"),
                           precision=cfg.trainer.get("precision", "32-true"),
