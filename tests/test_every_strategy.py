@@ -1,8 +1,9 @@
 """Every strategy of ``conf/distill/`` trains end to end (``fast_dev_run``: one batch of each
 stage) with a CNN → CNN pair, a CNN teacher → ViT student and a ViT teacher → CNN student; where
 a method cannot apply to a pair, the run fails at set-up with a message saying why. The default
-suite runs the ViT student; the CNN pair (which every strategy's own tests in
-``tests/strategies/`` already train) and the ViT teacher run with ``-m slow``.
+suite runs the ViT student of every method that reads features; the logit-only methods on it,
+the CNN pair (which every strategy's own tests in ``tests/strategies/`` already train) and the
+ViT teacher run with ``-m slow``.
 
 New strategy configs are picked up automatically: a method that neither runs nor is listed in
 :data:`CANNOT` with the reason it gives fails here."""
@@ -51,9 +52,33 @@ NEEDS = {("deit", "cnn>vit"): ["student.model.name=vit_nano_distilled"],
          ("simkd", "vit>cnn"): FLAT[1:]}
 
 
-@pytest.mark.parametrize("pair", ["cnn>vit", *(pytest.param(pair, marks=pytest.mark.slow)
-                                              for pair in ("cnn>cnn", "vit>cnn"))])
-@pytest.mark.parametrize("distill", group_options("distill"))
+#: strategies that read logits only: on a ViT they run the code they run on a CNN, so their ViT
+#: runs are in the slow set (checked below, so the list cannot go stale silently)
+LOGITS_ONLY = {"none", "label_smoothing", "pseudo", "kd", "dkd", "dist", "lskd", "nkd", "wttm",
+               "ctkd", "reverse_kl", "gkd", "skew_kl", "uld"}
+
+
+def _cases() -> list:
+    cases = []
+    for distill in group_options("distill"):
+        for pair in ("cnn>vit", "cnn>cnn", "vit>cnn"):
+            slow = pair != "cnn>vit" or distill in LOGITS_ONLY
+            cases.append(pytest.param(distill, pair, id=f"{distill}-{pair}",
+                                      marks=[pytest.mark.slow] if slow else []))
+    return cases
+
+
+@pytest.mark.parametrize("distill", sorted(LOGITS_ONLY - {"none"}))
+def test_the_logit_only_list_reads_no_layers(distill: str, tmp_path) -> None:
+    from kdlab.modes.build import build_strategy
+
+    strategy = build_strategy(make_cfg(tmp_path, [f"distill={distill}"]))
+    for member in strategy.members.values():
+        assert not member.student_layers and not member.teacher_layers, distill
+        assert member.views == 1 and not member.replaces_head, distill
+
+
+@pytest.mark.parametrize(("distill", "pair"), _cases())
 def test_fast_dev_run(distill: str, pair: str, tmp_path, capsys) -> None:
     cfg = make_cfg(tmp_path, [f"distill={distill}", *COMMON, *PAIRS[pair],
                               *NEEDS.get((distill, pair), [])])

@@ -31,7 +31,10 @@ def test_as_rows_makes_one_row_per_token_and_leaves_images_alone():
     assert as_rows(images) is images and as_rows(labels) is labels
 
 
+@pytest.mark.slow
 def test_a_gpt_teacher_distils_into_a_gpt_student_on_text(tmp_path):
+    """30 batches of each stage (the fast_dev_run of the main text job below is the default
+    suite's check)."""
     results = run(make_cfg(tmp_path, ["distill=kd", *TEXT]))
     for role in ("teacher", "student"):
         metrics = results[role]["metrics"]
@@ -59,4 +62,7 @@ def test_the_main_text_job_composes_and_runs_in_fast_dev_run(tmp_path):
                                       "latency.batch_size=2"]))
     assert results["teacher"]["model"] == "gpt_micro"
     assert results["student"]["model"] == results["baseline"]["model"] == "gpt_nano"
-    assert "test/bits_per_token" in results["student"]["metrics"]
+    assert results["teacher"]["params"] > results["student"]["params"]
+    for role in ("teacher", "student", "baseline"):
+        metrics = results[role]["metrics"]
+        assert abs(metrics["test/bits_per_token"] * math.log(2) - metrics["test/loss"]) < 1e-4
