@@ -136,7 +136,10 @@ def test_mutual_run_trains_every_member_and_reports_each(fast_cfg, tmp_path):
 
 
 def test_members_of_different_models_have_their_own_metrics(fast_cfg):
-    cfg = fast_cfg("mode=mutual", "mode.models=[cnn,mlp]", "baseline=false", *QUICK)
+    # the whole test split, which kdlab-eval reads below (a run's limits apply to its own
+    # measurements only)
+    cfg = fast_cfg("mode=mutual", "mode.models=[cnn,mlp]", "baseline=false", *QUICK,
+                   "trainer.limit_test_batches=null")
     results = run(cfg)
     stages = results["stages"]
     assert [(s["stage"], s["model"]) for s in stages] == [("member0", "CNN"),
