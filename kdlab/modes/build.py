@@ -7,6 +7,7 @@ instantiation error names the config key it came from."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,42 +179,53 @@ def deployed_network(strategy: Strategy | None, student: nn.Module) -> nn.Module
     return student if strategy is None else strategy.deployed(student)
 
 
+def _warn_each(members: dict[str, Strategy], max_epochs: Any,
+               line: Callable[[str, Strategy, int], str | None]) -> list[str]:
+    """The warning ``line(name, member, max_epochs)`` gives for each member (``None``: none),
+    logged and returned; nothing when ``max_epochs`` is not a positive whole number."""
+    if not isinstance(max_epochs, int) or max_epochs < 1:
+        return []
+    lines = [text for name, member in members.items()
+             if (text := line(name, member, max_epochs)) is not None]
+    for text in lines:
+        log.warning(text)
+    return lines
+
+
+def _long_warmup(name: str, member: Strategy, max_epochs: int) -> str | None:
+    warmup = getattr(member, "warmup", 0)
+    if not (isinstance(warmup, int) and warmup > max_epochs):
+        return None
+    return (f"kdlab: warning: distill.{name}.warmup={warmup} epochs is longer than "
+            f"the schedule (trainer.max_epochs={max_epochs}): its loss reaches only "
+            f"{max_epochs}/{warmup} = {max_epochs / warmup:.0%} of its weight in "
+            f"the last epoch; set distill.{name}.warmup={max_epochs} or less for a "
+            "full-weight phase (the authors warm up over 20 of 240 epochs)")
+
+
+def _long_pre_stage(name: str, member: Strategy, max_epochs: int) -> str | None:
+    if member.init_epochs < max_epochs:
+        return None
+    return (f"kdlab: warning: distill.{name}.init_epochs={member.init_epochs} "
+            f"epochs of pre-stage fill the schedule (trainer.max_epochs="
+            f"{max_epochs}): the run ends before the method's main stage; write "
+            "trainer.max_epochs as ${after_pre_stage:N} (N epochs after the "
+            f"pre-stage), lower distill.{name}.init_epochs, or pick protocol=none")
+
+
 def warn_about_long_warmups(members: dict[str, Strategy], max_epochs: Any) -> list[str]:
     """One warning line for each member whose warm-up (DKD, ReviewKD: 20 epochs, from the
     authors' 240-epoch CIFAR schedule) is longer than the run's schedule: its loss would never
     reach its full weight. The value is kept — it is the researcher's to change — but never
     silently. Returns the lines."""
-    if not isinstance(max_epochs, int) or max_epochs < 1:
-        return []
-    lines = []
-    for name, member in members.items():
-        warmup = getattr(member, "warmup", 0)
-        if isinstance(warmup, int) and warmup > max_epochs:
-            lines.append(f"kdlab: warning: distill.{name}.warmup={warmup} epochs is longer than "
-                         f"the schedule (trainer.max_epochs={max_epochs}): its loss reaches only "
-                         f"{max_epochs}/{warmup} = {max_epochs / warmup:.0%} of its weight in "
-                         f"the last epoch; set distill.{name}.warmup={max_epochs} or less for a "
-                         "full-weight phase (the authors warm up over 20 of 240 epochs)")
-            log.warning(lines[-1])
-    return lines
+    return _warn_each(members, max_epochs, _long_warmup)
 
 
 def warn_about_long_pre_stages(members: dict[str, Strategy], max_epochs: Any) -> list[str]:
     """One warning line for each member whose pre-stage (``init_epochs``) takes the whole
     schedule: the run would end before the method's main stage (for RepDistiller's AB and FSP,
     before the student's classifier trains at all). Kept, never silent. Returns the lines."""
-    if not isinstance(max_epochs, int) or max_epochs < 1:
-        return []
-    lines = []
-    for name, member in members.items():
-        if member.init_epochs >= max_epochs:
-            lines.append(f"kdlab: warning: distill.{name}.init_epochs={member.init_epochs} "
-                         f"epochs of pre-stage fill the schedule (trainer.max_epochs="
-                         f"{max_epochs}): the run ends before the method's main stage; write "
-                         "trainer.max_epochs as ${after_pre_stage:N} (N epochs after the "
-                         f"pre-stage), lower distill.{name}.init_epochs, or pick protocol=none")
-            log.warning(lines[-1])
-    return lines
+    return _warn_each(members, max_epochs, _long_pre_stage)
 
 
 def _model_label(node: Any) -> str:
