@@ -64,10 +64,11 @@ KD = ["distill=kd", "baseline=false", "trainer.max_epochs=1", "steps_per_call=1"
 def test_a_cached_run_ends_where_a_live_run_does_and_the_cache_is_reused(
         fast_cfg, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="kdlab.engine.cache")
-    live = run(fast_cfg(*KD, "teacher_cache.enabled=false"))
+    live = run(fast_cfg(*KD, "teacher_cache.enabled=false", f"paths.output_dir={tmp_path}/live"))
     assert "Teacher cache: off" in caplog.text
     caplog.clear()
     cached = run(fast_cfg(*KD, "teacher_cache.dtype=float32"))
+    assert live["student"]["last_ckpt"] != cached["student"]["last_ckpt"]  # two runs' files
     assert "computed the teacher's outputs" in caplog.text
     files = list((tmp_path / "teachers" / "cache").glob("*.pt"))
     assert len(files) == 1

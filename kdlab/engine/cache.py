@@ -17,6 +17,13 @@ view). The build shows a progress bar and, with ``disk``, saves its progress (``
 so an interrupted build continues where it stopped. ``teacher_cache.views=0`` runs the teacher
 live on fresh random views instead.
 
+**Language models.** A training window of token ids ``[T]`` is a sample whose outputs are one
+distribution per token, ``(T, V)``: the cache stores them per window (``(N, T, V)``, or with
+``teacher_cache.topk`` the ``k`` largest logits of every token, their token ids and one fill
+value: ``T·(4k + 2)`` bytes per window in float16 instead of ``T·2V``) and a lookup returns one
+row per token, ``(B·T, V)``, as the live teacher's outputs are read (a token is a row). Full
+rows are converted to float32 per batch rather than held as a float32 copy of the whole split.
+
 The key hashes the teacher's weights, the training split's tensors (dataset, split and
 normalisation all change them), the tapped module paths, the stored dtype and, for a view bank,
 its drawn parameters; a run that changes any of them computes a new entry.
@@ -69,10 +76,12 @@ class TeacherCache:
         self.features = dict(features or {})
         self.path = path
         self.topk = topk
-        self.classes = classes if classes is not None else logits.shape[1]
+        self.classes = classes if classes is not None else logits.shape[-1]
+        #: a language model's cache: ``(N, T, ·)`` per window, looked up as one row per token
+        self.tokens = logits.dim() == 3
         #: full logits as float32 in memory (N × classes) so a lookup is a single gather;
-        #: top-k rows are expanded per batch instead
-        self._logits32 = logits.float() if topk is None else None
+        #: top-k rows and token windows are expanded / converted per batch instead
+        self._logits32 = logits.float() if topk is None and not self.tokens else None
         self._log_probs: dict[float, torch.Tensor] = {}
 
     @property
@@ -106,12 +115,17 @@ class TeacherCache:
         return CachedOutputs(self, index)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of ``rows`` (top-k rows expanded to every class)."""
+        """Float32 logits of ``rows`` (top-k rows expanded to every class); for token windows
+        one row per token, ``(len(rows)·T, V)``."""
         if self.topk is None:
-            return self._logits32.index_select(0, rows)
-        index, fill = self.topk
-        return expand(self.logits.index_select(0, rows), index.index_select(0, rows),
-                      fill.index_select(0, rows), self.classes)
+            if self._logits32 is not None:
+                return self._logits32.index_select(0, rows)
+            out = self.logits.index_select(0, rows).float()
+        else:
+            index, fill = self.topk
+            out = expand(self.logits.index_select(0, rows), index.index_select(0, rows),
+                         fill.index_select(0, rows), self.classes)
+        return out.flatten(0, 1) if self.tokens else out
 
     def log_probs_table(self, temperature: float) -> torch.Tensor:
         """``log_softmax(logits / T)`` of every sample, computed once per temperature."""
@@ -146,7 +160,7 @@ class CachedOutputs(Outputs):
         return self._features
 
     def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
-        if self._cache.topk is not None:
+        if self._cache._logits32 is None:  # top-k or token rows: per batch
             return torch.log_softmax(self.logits / float(temperature), dim=1)
         return self._cache.log_probs_table(float(temperature)).index_select(0, self._index)
 
@@ -211,12 +225,13 @@ def _per_sample_bytes(teacher: nn.Module, taps: Taps | None, x: torch.Tensor,
     """Bytes per stored input of logits (or their top-``k``) + features, whether features are
     read at all, and the number of classes."""
     logits, features = compute_outputs(teacher, taps, x[:2], channels_last=channels_last)
-    classes = logits.shape[1]
+    classes = logits.shape[-1]
+    rows = logits[0].numel() // classes  # distributions per input: 1, or a window's tokens
     features_bytes = sum(v[0].numel() for v in features.values()) * itemsize
     if topk and topk < classes:  # values and the fill in the dtype, indices in int16/32
         index_bytes = 2 if classes <= torch.iinfo(torch.int16).max else 4
-        return topk * (itemsize + index_bytes) + itemsize + features_bytes, bool(features), \
-            classes
+        return rows * (topk * (itemsize + index_bytes) + itemsize) + features_bytes, \
+            bool(features), classes
     return logits[0].numel() * itemsize + features_bytes, bool(features), classes
 
 
@@ -254,10 +269,6 @@ def prepare_cache(options: CacheOptions, teacher: nn.Module | None, taps: Taps |
     if x_train is None:
         live("the data is read from disk batch by batch (the cache needs an in-memory dataset)")
         return None
-    if x_train.dim() == 2 and not x_train.is_floating_point():
-        live("the inputs are token sequences: the cache stores one row of outputs per sample, "
-             "not per token")
-        return None
     bank = None
     if getattr(data, "augmented", False):
         what = "data.mix" if getattr(data, "mix", "none") != "none" else "data.augment"
@@ -277,8 +288,10 @@ def prepare_cache(options: CacheOptions, teacher: nn.Module | None, taps: Taps |
     size_mb = per_sample * rows / 2**20
     if size_mb > options.max_mb:
         views = f" for {bank.views} views per sample" if bank is not None else ""
+        hint = (f" (teacher_cache.topk=k keeps k of the {classes} logits per row)"
+                if topk is None and classes > 2 else "")
         live(f"its {'logits and features' if has_features else 'logits'}{views} would take "
-             f"{size_mb:,.0f} MB > teacher_cache.max_mb={options.max_mb:g}")
+             f"{size_mb:,.0f} MB > teacher_cache.max_mb={options.max_mb:g}{hint}")
         return None
 
     paths = sorted(taps.paths) if taps is not None else []
@@ -336,6 +349,8 @@ class _Build:
         tensors = {k: v.flatten(0, 1) for k, v in self._compute(file).items()}
         cache = _cache_from(tensors, file, self.bank, self.classes)
         views = f" × {self.bank.views} augmented views" if self.bank is not None else ""
+        if cache.tokens:
+            views += f" (windows of {cache.logits.shape[1]} tokens)"
         topk = f", top-{self.topk} of {self.classes} logits" if self.topk else ""
         log.info("Teacher cache: computed the teacher's outputs for %d training samples%s "
                  "(%s%s, %.1f MB %s) in %.1f s; the teacher will not run during training",
@@ -354,7 +369,7 @@ class _Build:
     def _named(self, logits: torch.Tensor, features: dict[str, torch.Tensor]
                ) -> dict[str, torch.Tensor]:
         """One chunk's outputs as the stored named tensors."""
-        self.classes = logits.shape[1]
+        self.classes = logits.shape[-1]
         if self.topk:
             values, index, fill = compress(logits, self.topk)
             out = {"logits": self._stored("logits", values), "topk_index": index,

@@ -20,29 +20,32 @@ import torch
 
 
 def compress(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(values, index, fill)`` of float32 ``logits`` ``(n, C)``: the ``k`` largest logits
-    ``(n, k)``, their classes ``(n, k)`` and the log-mean-exp of the other logits ``(n, 1)``."""
-    classes = logits.shape[1]
+    """``(values, index, fill)`` of float32 ``logits`` ``(..., C)`` (one input per row, or a
+    language model's ``(n, T, C)``: one distribution per token): the ``k`` largest logits
+    ``(..., k)``, their classes ``(..., k)`` and the log-mean-exp of the other logits
+    ``(..., 1)``."""
+    classes = logits.shape[-1]
     if not 0 < k < classes:
         raise ValueError(f"top-k needs 0 < k < {classes} classes, not {k}")
-    values, index = logits.topk(k, dim=1)
-    others = logits.scatter(1, index, float("-inf"))
-    fill = torch.logsumexp(others, dim=1, keepdim=True) - math.log(classes - k)
+    values, index = logits.topk(k, dim=-1)
+    others = logits.scatter(-1, index, float("-inf"))
+    fill = torch.logsumexp(others, dim=-1, keepdim=True) - math.log(classes - k)
     dtype = torch.int16 if classes <= torch.iinfo(torch.int16).max else torch.int32
     return values, index.to(dtype), fill
 
 
 def expand(values: torch.Tensor, index: torch.Tensor, fill: torch.Tensor,
            classes: int) -> torch.Tensor:
-    """Float32 logits ``(n, C)``: ``fill`` everywhere but the top-k classes, which get their
+    """Float32 logits ``(..., C)``: ``fill`` everywhere but the top-k classes, which get their
     values."""
-    out = fill.float().expand(len(values), classes).clone()
-    return out.scatter_(1, index.long(), values.float())
+    out = fill.float().expand(*values.shape[:-1], classes).clone()
+    return out.scatter_(-1, index.long(), values.float())
 
 
 def kl_error(logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
-    """Per input ``KL(softmax(z/T) ‖ softmax(ẑ/T))`` in nats, ``ẑ`` the expanded top-``k``."""
-    expanded = expand(*compress(logits, k), logits.shape[1])
-    p = torch.log_softmax(logits / temperature, dim=1)
-    q = torch.log_softmax(expanded / temperature, dim=1)
-    return (p.exp() * (p - q)).sum(1)
+    """Per input (per token) ``KL(softmax(z/T) ‖ softmax(ẑ/T))`` in nats, ``ẑ`` the expanded
+    top-``k``."""
+    expanded = expand(*compress(logits, k), logits.shape[-1])
+    p = torch.log_softmax(logits / temperature, dim=-1)
+    q = torch.log_softmax(expanded / temperature, dim=-1)
+    return (p.exp() * (p - q)).sum(-1)
