@@ -66,3 +66,30 @@ def test_the_main_text_job_composes_and_runs_in_fast_dev_run(tmp_path):
     for role in ("teacher", "student", "baseline"):
         metrics = results[role]["metrics"]
         assert abs(metrics["test/bits_per_token"] * math.log(2) - metrics["test/loss"]) < 1e-4
+    # held-out KL(teacher || student) per token: logged where a teacher is present
+    assert results["student"]["metrics"]["test/teacher_kl"] > 0
+    assert "test/teacher_kl" not in results["baseline"]["metrics"]
+    speed = results["student"]
+    assert speed["train_tokens_per_s"]["median"] == pytest.approx(
+        speed["train_samples_per_s"]["median"] * 64)  # windows of the job's 64 tokens
+
+
+def test_the_teacher_kl_is_the_mean_per_token_kl_divergence():
+    from kdlab.engine.module import DistillationModule
+    from kdlab.models.gpt import GPT
+    from kdlab.strategies import KD
+
+    torch.manual_seed(0)
+    student, teacher = GPT((8,), 11, dim=8, depth=1, heads=2), GPT((8,), 11, dim=8, depth=1,
+                                                                       heads=2)
+    module = DistillationModule(student, 11, torch.optim.SGD, teacher=teacher, strategy=KD())
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    x = torch.randint(0, 11, (3, 8))
+    logits = as_rows(student(x))
+    module._log_teacher_kl(x, logits, "test")
+    p, q = torch.softmax(as_rows(teacher(x)).double(), 1), torch.softmax(logits.double(), 1)
+    want = sum(float((p[i] * (p[i] / q[i]).log()).sum()) for i in range(24)) / 24
+    assert logged["test/teacher_kl"] == pytest.approx(want, rel=1e-4)
+    module._log_teacher_kl(x, as_rows(teacher(x)), "test")
+    assert logged["test/teacher_kl"] == pytest.approx(0, abs=1e-6)

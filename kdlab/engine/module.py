@@ -504,6 +504,20 @@ class DistillationModule(L.LightningModule):
             # for a byte-level tokenizer), the loss in bits
             self.log(f"{split}/bits_per_token", loss / math.log(2), on_epoch=True,
                      sync_dist=True)
+            if split == "test" and self.teacher is not None:
+                self._log_teacher_kl(x, logits, split)
+
+    def _log_teacher_kl(self, x: torch.Tensor, logits: torch.Tensor, split: str) -> None:
+        """``{split}/teacher_kl``: the mean per-token ``KL(teacher ‖ student)`` in nats on
+        held-out text (how far the student's next-token distributions are from the teacher's;
+        not logged when their vocabularies differ)."""
+        with torch.no_grad():
+            teacher = as_rows(self.teacher(x)).float()
+        if teacher.shape != logits.shape:
+            return
+        p = F.log_softmax(teacher, dim=1)
+        kl = (p.exp() * (p - F.log_softmax(logits.float(), dim=1))).sum(1).mean()
+        self.log(f"{split}/teacher_kl", kl, on_epoch=True, sync_dist=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)

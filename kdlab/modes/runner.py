@@ -30,6 +30,7 @@ from kdlab.modes.build import (
 )
 from kdlab.modes.resume import history_callback, resume_checkpoint
 from kdlab.strategies.base import Strategy
+from kdlab.util.inputs import TokenShape
 from kdlab.util.measure import describe_model
 from kdlab.util.report import model_name  # noqa: F401 - re-exported
 
@@ -111,12 +112,19 @@ def stage_entry(stage: str, name: str, model: nn.Module, result: StageResult,
     """One network's entry of ``results.json``: its stage, model, metrics, checkpoints, training
     speed, parameters and CPU latency (plus ``extra`` keys)."""
     speed = result.samples_per_s
+    rates = {"train_samples_per_s": _rates(speed)}
+    if isinstance(latency[0], TokenShape):  # a sample is a window of tokens
+        rates["train_tokens_per_s"] = _rates([s * latency[0][0] for s in speed])
     return {"stage": stage, "model": name, "metrics": result.metrics,
-            "best_ckpt": result.best_ckpt, "last_ckpt": result.last_ckpt,
-            "train_samples_per_s": {
-                "per_epoch": speed,
-                "median": statistics.median(speed[1:] or speed) if speed else None},
+            "best_ckpt": result.best_ckpt, "last_ckpt": result.last_ckpt, **rates,
             **describe_model(model, *latency), **extra}
+
+
+def _rates(per_epoch: list[float]) -> dict[str, Any]:
+    """Per-epoch training rates and their median (the first epoch, a warm-up, left out when
+    there are more)."""
+    return {"per_epoch": per_epoch,
+            "median": statistics.median(per_epoch[1:] or per_epoch) if per_epoch else None}
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
