@@ -352,3 +352,22 @@ def test_baselines_without_a_key_are_one_when_config_and_metrics_are_equal(tmp_p
     baselines = sorted(row.label for row in result["rows"] if row.stage == "baseline")
     assert baselines == ["distill=at, lr=0.003", "distill=dkd|kd, lr=0.003",
                          "distill=ft, lr=0.01"]
+
+
+def test_a_metric_that_is_not_a_fraction_is_shown_in_its_own_units(tmp_path):
+    """Text runs compare bits per token (lower is better): no % and no ×100."""
+    bits = {0: (2.041, 2.134), 1: (2.050, 2.140), 2: (2.032, 2.128)}
+    for seed, (student, base) in bits.items():
+        folder = _job(tmp_path / f"kd{seed}", "kd", seed=seed, acc=0.6, baseline=0.55)
+        results = json.loads((folder / "results.json").read_text())
+        for stage, value in zip(results["stages"], (1.9, student, base)):
+            stage["metrics"]["test/bits_per_token"] = value
+        (folder / "results.json").write_text(json.dumps(results))
+    compare([tmp_path], out=tmp_path / "out", metric="test/bits_per_token")
+    markdown = (tmp_path / "out" / "compare.md").read_text()
+    assert "| test/bits_per_token | gain vs baseline |" in markdown
+    mean = statistics.fmean(v for v, _ in bits.values())
+    gain = statistics.fmean(v - b for v, b in bits.values())
+    assert f"| {mean:.4f} ± " in markdown and f"| {gain:+.4f} ± " in markdown
+    assert "test/bits_per_token (in its units" in markdown
+    assert (tmp_path / "out" / "accuracy.png").exists()

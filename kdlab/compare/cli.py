@@ -36,6 +36,7 @@ from kdlab.compare.runs import (
     TEACHER,
     Row,
     aggregate,
+    is_percent,
     length_notes,
     length_text,
     load_runs,
@@ -48,12 +49,15 @@ from kdlab.util.report import markdown
 DIFFERS = "≠"
 
 
-def _pm(values: Sequence[float], sign: bool = False) -> str:
+def _pm(values: Sequence[float], sign: bool = False, percent: bool = True) -> str:
+    """``mean ± std`` in % (2 decimals), or as they are (4 significant decimals) for a metric
+    that is not a fraction."""
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "—"
-    text = f"{100 * mean:+.2f}" if sign else f"{100 * mean:.2f}"
-    return text + ("" if math.isnan(std) else f" ± {100 * std:.2f}")
+    scale, digits = (100, 2) if percent else (1, 4)
+    text = f"{scale * mean:+.{digits}f}" if sign else f"{scale * mean:.{digits}f}"
+    return text + ("" if math.isnan(std) else f" ± {scale * std:.{digits}f}")
 
 
 def _epochs(row: Row) -> str:
@@ -65,7 +69,8 @@ def _epochs(row: Row) -> str:
 
 def headers(keys: Sequence[str], metric: str) -> list[str]:
     """The columns of the comparison table."""
-    name = "test acc %" if metric == "test/acc" else f"{metric} %"
+    name = ("test acc %" if metric == "test/acc" else f"{metric} %" if is_percent(metric)
+            else metric)
     return [*keys, "stage", "model", "n", name, "gain vs baseline", "val acc %", "epochs",
             "params", "CPU ms/batch"]
 
@@ -79,24 +84,28 @@ def table(keys: Sequence[str], rows: Sequence[Row], metric: str = "test/acc"
     """Headers and text cells of the comparison table."""
     body = []
     for row in rows:
-        gain = "—" if row.stage in (TEACHER, BASELINE) else _pm(row.gains, sign=True)
+        percent = is_percent(metric)
+        gain = ("—" if row.stage in (TEACHER, BASELINE)
+                else _pm(row.gains, sign=True, percent=percent))
         if row.gains and len(row.gains) < row.n:
             gain += f" (n={len(row.gains)})"
         body.append([*(row.group.get(k, "—") for k in keys), row.stage, row.model, str(row.n),
-                     _pm(row.test_acc), gain, _pm(row.val_acc), _epochs(row),
+                     _pm(row.test_acc, percent=percent), gain, _pm(row.val_acc), _epochs(row),
                      "—" if row.params is None else f"{row.params:,}",
                      "—" if row.latency_ms is None else f"{row.latency_ms:.2f}"])
     return headers(keys, metric), body
 
 
-def notes(rows: Sequence[Row]) -> list[str]:
+def notes(rows: Sequence[Row], metric: str = "test/acc") -> list[str]:
     """The lines under the table: rows of different length, baselines shown once."""
     lines = [f"{DIFFERS} {note}" for note in length_notes(rows)]
     lines += [f"{row.label}: one baseline shared by {len(row.shared_by)} groups, shown once"
               for row in rows if row.shared_by]
     gains = [row for row in rows if row.stage not in (TEACHER, BASELINE)]
     if any(row.gains for row in gains):
-        lines.append("gain vs baseline: percentage points over the baseline of the same seed "
+        units = ("percentage points" if is_percent(metric)
+                 else f"{metric} (in its units; lower is better for losses, bits and KL)")
+        lines.append(f"gain vs baseline: {units} over the baseline of the same seed "
                      "(the run's own, else that of a run alike but for the strategy), "
                      "mean ± std over the runs that have one (n where fewer than the row's)")
     return lines
@@ -175,7 +184,7 @@ def compare(paths: Sequence[str | Path], out: Path | None = None, by: Sequence[s
         out = (first if first.is_dir() else first.parent) / "compare"
     out.mkdir(parents=True, exist_ok=True)
     head, body = table(keys, rows, metric)
-    lines = notes(rows)
+    lines = notes(rows, metric)
     print_rich(head, body, f"{len(runs)} runs, {metric} (mean ± std over seeds)", lines)
     files = [out / "compare.csv", out / "compare_seeds.csv", out / "compare.md"]
     write_csv(files[0], keys, rows, metric)

@@ -29,7 +29,7 @@ from matplotlib.ticker import (
     NullFormatter,
 )
 
-from kdlab.compare.runs import TEACHER, Row, mean_std
+from kdlab.compare.runs import TEACHER, Row, is_percent, mean_std
 
 #: colours of the stages in the bar chart; other stages take the next free colours
 STAGE_COLOURS = {"student": "C0", "baseline": "0.6"}
@@ -66,10 +66,17 @@ def plot_all(rows: Sequence[Row], out: Path, metric: str = "test/acc") -> list[P
     return files
 
 
-def _pct(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and std in %; std ``None`` for fewer than two values (no error bar)."""
+def _pct(values: Sequence[float], percent: bool = True) -> tuple[float, float | None]:
+    """Mean and std in % (as they are for a metric that is not a fraction, ``percent=False``);
+    std ``None`` for fewer than two values (no error bar)."""
     mean, std = mean_std(values)
-    return 100 * mean, None if std != std else 100 * std
+    scale = 100 if percent else 1
+    return scale * mean, None if std != std else scale * std
+
+
+def _unit(metric: str) -> str:
+    """The axis label of ``metric``: ``test/acc (%)``, or the metric's name."""
+    return f"{metric} (%)" if is_percent(metric) else metric
 
 
 def wrap(label: str, width: int = WRAP) -> str:
@@ -96,7 +103,8 @@ def teachers(rows: Sequence[Row]) -> list[Row]:
 def _teacher_label(row: Row, several: bool, value: float) -> str:
     """``teacher CNN: 54.3``; with its group's label when the figure has several teachers."""
     where = f" ({row.label})" if several else ""
-    return f"teacher {row.model}{where}: {value:.1f}"
+    return f"teacher {row.model}{where}: {value:.1f}" if value >= 10 else \
+        f"teacher {row.model}{where}: {value:.3f}"
 
 
 def palette(n: int) -> list:
@@ -148,6 +156,7 @@ def accuracy_figure(rows: Sequence[Row], metric: str = "test/acc") -> Figure:
     its label (tick labels wrapped between their parts): the mean over seeds, an error bar
     (± std) where n ≥ 2, the value and n written beside it; each distinct teacher once as a
     dashed line; the legend under the axes."""
+    percent = is_percent(metric)
     bars = [row for row in rows if row.stage != TEACHER]
     labels = list(dict.fromkeys(row.label for row in bars))
     members = {label: [row for row in bars if row.label == label] for label in labels}
@@ -158,7 +167,7 @@ def accuracy_figure(rows: Sequence[Row], metric: str = "test/acc") -> Figure:
     ends, drawn = [], set()
     for label, start in zip(labels, starts):
         for j, row in enumerate(members[label]):
-            mean, std = _pct(row.test_acc)
+            mean, std = _pct(row.test_acc, percent)
             ax.barh(start + j, mean, 0.8, color=colours[row.stage],
                     label=None if row.stage in drawn else row.stage)
             drawn.add(row.stage)
@@ -166,24 +175,26 @@ def accuracy_figure(rows: Sequence[Row], metric: str = "test/acc") -> Figure:
                 ax.errorbar(mean, start + j, xerr=std, fmt="none", ecolor="black",
                             capsize=2.5, elinewidth=0.9)
             ends.append((mean, mean + (std or 0.0)))
-            text = f"{mean:.1f}" + ("" if std is None else f" ± {std:.1f}") + f"  n={row.n}"
+            digits = 1 if percent else 3
+            text = (f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+                    + f"  n={row.n}")
             ax.annotate(text, (mean + (std or 0.0), start + j), xytext=(3, 0),
                         textcoords="offset points", va="center", fontsize=FONT - 1,
                         bbox={"fc": "white", "ec": "none", "pad": 0.3, "alpha": 0.8})
     marks = teachers(rows)
     for k, row in enumerate(marks):
-        mean, _ = _pct(row.test_acc)
+        mean, _ = _pct(row.test_acc, percent)
         ax.axvline(mean, color="black", linestyle=TEACHER_STYLES[k % 3], linewidth=1,
                    zorder=1, label=_teacher_label(row, len(marks) > 1, mean))
         ends.append((mean, mean))
     low = min((m for m, _ in ends), default=0.0)
     high = max((e for _, e in ends), default=100.0)
-    left = max(0.0, 5 * ((low - 5) // 5))
-    ax.set_xlim(left, high + 0.3 * (high - left) + 2)
+    left = max(0.0, 5 * ((low - 5) // 5)) if percent else 0.0
+    ax.set_xlim(left, high + 0.3 * (high - left) + (2 if percent else 0))
     ax.set_yticks([start + (len(members[label]) - 1) / 2 for label, start in zip(labels, starts)],
                   [wrap(label) for label in labels], fontsize=FONT)
     ax.set_ylim(total - 0.4, -0.6)  # the first group on top
-    ax.set_xlabel(f"{metric} (%): mean over seeds, error bar ± std where n ≥ 2", fontsize=FONT)
+    ax.set_xlabel(f"{_unit(metric)}: mean over seeds, error bar ± std where n ≥ 2", fontsize=FONT)
     fig.legend(loc="outside lower center", ncol=min(3, len(drawn) + len(marks)),
                fontsize=FONT - 1, frameon=False)
     return fig
@@ -214,6 +225,7 @@ def tradeoff_figure(rows: Sequence[Row], axis: str, metric: str = "test/acc") ->
     """Accuracy against parameters or CPU latency (log scale when they span more than 10×):
     colour by group, marker by stage, error bars where n ≥ 2, each distinct teacher once as a
     star; ``None`` when no row has that number."""
+    percent = is_percent(metric)
     points = [row for row in rows if row.stage != TEACHER and _x(row, axis) is not None]
     stars = [row for row in teachers(rows) if _x(row, axis) is not None]
     if not points and not stars:
@@ -224,23 +236,23 @@ def tradeoff_figure(rows: Sequence[Row], axis: str, metric: str = "test/acc") ->
     legend = [wrap(label) for label in labels]
     fig, ax = _figure(6.4, 3.2 + _legend_height(_padded(legend, len(markers) + len(stars)), 2))
     for row in points:
-        mean, std = _pct(row.test_acc)
+        mean, std = _pct(row.test_acc, percent)
         ax.errorbar(_x(row, axis), mean, yerr=std, fmt=markers[row.stage],
                     color=colours[row.label], capsize=2.5, markersize=6, elinewidth=0.9,
                     markeredgecolor="white", markeredgewidth=0.6)
     for row in stars:
-        ax.plot(_x(row, axis), _pct(row.test_acc)[0], marker="*", markersize=13,
+        ax.plot(_x(row, axis), _pct(row.test_acc, percent)[0], marker="*", markersize=13,
                 color="black", linestyle="")
     _x_axis(ax, [v for row in (*points, *stars) if (v := _x(row, axis)) is not None], axis)
     ax.set_xlabel("parameters" if axis == "params" else "CPU latency (ms per batch)",
                   fontsize=FONT)
-    ax.set_ylabel(f"{metric} (%)", fontsize=FONT)
+    ax.set_ylabel(_unit(metric), fontsize=FONT)
     groups = [Line2D([], [], color=colours[label], marker="o", linestyle="",
                      label=wrap(label)) for label in labels]
     keys = [Line2D([], [], color="0.35", marker=marker, linestyle="", label=stage)
             for stage, marker in markers.items()] if len(markers) > 1 else []
     keys += [Line2D([], [], color="black", marker="*", markersize=10, linestyle="",
-                    label=_teacher_label(row, len(stars) > 1, _pct(row.test_acc)[0]))
+                    label=_teacher_label(row, len(stars) > 1, _pct(row.test_acc, percent)[0]))
              for row in stars]
     fig.legend(handles=_two_columns(groups, keys), loc="outside lower center", ncol=2,
                fontsize=FONT - 1, frameon=False)

@@ -427,6 +427,13 @@ def _short(value: Any) -> str:
     return text.rsplit(".", 1)[-1] if text.count(".") > 1 and " " not in text else text
 
 
+def is_percent(metric: str) -> bool:
+    """Whether ``metric`` is a fraction shown in % (accuracies: ``test/acc``, ``val/acc``…);
+    others (``test/bits_per_token``, ``test/loss``, ``test/teacher_kl``) are shown as they
+    are, in their own units."""
+    return metric.rsplit("/", 1)[-1].startswith("acc")
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (``nan`` for one value)."""
     if not values:
