@@ -210,3 +210,16 @@ def test_generated_text_leaves_the_baseline_alone_and_runs_outside_packs(tmp_pat
         baseline_identity(sequence, data)  # the baseline trains on the corpus either way
     assert unpackable(on_policy).startswith("on_policy.fraction is set")
     assert unpackable(sequence).startswith("sequence_kd.enabled")
+
+
+def test_the_text_presets_compose_and_share_text_kds_teacher(tmp_path):
+    from kdlab.modes.build import strategy_name
+    from kdlab.modes.teacher import teacher_key
+
+    cfgs = {name: make_cfg(tmp_path, [f"experiment={name}", "data.max_bytes=300000"])
+            for name in ("text_kd", "text_on_policy", "text_seqkd")}
+    assert strategy_name(cfgs["text_on_policy"]) == "gkd"
+    assert cfgs["text_on_policy"].on_policy.fraction == 0.5
+    assert strategy_name(cfgs["text_seqkd"]) == "none" and cfgs["text_seqkd"].sequence_kd.enabled
+    keys = {teacher_key(cfg) for cfg in cfgs.values()}
+    assert len(keys) == 1  # one stored teacher for the three jobs
