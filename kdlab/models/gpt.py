@@ -69,7 +69,8 @@ class CausalSelfAttention(nn.Module):
         if kv is not None:
             kv[0, :, :, past : past + t] = k
             kv[1, :, :, past : past + t] = v
-            k, v = kv[0, :, :, : past + t], kv[1, :, :, : past + t]
+            # read back in the queries' dtype (under autocast the cache keeps the weights')
+            k, v = kv[0, :, :, : past + t].to(q.dtype), kv[1, :, :, : past + t].to(q.dtype)
             if past:  # query i (position past + i) sees keys 0 … past + i
                 causal = False
                 if t > 1:
