@@ -26,6 +26,7 @@ from kdlab.engine.fit import SKIPPED_WARNING
 from kdlab.modes import mode_runner
 from kdlab.modes.build import to_container
 from kdlab.modes.checks import check_values
+from kdlab.modes.generation import refuse_outside_offline
 from kdlab.modes.resume import (
     continue_unfinished,
     followed_folder,
@@ -80,6 +81,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
 def run_mode(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """The run's mode in ``run_dir``: its stages, as ``results.json`` entries."""
     mode = str((cfg.get("mode") or {}).get("name", "offline"))
+    refuse_outside_offline(cfg, mode)  # on_policy / sequence_kd: options of the offline mode
     trainer = cfg.trainer
     try:
         # a multirun job with DDP starts its other ranks here (after the folder is marked)

@@ -155,6 +155,8 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.split_seed, self.shuffle_seed = int(split_seed), int(shuffle_seed)
         self.max_bytes = max_bytes
+        #: where the training windows come from (:meth:`use_training_windows`)
+        self.train_source = "the corpus"
         self.tokenizer = ByteTokenizer()
         self.num_classes = self.tokenizer.vocab_size
         self.input_shape = TokenShape((self.context,), self.num_classes)
@@ -201,6 +203,25 @@ class TextDataModule(L.LightningDataModule):
             setattr(self, f"x_{split}", x)
             setattr(self, f"y_{split}", y)
         self._ready = True
+
+    def training_windows(self) -> torch.Tensor:
+        """The training split's windows of ``context + 1`` tokens ``[N, context + 1]``: each
+        window's inputs followed by its last target."""
+        self.setup()
+        return torch.cat([self.x_train.cpu(), self.y_train[:, -1:].cpu()], dim=1)
+
+    def use_training_windows(self, windows: torch.Tensor, source: str) -> None:
+        """Train on ``windows`` ``[N, context + 1]`` (token ids) instead of the corpus's (e.g.
+        a teacher's continuations, sequence-level KD); validation and test keep the corpus.
+        ``source`` says where they come from in :meth:`describe`. The identity (a stored
+        teacher's key) stays that of the corpus."""
+        self.setup()
+        if windows.dim() != 2 or windows.shape[1] != self.context + 1:
+            raise KdlabError(f"training windows must be [N, data.context + 1 = "
+                             f"{self.context + 1}] token ids, got {list(windows.shape)}")
+        windows = windows.long()
+        self.x_train, self.y_train = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        self.train_source = source
 
     def identity(self) -> dict[str, Any]:
         """What defines the text a network is trained and validated on, for the key of a stored
@@ -269,5 +290,7 @@ class TextDataModule(L.LightningDataModule):
         sizes = ", ".join(f"{s} {self.files[s]} files / {self.bytes[s] / 1e6:.2f} MB / "
                           f"{len(getattr(self, f'x_{s}'))} windows"
                           for s in ("train", "val", "test"))
+        source = "" if self.train_source == "the corpus" else \
+            f"; training windows from {self.train_source}"
         return (f"text ({where}, {self.pattern}, {self.tokenizer.name}, context "
-                f"{self.context}): {sizes}")
+                f"{self.context}): {sizes}{source}")

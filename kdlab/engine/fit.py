@@ -27,6 +27,7 @@ from kdlab.engine.callbacks import Throughput
 from kdlab.engine.checkpoint_io import AtomicCheckpointIO
 from kdlab.engine.loop import trainer_arguments
 from kdlab.engine.module import DistillationModule
+from kdlab.engine.on_policy import check_on_policy
 from kdlab.engine.spec import CompileOptions, StageSpec
 from kdlab.util.errors import KdlabError
 from kdlab.util.inputs import TokenShape
@@ -123,8 +124,12 @@ def build_module(spec: StageSpec, caches: dict[tuple[str, ...], Any] | None = No
         example_input=data.example_input(2),
         num_train_samples=data.num_train_samples,
         loop=spec.loop,
+        on_policy=spec.on_policy,
     )
     module.has_unlabelled = data.has_unlabelled
+    tapped = any(taps is not None and taps.paths
+                 for taps in (module.student_taps, module.teacher_taps))
+    check_on_policy(spec.on_policy, data, spec.strategy, tapped)
     if spec.strategy is not None and spec.strategy.needs_teacher:
         taps = module.teacher_taps
         key = tuple(taps.paths) if taps is not None else ()
@@ -243,11 +248,15 @@ def finish_stage(spec: StageSpec, module: DistillationModule, tester: L.Trainer,
             if callback.best_model_score is not None:  # the best checkpoint's val/acc
                 metrics["val/acc"] = float(callback.best_model_score)
     last_acc = test_accuracy(module, spec.data) if spec.test_last else None
+    # read before the test, whose loading of the best checkpoint restores that one's count
+    on_policy = module.on_policy_batches if getattr(module, "on_policy", None) else None
     test = tester.test(module, datamodule=data, ckpt_path=best, verbose=False)
     metrics.update(test[0] if test else {})
     release_free_memory()  # the stage's freed activations, before the next stage allocates
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["epochs"] = epochs
+    if on_policy is not None:  # training batches the student generated (on_policy.fraction)
+        metrics["on_policy_batches"] = on_policy
     if last_acc is not None:
         metrics["last/test/acc"] = last_acc
     skipped = getattr(module, "skipped_batches", 0)

@@ -96,6 +96,50 @@ class CacheOptions:
 
 
 @dataclass(frozen=True)
+class OnPolicyOptions:
+    """On-policy distillation of a language model (GKD: Agarwal et al., "On-Policy Distillation
+    of Language Models: Learning from Self-Generated Mistakes", ICLR 2024), see
+    :mod:`kdlab.engine.on_policy`; the config's ``on_policy.*``.
+
+    Args:
+        fraction: the share λ of training batches the student generates (0: off, 1: all).
+        prompt: tokens of each training window kept as the prompt; the student writes the rest.
+        temperature: of the student's sampling (0: greedy).
+        top_k: sample among the ``k`` most likely tokens; ``None``: all.
+        seed: which batches are generated and what is sampled follow from it and the step.
+    """
+
+    fraction: float = 0.0
+    prompt: int = 1
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SequenceKDOptions:
+    """Sequence-level knowledge distillation (Kim & Rush, "Sequence-Level Knowledge
+    Distillation", EMNLP 2016), see :mod:`kdlab.engine.sequences`; the config's
+    ``sequence_kd.*``.
+
+    Args:
+        prompt: tokens of each training window kept; the teacher writes the rest.
+        temperature: 0: greedy (the teacher's most likely token at every step); > 0: sampled.
+        top_k: sample among the ``k`` most likely tokens; ``None``: all.
+        seed: of the sampling.
+        folder: where generated windows are kept for later runs (``None``: this run only).
+        progress: show a progress bar while the teacher generates.
+    """
+
+    prompt: int = 1
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 0
+    folder: Path | None = None
+    progress: bool = False
+
+
+@dataclass(frozen=True)
 class CompileOptions:
     """``torch.compile`` of the student and / or the live teacher (``mode`` of torch.compile)."""
 
@@ -117,6 +161,7 @@ class StageSpec:
             from the recipe; callbacks, loggers and the folder from this spec).
         callbacks, loggers: built for this stage.
         cache, compile: the teacher-output cache and ``torch.compile`` options.
+        on_policy: the share of batches the student generates (off by default).
         channels_last: feed conv nets NHWC tensors.
         hparams: plain containers saved in checkpoints (the run's resolved config).
         ckpt_path: continue from this checkpoint (a resumed run).
@@ -138,6 +183,7 @@ class StageSpec:
     loggers: Sequence[Logger] = ()
     cache: CacheOptions = field(default_factory=CacheOptions)
     compile: CompileOptions = field(default_factory=CompileOptions)
+    on_policy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
     channels_last: bool = False
     hparams: dict[str, Any] = field(default_factory=dict)
     ckpt_path: str | None = None

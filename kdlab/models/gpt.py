@@ -10,6 +10,12 @@ output projection tied to the token embedding (weight tying, Press & Wolf 2017).
 Inputs are token ids ``[N, T]`` (``T ≤ context``); the output is ``[N, T, vocab]`` next-token
 logits. Each block's output is a tap (``blocks.<k>``, alias ``blocks``) for hidden-state
 matching; ``embedding`` is the final normalised hidden state.
+
+**Incremental decoding.** :meth:`GPT.decode` feeds new tokens through a :class:`KVCache` (each
+block's keys and values of the positions decoded so far, preallocated for the whole context)
+and returns the logits of the new positions only, so sampling a sequence of ``T`` tokens costs
+one pass per token over one position instead of a pass over the whole prefix
+(:func:`kdlab.engine.generate.sample`). ``forward(tokens)`` — what training runs — is unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +31,21 @@ from torch import nn
 from kdlab.util.errors import KdlabError
 
 
+class KVCache:
+    """The keys and values of the positions a :class:`GPT` has decoded so far, for every block:
+    ``[depth, 2, N, heads, context, dim / heads]``, preallocated (:meth:`GPT.new_cache`);
+    ``length`` positions are filled."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        """Positions the cache can hold (the model's context)."""
+        return self.tensor.shape[4]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``F.scaled_dot_product_attention``."""
 
@@ -35,10 +56,26 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
+                past: int = 0) -> torch.Tensor:
+        """Attention over ``x`` ``[N, t, dim]``; with ``kv`` (this block's slice of a
+        :class:`KVCache`, ``[2, N, heads, context, dim / heads]``) the new positions'
+        keys and values are written at ``past …`` and the queries attend to every cached
+        position before them too."""
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        mask = None
+        causal = True
+        if kv is not None:
+            kv[0, :, :, past : past + t] = k
+            kv[1, :, :, past : past + t] = v
+            # read back in the queries' dtype (under autocast the cache keeps the weights')
+            k, v = kv[0, :, :, : past + t].to(q.dtype), kv[1, :, :, : past + t].to(q.dtype)
+            if past:  # query i (position past + i) sees keys 0 … past + i
+                causal = False
+                if t > 1:
+                    mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(n, t, d))
 
@@ -54,8 +91,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
+                past: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), kv, past))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -119,6 +157,32 @@ class GPT(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.drop(self.token(tokens) + self.position(positions))
         return self.head(self.ln_f(self.blocks(x)))
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``context`` tokens, on
+        the model's device and in its dtype."""
+        weight = self.token.weight
+        attn = self.blocks[0].attn if len(self.blocks) else None
+        heads = attn.heads if attn is not None else 1
+        dim = weight.shape[1]
+        return KVCache(torch.empty(len(self.blocks), 2, batch, heads, self.context,
+                                   dim // heads, dtype=weight.dtype, device=weight.device))
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The logits ``[N, t, vocab]`` of ``tokens`` ``[N, t]``, the positions that follow the
+        ``cache.length`` already in ``cache`` (whose keys and values are read, and to which
+        those of ``tokens`` are added): the same as the last ``t`` positions of ``forward``
+        over the whole sequence. Run it without gradients (sampling); ``forward`` trains."""
+        past, t = cache.length, tokens.shape[1]
+        if tokens.dim() != 2 or past + t > self.context:
+            raise KdlabError(f"a GPT decodes at most {self.context} tokens (model.context): "
+                             f"{past} cached + {list(tokens.shape)} new")
+        positions = torch.arange(past, past + t, device=tokens.device)
+        x = self.drop(self.token(tokens) + self.position(positions))
+        for k, block in enumerate(self.blocks):
+            x = block(x, cache.tensor[k], past)
+        cache.length = past + t
+        return self.head(self.ln_f(x))
 
 
 #: ``(dim, depth, heads)`` by name: CPU-sized teacher and student widths

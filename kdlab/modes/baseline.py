@@ -8,9 +8,11 @@ and reused: trained by the first job, loaded by the others, shown once by ``kdla
 
 Its identity is the whole resolved config except what a baseline never reads — the strategy
 (``distill``), the teacher and its cache, compression, where files go and how progress is
-shown — plus a digest of the training data's content. Anything else that differs (seed,
-student, optimizer, schedule, epochs, batch size, data options, Trainer settings) gives another
-baseline: leaving a key in costs a retraining at worst, leaving one out would reuse a wrong one.
+shown, and the student stage's generated text (``on_policy``, ``sequence_kd``: the baseline
+trains on the corpus) — plus a digest of the training data's content. Anything else that
+differs (seed, student, optimizer, schedule, epochs, batch size, data options, Trainer
+settings) gives another baseline: leaving a key in costs a retraining at worst, leaving one out
+would reuse a wrong one.
 ``baseline_store: false`` trains it in every run; ``trainer.fast_dev_run`` never stores it.
 """
 
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 #: top-level config keys a baseline never reads
 IGNORED = ("distill", "teacher", "teacher_cache", "compress", "paths", "logger", "latency",
            "task_name", "ckpt_path", "resume", "hydra", "baseline", "baseline_store", "mode",
-           "tune_allocator")
+           "tune_allocator", "on_policy", "sequence_kd")
 #: nested keys a baseline never reads: where data is read from (its content is in the
 #: identity), progress display, and the student's initialisation from the teacher
 IGNORED_NESTED = (("data", "root"), ("data", "download_dir"), ("data", "download"),

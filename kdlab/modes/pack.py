@@ -68,6 +68,10 @@ def unpackable(cfg: DictConfig) -> str | None:
         return "compress is set (its stages run per job)"
     if cfg.get("ckpt_path"):
         return "ckpt_path is set"
+    if (cfg.get("on_policy") or {}).get("fraction"):
+        return "on_policy.fraction is set (each student generates its own batches)"
+    if (cfg.get("sequence_kd") or {}).get("enabled"):
+        return "sequence_kd.enabled (the student trains on the teacher's generated windows)"
     if any(node is not None and is_wandb(node) for node in (cfg.get("logger") or {}).values()):
         return "logger=wandb (one W&B run per process)"
     trainer = cfg.trainer

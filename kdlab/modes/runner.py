@@ -17,7 +17,7 @@ from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.evaluate import evaluate_model
 from kdlab.engine.fit import StageResult, fit_module, fit_stage
 from kdlab.engine.module import DistillationModule, freeze
-from kdlab.engine.spec import StageSpec
+from kdlab.engine.spec import OnPolicyOptions, StageSpec
 from kdlab.modes.build import (
     cache_options,
     compile_options,
@@ -40,11 +40,12 @@ def stage_spec(cfg: DictConfig, name: str, folder: Path, student: nn.Module,
                max_epochs: int | None = None, teacher: nn.Module | None = None,
                strategy: Strategy | None = None, ckpt_path: str | None = None,
                callbacks: Sequence[Callback] = (), optimizer_key: str = "optimizer",
-               monitor: str = "val/acc") -> StageSpec:
+               monitor: str = "val/acc", on_policy: OnPolicyOptions | None = None) -> StageSpec:
     """The engine's description of one stage from the run's config: the trainer, callbacks
     and loggers of ``cfg`` for ``folder``, the recipe from ``optimizer`` / ``scheduler`` /
     ``max_epochs`` (default ``trainer.max_epochs``), the loop options, the cache and compile
-    options. A resumed run continues the stage from ``<folder>/checkpoints/last.ckpt``."""
+    options (``on_policy``: the share of batches the student generates, off by default). A
+    resumed run continues the stage from ``<folder>/checkpoints/last.ckpt``."""
     epochs = cfg.trainer.max_epochs if max_epochs is None else max_epochs
     resume = ckpt_path or resume_checkpoint(folder)
     loggers = stage_loggers(cfg, folder, name)
@@ -59,7 +60,8 @@ def stage_spec(cfg: DictConfig, name: str, folder: Path, student: nn.Module,
         loggers=loggers, cache=cache_options(cfg), compile=compile_options(cfg),
         channels_last=bool(cfg.get("channels_last", False)),
         hparams=to_container(cfg), ckpt_path=resume,
-        test_last=bool(cfg.get("test_last", False)), monitor=monitor)
+        test_last=bool(cfg.get("test_last", False)), monitor=monitor,
+        on_policy=on_policy or OnPolicyOptions())
 
 
 def train_stage(cfg: DictConfig, name: str, folder: Path, student: nn.Module,
