@@ -10,9 +10,13 @@ version, so the corpus is identified by a digest of its files (:meth:`TextDataMo
 never by its path: two machines share a stored teacher only when their corpora are the same
 bytes.
 
-**Tokens.** :class:`ByteTokenizer` maps text to its UTF-8 bytes (vocabulary 256, no unknown
-token, nothing to download); bits per byte are then the cross-entropy in nats divided by
-``ln 2``. Files are joined with a NUL byte (which text files do not contain) as separator.
+**Tokens.** ``tokenizer=bytes`` (the default, :class:`ByteTokenizer`) maps text to its UTF-8
+bytes (vocabulary 256, no unknown token, nothing to download); ``tokenizer=hf:<name-or-path>``
+reads a Hugging Face tokenizer (:mod:`kdlab.data.tokenizers`, the ``llm`` extra). Files are
+joined by a separator (a NUL byte, which text files do not contain; a Hugging Face tokenizer's
+end-of-text token). The tokenizer also says how many bytes of the text each token stands for,
+so every window knows the bytes its targets cover (:attr:`TextDataModule.target_bytes`) and
+bits per byte are exact for any tokenizer: summed nats over ``ln 2`` times those bytes.
 
 **Splits.** Each file goes to train, validation or test by a seeded hash of its path relative to
 the root (``split_seed``; fractions ``val_fraction`` / ``test_fraction``), so no file is seen in
@@ -32,31 +36,15 @@ import lightning as L
 import torch
 
 from kdlab.data.loader import BatchLoader
+from kdlab.data.tokenizers import SEPARATOR, ByteTokenizer, get_tokenizer
 from kdlab.util.errors import KdlabError
 from kdlab.util.inputs import TokenShape
 
+__all__ = ["SEPARATOR", "ByteTokenizer", "TextDataModule", "corpus_files", "split_of",
+           "stdlib_root", "windows", "window_sums"]
+
 #: folders of the standard library left out of the default corpus
 _SKIPPED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-#: the byte that separates files in a split
-SEPARATOR = 0
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary 256, lossless on any text."""
-
-    vocab_size = 256
-    name = "bytes"
-
-    def encode(self, text: str) -> torch.Tensor:
-        """``text`` as a 1-D ``uint8`` tensor of its UTF-8 bytes."""
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
-
-    def decode(self, tokens: torch.Tensor) -> str:
-        """The text of byte tokens (invalid UTF-8 sequences, e.g. a cut multi-byte character,
-        become U+FFFD)."""
-        return bytes(tokens.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
-
-
 def stdlib_root() -> Path:
     """The folder of this interpreter's standard library."""
     return Path(sysconfig.get_paths()["stdlib"])
@@ -97,6 +85,15 @@ def windows(tokens: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Ten
     return body[:-1].view(n, context), body[1:].view(n, context)
 
 
+def window_sums(per_token: torch.Tensor, context: int) -> torch.Tensor:
+    """For the windows of :func:`windows`, the sum of ``per_token`` over each window's targets
+    (``[N]``, ``int64``): with the bytes of each token, the bytes a window's targets cover."""
+    n = (len(per_token) - 1) // context
+    if n < 1:
+        return torch.empty(0, dtype=torch.long)
+    return per_token[1: n * context + 1].long().view(n, context).sum(1)
+
+
 class TextDataModule(L.LightningDataModule):
     """Byte-level language-modelling data from a folder of text files (see the module
     docstring).
@@ -113,6 +110,8 @@ class TextDataModule(L.LightningDataModule):
         max_bytes: read at most this many bytes of the corpus (files in sorted order, the last
             one cut), for quick runs; ``None`` reads everything.
         shuffle_seed: seed of the training order (epoch ``e`` is shuffled with ``(seed, e)``).
+        tokenizer: ``bytes`` or ``hf:<name-or-path>`` (:func:`kdlab.data.tokenizers.get_tokenizer`);
+            its vocabulary is the models' number of classes.
     """
 
     name = "text"
@@ -121,8 +120,9 @@ class TextDataModule(L.LightningDataModule):
     def __init__(self, root: str | None = None, pattern: str | None = None, context: int = 128,
                  batch_size: int = 64, eval_batch_size: int = 256, val_fraction: float = 0.05,
                  test_fraction: float = 0.05, split_seed: int = 0, max_bytes: int | None = None,
-                 shuffle_seed: int = 0, transfer: bool = False, num_labels: int | None = None,
-                 augment: bool = False, mix: str = "none") -> None:
+                 shuffle_seed: int = 0, tokenizer: str = "bytes", transfer: bool = False,
+                 num_labels: int | None = None, augment: bool = False,
+                 mix: str = "none") -> None:
         super().__init__()
         # the options every kdlab datamodule takes from the modes: every token of a text is
         # its own label (the next token), so there is no transfer set and no labelled subset,
@@ -155,7 +155,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.split_seed, self.shuffle_seed = int(split_seed), int(shuffle_seed)
         self.max_bytes = max_bytes
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = get_tokenizer(tokenizer)
         self.num_classes = self.tokenizer.vocab_size
         self.input_shape = TokenShape((self.context,), self.num_classes)
         self._ready = False
@@ -187,28 +187,31 @@ class TextDataModule(L.LightningDataModule):
         self.content = digest.hexdigest()[:32]
         self.files = counts
         self.bytes: dict[str, int] = {}
+        #: per split, the bytes of the text each window's targets cover (``[N]``, int64)
+        self.target_bytes: dict[str, torch.Tensor] = {}
         for split, chunks in parts.items():
-            text = bytes([SEPARATOR]).join(chunks)
-            self.bytes[split] = len(text)
-            tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else \
-                torch.empty(0, dtype=torch.uint8)
+            tokens, per_token = self.tokenizer.encode_files(chunks)
+            self.bytes[split] = int(per_token.sum())
             x, y = windows(tokens, self.context)
             if len(x) == 0:
                 raise KdlabError(
-                    f"data: the {split} split of {root} ({counts[split]} files, {len(text)} "
-                    f"bytes) holds no window of data.context={self.context} tokens: use a "
-                    "larger corpus or data.max_bytes, a smaller context, or other fractions")
+                    f"data: the {split} split of {root} ({counts[split]} files, "
+                    f"{self.bytes[split]} bytes, {len(tokens)} tokens) holds no window of "
+                    f"data.context={self.context} tokens: use a larger corpus or "
+                    "data.max_bytes, a smaller context, or other fractions")
             setattr(self, f"x_{split}", x)
             setattr(self, f"y_{split}", y)
+            self.target_bytes[split] = window_sums(per_token, self.context)
         self._ready = True
 
     def identity(self) -> dict[str, Any]:
         """What defines the text a network is trained and validated on, for the key of a stored
-        teacher: a digest of the corpus's files (paths and bytes), the tokenizer, the context
-        and the split."""
+        teacher: a digest of the corpus's files (paths and bytes), the tokenizer's identity
+        (``bytes``, or a digest of a Hugging Face tokenizer's definition), the context and the
+        split."""
         self.setup()
         return {"dataset": type(self).__name__, "content": self.content,
-                "tokenizer": self.tokenizer.name, "context": self.context,
+                "tokenizer": self.tokenizer.identity, "context": self.context,
                 "split_seed": self.split_seed, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction, "num_classes": self.num_classes,
                 "input_shape": list(self.input_shape)}

@@ -26,7 +26,7 @@ from kdlab.engine.cache import prepare_cache
 from kdlab.engine.callbacks import Throughput
 from kdlab.engine.checkpoint_io import AtomicCheckpointIO
 from kdlab.engine.loop import trainer_arguments
-from kdlab.engine.module import DistillationModule
+from kdlab.engine.module import DistillationModule, output_classes
 from kdlab.engine.spec import CompileOptions, StageSpec
 from kdlab.util.errors import KdlabError
 from kdlab.util.inputs import TokenShape
@@ -111,20 +111,22 @@ def build_module(spec: StageSpec, caches: dict[tuple[str, ...], Any] | None = No
     data.setup()
     check_views(data, spec.strategy, spec.name)  # a strong view: in-memory, unmixed data
     check_stage(data, spec.strategy, spec.name)  # mixed batches need soft targets only
+    example = data.example_input(2)
     module = DistillationModule(
         student=spec.student,
-        num_classes=data.num_classes,
+        num_classes=output_classes(spec.student, data.num_classes, example),
         optimizer=spec.recipe.optimizer,
         scheduler=spec.recipe.scheduler,
         teacher=spec.teacher,
         strategy=spec.strategy,
         channels_last=spec.channels_last,
         hparams={"stage": spec.name, "config": spec.hparams},
-        example_input=data.example_input(2),
+        example_input=example,
         num_train_samples=data.num_train_samples,
         loop=spec.loop,
     )
     module.has_unlabelled = data.has_unlabelled
+    module.target_bytes = getattr(data, "target_bytes", None)
     if spec.strategy is not None and spec.strategy.needs_teacher:
         taps = module.teacher_taps
         key = tuple(taps.paths) if taps is not None else ()
@@ -285,4 +287,5 @@ def accuracy(model: nn.Module, batches: Any, num_classes: int, device: torch.dev
 def test_accuracy(module: DistillationModule, data: LightningDataModule) -> float:
     """Test accuracy of ``module``'s current weights (after a fit: the last epoch's), computed
     directly rather than through ``trainer.test`` so the loggers see one test per stage."""
-    return accuracy(module, data.test_dataloader(), data.num_classes, module.device)
+    return accuracy(module, data.test_dataloader(), int(module.test_acc.num_classes),
+                    module.device)
