@@ -255,3 +255,53 @@ def test_different_vocabularies_train_with_uld_and_are_refused_by_kd(hf, tmp_pat
         run(make_cfg(tmp_path / "kd", quick(hf, "distill=kd", *teacher)))
     assert ("the teacher predicts 300 classes (its vocabulary) and the student 256: "
             "distill=kd") in capsys.readouterr().err
+
+
+def test_bits_per_byte_are_the_splits_nats_over_its_bytes(hf):
+    """Over uneven batches of BPE windows, ``val/bits_per_byte`` is the whole split's summed
+    cross-entropy over ``ln 2`` times the bytes its targets cover."""
+    from kdlab.engine.evaluate import evaluate_model
+
+    data = TextDataModule(root=hf["corpus"], context=16, val_fraction=0.2, test_fraction=0.2,
+                          eval_batch_size=7, tokenizer=f"hf:{hf['tok']}")
+    data.setup()
+    assert len(data.x_val) % 7 and len(data.x_val) > 7  # several batches, the last one short
+    model = create(f"hf:{hf['gpt2_tok']}", input_shape=[16], num_classes=data.num_classes).eval()
+    metrics = evaluate_model(model, data, data.num_classes, splits=("val",))
+    with torch.no_grad():
+        nats = torch.nn.functional.cross_entropy(model(data.x_val).flatten(0, 1),
+                                                 data.y_val.flatten(), reduction="sum")
+    expected = float(nats) / (math.log(2) * int(data.target_bytes["val"].sum()))
+    assert metrics["val/bits_per_byte"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["val/bits_per_token"] == pytest.approx(
+        float(nats) / (math.log(2) * data.y_val.numel()), rel=1e-5)
+
+
+# -- datasets -------------------------------------------------------------------------------------
+def test_a_hugging_face_dataset_is_a_corpus_of_its_rows(hf, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"text": [f"# row {i}\n" + "\n".join(LINES[i % 3:]) * 6 for i in range(40)]
+            + [""], "id": list(range(41))}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(
+        tmp_path / "saved")
+
+    def data(**kwargs) -> TextDataModule:
+        module = TextDataModule(context=16, val_fraction=0.2, test_fraction=0.2,
+                                hf_dataset=str(tmp_path / "saved"), **kwargs)
+        module.setup()
+        return module
+
+    byte = data()
+    assert sum(byte.files.values()) == 40  # the empty row is skipped
+    assert byte.bytes["train"] + byte.bytes["val"] + byte.bytes["test"] == sum(
+        len(t.encode()) for t in rows["text"]) + 37  # + one separator between documents
+    assert "dataset" in byte.describe() and byte.identity()["tokenizer"] == "bytes"
+    bpe = data(tokenizer=f"hf:{hf['tok']}")
+    assert bpe.identity()["content"] == byte.identity()["content"] != data(
+        max_bytes=20000).identity()["content"]
+    with pytest.raises(KdlabError, match="data.hf_column=body is not a column .*text, id"):
+        data(hf_column="body")
+    with pytest.raises(KdlabError, match="data.hf_split=test: .* has the splits train"):
+        data(hf_split="test")
+    with pytest.raises(KdlabError, match="data.root=.* and data.hf_dataset="):
+        TextDataModule(root=hf["corpus"], hf_dataset="wikitext")

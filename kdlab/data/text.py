@@ -1,6 +1,7 @@
 """Text for language-model distillation, offline: a folder of text files (by default the Python
-standard library's own source, which every machine that runs kdlab has), a byte-level
-tokenizer, a split by file and fixed-length windows of next-token targets.
+standard library's own source, which every machine that runs kdlab has) or the rows of a
+Hugging Face dataset (``hf_dataset``, :mod:`kdlab.data.hf_datasets`), a byte-level or Hugging
+Face tokenizer, a split by file and fixed-length windows of next-token targets.
 
 **Why the standard library.** Language-model runs need a sizeable corpus that exists without a
 download, on every machine, with no licence question: the ``.py`` files of the interpreter's
@@ -29,12 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from kdlab.data.hf_datasets import documents
 from kdlab.data.loader import BatchLoader
 from kdlab.data.tokenizers import SEPARATOR, ByteTokenizer, get_tokenizer
 from kdlab.util.errors import KdlabError
@@ -110,8 +113,12 @@ class TextDataModule(L.LightningDataModule):
         max_bytes: read at most this many bytes of the corpus (files in sorted order, the last
             one cut), for quick runs; ``None`` reads everything.
         shuffle_seed: seed of the training order (epoch ``e`` is shuffled with ``(seed, e)``).
-        tokenizer: ``bytes`` or ``hf:<name-or-path>`` (:func:`kdlab.data.tokenizers.get_tokenizer`);
-            its vocabulary is the models' number of classes.
+        tokenizer: ``bytes`` or ``hf:<name-or-path>``
+            (:func:`kdlab.data.tokenizers.get_tokenizer`); its vocabulary is the models'
+            number of classes.
+        hf_dataset: instead of a folder, a Hugging Face dataset by name or path
+            (:mod:`kdlab.data.hf_datasets`; each row a document); ``hf_config`` its
+            configuration, ``hf_split`` the split read, ``hf_column`` the text column.
     """
 
     name = "text"
@@ -120,7 +127,9 @@ class TextDataModule(L.LightningDataModule):
     def __init__(self, root: str | None = None, pattern: str | None = None, context: int = 128,
                  batch_size: int = 64, eval_batch_size: int = 256, val_fraction: float = 0.05,
                  test_fraction: float = 0.05, split_seed: int = 0, max_bytes: int | None = None,
-                 shuffle_seed: int = 0, tokenizer: str = "bytes", transfer: bool = False,
+                 shuffle_seed: int = 0, tokenizer: str = "bytes",
+                 hf_dataset: str | None = None, hf_config: str | None = None,
+                 hf_split: str = "train", hf_column: str = "text", transfer: bool = False,
                  num_labels: int | None = None, augment: bool = False,
                  mix: str = "none") -> None:
         super().__init__()
@@ -148,6 +157,11 @@ class TextDataModule(L.LightningDataModule):
                              f"{test_fraction} must be in (0, 1) with a sum below 1")
         if max_bytes is not None and max_bytes < 1:
             raise KdlabError(f"data.max_bytes={max_bytes} must be positive or null")
+        if hf_dataset is not None and root is not None:
+            raise KdlabError(f"data.root={root} and data.hf_dataset={hf_dataset}: the text comes "
+                             "from a folder or from a dataset; set one of them to null")
+        self.hf_dataset, self.hf_config = hf_dataset, hf_config
+        self.hf_split, self.hf_column = hf_split, hf_column
         self.root = Path(root).expanduser() if root is not None else None
         self.pattern = pattern or ("**/*.py" if root is None else "**/*")
         self.context = int(context)
@@ -164,20 +178,36 @@ class TextDataModule(L.LightningDataModule):
     def corpus_root(self) -> Path:
         return self.root if self.root is not None else stdlib_root()
 
+    @property
+    def where(self) -> str:
+        """Where the text comes from, for messages."""
+        if self.hf_dataset is not None:
+            config = f", {self.hf_config}" if self.hf_config else ""
+            return f"the dataset {self.hf_dataset}{config} ({self.hf_split})"
+        return "the Python standard library" if self.root is None else str(self.root)
+
+    def _documents(self) -> Iterator[tuple[str, bytes]]:
+        """``(name, bytes)`` of each document: the corpus's files by relative path (sorted),
+        or the dataset's rows."""
+        if self.hf_dataset is not None:
+            yield from documents(self.hf_dataset, self.hf_config, self.hf_split, self.hf_column)
+            return
+        root = self.corpus_root
+        for path in corpus_files(root, self.pattern):
+            yield path.relative_to(root).as_posix(), path.read_bytes()
+
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
             return
-        root = self.corpus_root
         parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
         counts = {"train": 0, "val": 0, "test": 0}
         digest = hashlib.sha256()
         budget = self.max_bytes
-        for path in corpus_files(root, self.pattern):
-            data = path.read_bytes().replace(bytes([SEPARATOR]), b"")
+        for relative, data in self._documents():
+            data = data.replace(bytes([SEPARATOR]), b"")
             if budget is not None:
                 data = data[:budget]
                 budget -= len(data)
-            relative = path.relative_to(root).as_posix()
             digest.update(relative.encode() + b"\0" + hashlib.sha256(data).digest())
             split = split_of(relative, self.split_seed, self.val_fraction, self.test_fraction)
             parts[split].append(data)
@@ -195,7 +225,7 @@ class TextDataModule(L.LightningDataModule):
             x, y = windows(tokens, self.context)
             if len(x) == 0:
                 raise KdlabError(
-                    f"data: the {split} split of {root} ({counts[split]} files, "
+                    f"data: the {split} split of {self.where} ({counts[split]} files, "
                     f"{self.bytes[split]} bytes, {len(tokens)} tokens) holds no window of "
                     f"data.context={self.context} tokens: use a larger corpus or "
                     "data.max_bytes, a smaller context, or other fractions")
@@ -268,9 +298,11 @@ class TextDataModule(L.LightningDataModule):
     def describe(self) -> str:
         """One line for the log: the corpus and the size of each split."""
         self.setup()
-        where = ("the Python standard library" if self.root is None else str(self.root))
+        where = self.where
         sizes = ", ".join(f"{s} {self.files[s]} files / {self.bytes[s] / 1e6:.2f} MB / "
                           f"{len(getattr(self, f'x_{s}'))} windows"
                           for s in ("train", "val", "test"))
-        return (f"text ({where}, {self.pattern}, {self.tokenizer.name}, context "
+        if self.hf_dataset is None:
+            where = f"{where}, {self.pattern}"
+        return (f"text ({where}, {self.tokenizer.name}, context "
                 f"{self.context}): {sizes}")
