@@ -94,7 +94,7 @@ def window_sums(per_token: torch.Tensor, context: int) -> torch.Tensor:
     n = (len(per_token) - 1) // context
     if n < 1:
         return torch.empty(0, dtype=torch.long)
-    return per_token[1: n * context + 1].long().view(n, context).sum(1)
+    return per_token[1: n * context + 1].view(n, context).sum(1, dtype=torch.long)
 
 
 class TextDataModule(L.LightningDataModule):
