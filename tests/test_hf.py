@@ -305,3 +305,17 @@ def test_a_hugging_face_dataset_is_a_corpus_of_its_rows(hf, tmp_path):
         data(hf_split="test")
     with pytest.raises(KdlabError, match="data.root=.* and data.hf_dataset="):
         TextDataModule(root=hf["corpus"], hf_dataset="wikitext")
+
+
+def test_a_teacher_read_from_local_files_is_stored_under_their_content(hf, tmp_path):
+    from kdlab.modes.teacher import teacher_identity, teacher_key
+
+    folder = tmp_path / "model"
+    shutil.copytree(hf["gpt2"], folder)
+    overrides = quick(hf, "distill=kd", f"teacher.model.name=hf:{folder}")
+    key = teacher_key(make_cfg(tmp_path, overrides))
+    assert key == teacher_key(make_cfg(tmp_path, overrides))
+    shutil.copy(tiny_gpt2(tmp_path / "other", seed=1) + "/model.safetensors", folder)
+    assert teacher_key(make_cfg(tmp_path, overrides)) != key  # other weights, same path
+    hub = quick(hf, "distill=kd", "teacher.model.name=hf:gpt2")  # a name: the config alone
+    assert "model_files" not in teacher_identity(make_cfg(tmp_path, hub))

@@ -35,6 +35,7 @@ built for them.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -83,6 +84,27 @@ def _local(name: str) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def files_digest(name: str) -> str | None:
+    """A digest of the local files an ``hf:<name>`` model is read from — every file under the
+    folder (hidden ones left out), or the one ``config.json`` — so that a network kdlab trains
+    from them is stored under their content, not their path; ``None`` for a Hub name or a model
+    type (named by the config alone)."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" if file != path
+                      else b"\0")
+        with file.open("rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
 
 
 class LayerOutput(nn.Module):

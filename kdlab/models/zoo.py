@@ -44,6 +44,17 @@ def available() -> list[str]:
     return sorted(registry())
 
 
+def source_digest(name: str) -> str | None:
+    """A digest of the local files model ``name`` is built from, when its config names files
+    (``hf:<folder-or-file>``), for the identity of a network kdlab trains from them; ``None``
+    for every model defined by its name and config alone."""
+    if isinstance(name, str) and name.startswith("hf:"):
+        from kdlab.models.hf import files_digest
+
+        return files_digest(name[3:])
+    return None
+
+
 def create(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn.Module:
     """The model called ``name``, for inputs ``[C, H, W]`` and ``num_classes`` outputs.
 
