@@ -237,8 +237,10 @@ def test_hf_to_hf_on_a_hugging_face_tokenizer(hf, tmp_path):
         hf, "distill=kd", f"data.tokenizer=hf:{hf['tok']}",
         f"teacher.model.name=hf:{hf['gpt2_tok']}", "teacher.ckpt=pretrained",
         "student.model.name=hf:gpt2", "+student.model.pretrained=false",
-        "+student.model.config={n_layer:2,n_embd:16,n_head:2,n_positions:32}")))
+        "+student.model.config={n_layer:2,n_embd:16,n_head:2,n_positions:32}",
+        "test_last=true")))
     assert results["student"]["model"] == "hf:gpt2"
+    assert 0 <= results["student"]["metrics"]["last/test/acc"] <= 1  # over tokens
     for role in ("teacher", "student"):
         metrics = results[role]["metrics"]
         # a token covers several bytes: fewer bits per byte than per token

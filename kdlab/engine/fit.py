@@ -26,7 +26,7 @@ from kdlab.engine.cache import prepare_cache
 from kdlab.engine.callbacks import Throughput
 from kdlab.engine.checkpoint_io import AtomicCheckpointIO
 from kdlab.engine.loop import trainer_arguments
-from kdlab.engine.module import DistillationModule, output_classes
+from kdlab.engine.module import DistillationModule, as_rows, output_classes
 from kdlab.engine.spec import CompileOptions, StageSpec
 from kdlab.util.errors import KdlabError
 from kdlab.util.inputs import TokenShape
@@ -268,24 +268,29 @@ def finish_stage(spec: StageSpec, module: DistillationModule, tester: L.Trainer,
 @torch.no_grad()
 def accuracy(model: nn.Module, batches: Any, num_classes: int, device: torch.device | None = None,
              channels_last: bool = False) -> float:
-    """Top-1 accuracy (torchmetrics) of ``model`` in eval mode over ``(x, y, …)`` batches; the
-    model's training mode is restored."""
+    """Top-1 accuracy (torchmetrics) of ``model`` in eval mode over ``(x, y, …)`` batches (a
+    language model's: over its tokens, counted over its own outputs when its vocabulary is
+    wider than ``num_classes``); the model's training mode is restored."""
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
-    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    metric = None
     was_training = model.training
     model.eval()
     for x, y, *_ in batches:
         x = x.to(device)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        metric.update(model(x), y.to(device))
+        logits, y = as_rows(model(x)), as_rows(y.to(device))
+        if metric is None:
+            classes = max(num_classes, logits.shape[-1]) if not x.is_floating_point() \
+                else num_classes
+            metric = MulticlassAccuracy(num_classes=classes, average="micro").to(device)
+        metric.update(logits, y)
     model.train(was_training)
-    return float(metric.compute()) if metric.update_count else 0.0
+    return float(metric.compute()) if metric is not None and metric.update_count else 0.0
 
 
 def test_accuracy(module: DistillationModule, data: LightningDataModule) -> float:
     """Test accuracy of ``module``'s current weights (after a fit: the last epoch's), computed
     directly rather than through ``trainer.test`` so the loggers see one test per stage."""
-    return accuracy(module, data.test_dataloader(), int(module.test_acc.num_classes),
-                    module.device)
+    return accuracy(module, data.test_dataloader(), data.num_classes, module.device)
