@@ -13,7 +13,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
   fi
 fi
 
-echo "kdlab setup: pip install -e .[dev,export,sweep,zoo]"
-python -m pip install -q -e ".[dev,export,sweep,zoo]"
+echo "kdlab setup: pip install -e .[dev,export,sweep,zoo,llm]"
+python -m pip install -q -e ".[dev,export,sweep,zoo,llm]"
 if command -v pyenv >/dev/null; then pyenv rehash; fi
 echo "kdlab setup: done"

@@ -1,6 +1,7 @@
 """Text for language-model distillation, offline: a folder of text files (by default the Python
-standard library's own source, which every machine that runs kdlab has), a byte-level
-tokenizer, a split by file and fixed-length windows of next-token targets.
+standard library's own source, which every machine that runs kdlab has) or the rows of a
+Hugging Face dataset (``hf_dataset``, :mod:`kdlab.data.hf_datasets`), a byte-level or Hugging
+Face tokenizer, a split by file and fixed-length windows of next-token targets.
 
 **Why the standard library.** Language-model runs need a sizeable corpus that exists without a
 download, on every machine, with no licence question: the ``.py`` files of the interpreter's
@@ -10,9 +11,13 @@ version, so the corpus is identified by a digest of its files (:meth:`TextDataMo
 never by its path: two machines share a stored teacher only when their corpora are the same
 bytes.
 
-**Tokens.** :class:`ByteTokenizer` maps text to its UTF-8 bytes (vocabulary 256, no unknown
-token, nothing to download); bits per byte are then the cross-entropy in nats divided by
-``ln 2``. Files are joined with a NUL byte (which text files do not contain) as separator.
+**Tokens.** ``tokenizer=bytes`` (the default, :class:`ByteTokenizer`) maps text to its UTF-8
+bytes (vocabulary 256, no unknown token, nothing to download); ``tokenizer=hf:<name-or-path>``
+reads a Hugging Face tokenizer (:mod:`kdlab.data.tokenizers`, the ``llm`` extra). Files are
+joined by a separator (a NUL byte, which text files do not contain; a Hugging Face tokenizer's
+end-of-text token). The tokenizer also says how many bytes of the text each token stands for,
+so every window knows the bytes its targets cover (:attr:`TextDataModule.target_bytes`) and
+bits per byte are exact for any tokenizer: summed nats over ``ln 2`` times those bytes.
 
 **Splits.** Each file goes to train, validation or test by a seeded hash of its path relative to
 the root (``split_seed``; fractions ``val_fraction`` / ``test_fraction``), so no file is seen in
@@ -25,38 +30,24 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from kdlab.data.hf_datasets import documents
 from kdlab.data.loader import BatchLoader
+from kdlab.data.tokenizers import SEPARATOR, ByteTokenizer, get_tokenizer
 from kdlab.util.errors import KdlabError
 from kdlab.util.inputs import TokenShape
 
+__all__ = ["SEPARATOR", "ByteTokenizer", "TextDataModule", "corpus_files", "split_of",
+           "stdlib_root", "windows", "window_sums"]
+
 #: folders of the standard library left out of the default corpus
 _SKIPPED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-#: the byte that separates files in a split
-SEPARATOR = 0
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary 256, lossless on any text."""
-
-    vocab_size = 256
-    name = "bytes"
-
-    def encode(self, text: str) -> torch.Tensor:
-        """``text`` as a 1-D ``uint8`` tensor of its UTF-8 bytes."""
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
-
-    def decode(self, tokens: torch.Tensor) -> str:
-        """The text of byte tokens (invalid UTF-8 sequences, e.g. a cut multi-byte character,
-        become U+FFFD)."""
-        return bytes(tokens.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
-
-
 def stdlib_root() -> Path:
     """The folder of this interpreter's standard library."""
     return Path(sysconfig.get_paths()["stdlib"])
@@ -97,6 +88,15 @@ def windows(tokens: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Ten
     return body[:-1].view(n, context), body[1:].view(n, context)
 
 
+def window_sums(per_token: torch.Tensor, context: int) -> torch.Tensor:
+    """For the windows of :func:`windows`, the sum of ``per_token`` over each window's targets
+    (``[N]``, ``int64``): with the bytes of each token, the bytes a window's targets cover."""
+    n = (len(per_token) - 1) // context
+    if n < 1:
+        return torch.empty(0, dtype=torch.long)
+    return per_token[1: n * context + 1].view(n, context).sum(1, dtype=torch.long)
+
+
 class TextDataModule(L.LightningDataModule):
     """Byte-level language-modelling data from a folder of text files (see the module
     docstring).
@@ -113,6 +113,12 @@ class TextDataModule(L.LightningDataModule):
         max_bytes: read at most this many bytes of the corpus (files in sorted order, the last
             one cut), for quick runs; ``None`` reads everything.
         shuffle_seed: seed of the training order (epoch ``e`` is shuffled with ``(seed, e)``).
+        tokenizer: ``bytes`` or ``hf:<name-or-path>``
+            (:func:`kdlab.data.tokenizers.get_tokenizer`); its vocabulary is the models'
+            number of classes.
+        hf_dataset: instead of a folder, a Hugging Face dataset by name or path
+            (:mod:`kdlab.data.hf_datasets`; each row a document); ``hf_config`` its
+            configuration, ``hf_split`` the split read, ``hf_column`` the text column.
     """
 
     name = "text"
@@ -121,8 +127,11 @@ class TextDataModule(L.LightningDataModule):
     def __init__(self, root: str | None = None, pattern: str | None = None, context: int = 128,
                  batch_size: int = 64, eval_batch_size: int = 256, val_fraction: float = 0.05,
                  test_fraction: float = 0.05, split_seed: int = 0, max_bytes: int | None = None,
-                 shuffle_seed: int = 0, transfer: bool = False, num_labels: int | None = None,
-                 augment: bool = False, mix: str = "none") -> None:
+                 shuffle_seed: int = 0, tokenizer: str = "bytes",
+                 hf_dataset: str | None = None, hf_config: str | None = None,
+                 hf_split: str = "train", hf_column: str = "text", transfer: bool = False,
+                 num_labels: int | None = None, augment: bool = False,
+                 mix: str = "none") -> None:
         super().__init__()
         # the options every kdlab datamodule takes from the modes: every token of a text is
         # its own label (the next token), so there is no transfer set and no labelled subset,
@@ -148,6 +157,11 @@ class TextDataModule(L.LightningDataModule):
                              f"{test_fraction} must be in (0, 1) with a sum below 1")
         if max_bytes is not None and max_bytes < 1:
             raise KdlabError(f"data.max_bytes={max_bytes} must be positive or null")
+        if hf_dataset is not None and root is not None:
+            raise KdlabError(f"data.root={root} and data.hf_dataset={hf_dataset}: the text comes "
+                             "from a folder or from a dataset; set one of them to null")
+        self.hf_dataset, self.hf_config = hf_dataset, hf_config
+        self.hf_split, self.hf_column = hf_split, hf_column
         self.root = Path(root).expanduser() if root is not None else None
         self.pattern = pattern or ("**/*.py" if root is None else "**/*")
         self.context = int(context)
@@ -157,7 +171,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_bytes = max_bytes
         #: where the training windows come from (:meth:`use_training_windows`)
         self.train_source = "the corpus"
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = get_tokenizer(tokenizer)
         self.num_classes = self.tokenizer.vocab_size
         self.input_shape = TokenShape((self.context,), self.num_classes)
         self._ready = False
@@ -166,20 +180,36 @@ class TextDataModule(L.LightningDataModule):
     def corpus_root(self) -> Path:
         return self.root if self.root is not None else stdlib_root()
 
+    @property
+    def where(self) -> str:
+        """Where the text comes from, for messages."""
+        if self.hf_dataset is not None:
+            config = f", {self.hf_config}" if self.hf_config else ""
+            return f"the dataset {self.hf_dataset}{config} ({self.hf_split})"
+        return "the Python standard library" if self.root is None else str(self.root)
+
+    def _documents(self) -> Iterator[tuple[str, bytes]]:
+        """``(name, bytes)`` of each document: the corpus's files by relative path (sorted),
+        or the dataset's rows."""
+        if self.hf_dataset is not None:
+            yield from documents(self.hf_dataset, self.hf_config, self.hf_split, self.hf_column)
+            return
+        root = self.corpus_root
+        for path in corpus_files(root, self.pattern):
+            yield path.relative_to(root).as_posix(), path.read_bytes()
+
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
             return
-        root = self.corpus_root
         parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
         counts = {"train": 0, "val": 0, "test": 0}
         digest = hashlib.sha256()
         budget = self.max_bytes
-        for path in corpus_files(root, self.pattern):
-            data = path.read_bytes().replace(bytes([SEPARATOR]), b"")
+        for relative, data in self._documents():
+            data = data.replace(bytes([SEPARATOR]), b"")
             if budget is not None:
                 data = data[:budget]
                 budget -= len(data)
-            relative = path.relative_to(root).as_posix()
             digest.update(relative.encode() + b"\0" + hashlib.sha256(data).digest())
             split = split_of(relative, self.split_seed, self.val_fraction, self.test_fraction)
             parts[split].append(data)
@@ -189,19 +219,21 @@ class TextDataModule(L.LightningDataModule):
         self.content = digest.hexdigest()[:32]
         self.files = counts
         self.bytes: dict[str, int] = {}
+        #: per split, the bytes of the text each window's targets cover (``[N]``, int64)
+        self.target_bytes: dict[str, torch.Tensor] = {}
         for split, chunks in parts.items():
-            text = bytes([SEPARATOR]).join(chunks)
-            self.bytes[split] = len(text)
-            tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else \
-                torch.empty(0, dtype=torch.uint8)
+            tokens, per_token = self.tokenizer.encode_files(chunks)
+            self.bytes[split] = int(per_token.sum())
             x, y = windows(tokens, self.context)
             if len(x) == 0:
                 raise KdlabError(
-                    f"data: the {split} split of {root} ({counts[split]} files, {len(text)} "
-                    f"bytes) holds no window of data.context={self.context} tokens: use a "
-                    "larger corpus or data.max_bytes, a smaller context, or other fractions")
+                    f"data: the {split} split of {self.where} ({counts[split]} files, "
+                    f"{self.bytes[split]} bytes, {len(tokens)} tokens) holds no window of "
+                    f"data.context={self.context} tokens: use a larger corpus or "
+                    "data.max_bytes, a smaller context, or other fractions")
             setattr(self, f"x_{split}", x)
             setattr(self, f"y_{split}", y)
+            self.target_bytes[split] = window_sums(per_token, self.context)
         self._ready = True
 
     def training_windows(self) -> torch.Tensor:
@@ -225,11 +257,12 @@ class TextDataModule(L.LightningDataModule):
 
     def identity(self) -> dict[str, Any]:
         """What defines the text a network is trained and validated on, for the key of a stored
-        teacher: a digest of the corpus's files (paths and bytes), the tokenizer, the context
-        and the split."""
+        teacher: a digest of the corpus's files (paths and bytes), the tokenizer's identity
+        (``bytes``, or a digest of a Hugging Face tokenizer's definition), the context and the
+        split."""
         self.setup()
         return {"dataset": type(self).__name__, "content": self.content,
-                "tokenizer": self.tokenizer.name, "context": self.context,
+                "tokenizer": self.tokenizer.identity, "context": self.context,
                 "split_seed": self.split_seed, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction, "num_classes": self.num_classes,
                 "input_shape": list(self.input_shape)}
@@ -286,11 +319,13 @@ class TextDataModule(L.LightningDataModule):
     def describe(self) -> str:
         """One line for the log: the corpus and the size of each split."""
         self.setup()
-        where = ("the Python standard library" if self.root is None else str(self.root))
+        where = self.where
         sizes = ", ".join(f"{s} {self.files[s]} files / {self.bytes[s] / 1e6:.2f} MB / "
                           f"{len(getattr(self, f'x_{s}'))} windows"
                           for s in ("train", "val", "test"))
+        if self.hf_dataset is None:
+            where = f"{where}, {self.pattern}"
         source = "" if self.train_source == "the corpus" else \
             f"; training windows from {self.train_source}"
-        return (f"text ({where}, {self.pattern}, {self.tokenizer.name}, context "
+        return (f"text ({where}, {self.tokenizer.name}, context "
                 f"{self.context}): {sizes}{source}")

@@ -26,7 +26,7 @@ from kdlab.engine.cache import prepare_cache
 from kdlab.engine.callbacks import Throughput
 from kdlab.engine.checkpoint_io import AtomicCheckpointIO
 from kdlab.engine.loop import trainer_arguments
-from kdlab.engine.module import DistillationModule
+from kdlab.engine.module import DistillationModule, as_rows, output_classes
 from kdlab.engine.on_policy import check_on_policy
 from kdlab.engine.spec import CompileOptions, StageSpec
 from kdlab.util.errors import KdlabError
@@ -112,16 +112,17 @@ def build_module(spec: StageSpec, caches: dict[tuple[str, ...], Any] | None = No
     data.setup()
     check_views(data, spec.strategy, spec.name)  # a strong view: in-memory, unmixed data
     check_stage(data, spec.strategy, spec.name)  # mixed batches need soft targets only
+    example = data.example_input(2)
     module = DistillationModule(
         student=spec.student,
-        num_classes=data.num_classes,
+        num_classes=output_classes(spec.student, data.num_classes, example),
         optimizer=spec.recipe.optimizer,
         scheduler=spec.recipe.scheduler,
         teacher=spec.teacher,
         strategy=spec.strategy,
         channels_last=spec.channels_last,
         hparams={"stage": spec.name, "config": spec.hparams},
-        example_input=data.example_input(2),
+        example_input=example,
         num_train_samples=data.num_train_samples,
         loop=spec.loop,
         on_policy=spec.on_policy,
@@ -130,6 +131,7 @@ def build_module(spec: StageSpec, caches: dict[tuple[str, ...], Any] | None = No
     tapped = any(taps is not None and taps.paths
                  for taps in (module.student_taps, module.teacher_taps))
     check_on_policy(spec.on_policy, data, spec.strategy, tapped)
+    module.target_bytes = getattr(data, "target_bytes", None)
     if spec.strategy is not None and spec.strategy.needs_teacher:
         taps = module.teacher_taps
         key = tuple(taps.paths) if taps is not None else ()
@@ -275,20 +277,26 @@ def finish_stage(spec: StageSpec, module: DistillationModule, tester: L.Trainer,
 @torch.no_grad()
 def accuracy(model: nn.Module, batches: Any, num_classes: int, device: torch.device | None = None,
              channels_last: bool = False) -> float:
-    """Top-1 accuracy (torchmetrics) of ``model`` in eval mode over ``(x, y, …)`` batches; the
-    model's training mode is restored."""
+    """Top-1 accuracy (torchmetrics) of ``model`` in eval mode over ``(x, y, …)`` batches (a
+    language model's: over its tokens, counted over its own outputs when its vocabulary is
+    wider than ``num_classes``); the model's training mode is restored."""
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
-    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    metric = None
     was_training = model.training
     model.eval()
     for x, y, *_ in batches:
         x = x.to(device)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        metric.update(model(x), y.to(device))
+        logits, y = as_rows(model(x)), as_rows(y.to(device))
+        if metric is None:
+            classes = max(num_classes, logits.shape[-1]) if not x.is_floating_point() \
+                else num_classes
+            metric = MulticlassAccuracy(num_classes=classes, average="micro").to(device)
+        metric.update(logits, y)
     model.train(was_training)
-    return float(metric.compute()) if metric.update_count else 0.0
+    return float(metric.compute()) if metric is not None and metric.update_count else 0.0
 
 
 def test_accuracy(module: DistillationModule, data: LightningDataModule) -> float:

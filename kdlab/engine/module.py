@@ -54,6 +54,23 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@torch.no_grad()
+def output_classes(model: nn.Module, num_classes: int, example: torch.Tensor | None) -> int:
+    """The classes a network's accuracy is counted over: the data's ``num_classes``, except for
+    a language model (token-id ``example``) whose vocabulary is wider than its tokenizer's (a
+    padded embedding table, or a teacher built on another vocabulary), counted over its own
+    outputs, found by one forward pass of a window of ``example`` (eval mode)."""
+    if example is None or example.is_floating_point():
+        return num_classes
+    was_training = model.training
+    model.eval()
+    try:
+        width = int(model(example[:1]).shape[-1])
+    finally:
+        model.train(was_training)
+    return max(num_classes, width)
+
+
 class DistillationModule(L.LightningModule):
     """Trains ``student`` with cross-entropy plus the terms of ``strategy`` against ``teacher``.
 
@@ -128,6 +145,9 @@ class DistillationModule(L.LightningModule):
         self._dot: DOT | None = None  # optimizer=dot: two backward passes a step (train start)
         #: whether training targets may be UNLABELLED (-1); False allows the plain mean CE
         self.has_unlabelled = True
+        #: text data: per split, the bytes of the text each window's targets cover (indexed by
+        #: the batch's sample index), for ``{split}/bits_per_byte``; None: not logged
+        self.target_bytes: Mapping[str, torch.Tensor] | None = None
         if strategy is not None and strategy.needs_teacher and teacher is None:
             raise ValueError(f"{type(strategy).__name__} needs a teacher")
         if teacher is not None and strategy is None:
@@ -168,6 +188,8 @@ class DistillationModule(L.LightningModule):
             teacher = (self._outputs(self.teacher, self.teacher_taps, example)
                        if self.teacher is not None else Outputs(torch.empty(0)))
         self.student.train(was_training)
+        if self.teacher is not None:
+            check_vocabularies(strategy, student.logits.shape[-1], teacher.logits.shape[-1])
         strategy.setup(student, teacher, samples)
 
     @staticmethod
@@ -545,16 +567,16 @@ class DistillationModule(L.LightningModule):
         return self.ce_weight * ce / labelled
 
     def _evaluate(self, batch: tuple[torch.Tensor, ...], split: str, metric) -> None:
-        x, y, _ = batch
+        x, y, index = batch
         logits, y = as_rows(self(x)), as_rows(y)
         metric.update(logits, y)
         loss = F.cross_entropy(logits, y)
         self.log(f"{split}/loss", loss, on_epoch=True, sync_dist=True)
         self.log(f"{split}/acc", metric, on_epoch=True, prog_bar=True)
-        if x.dim() == 2 and not x.is_floating_point():  # token ids: bits per token (per byte
-            # for a byte-level tokenizer), the loss in bits
+        if x.dim() == 2 and not x.is_floating_point():  # token ids: the loss in bits per token
             self.log(f"{split}/bits_per_token", loss / math.log(2), on_epoch=True,
                      sync_dist=True)
+            self._log_bits_per_byte(split, loss, y.numel(), index)
             if split == "test" and self.teacher is not None:
                 self._log_teacher_kl(x, logits, split)
 
@@ -569,6 +591,20 @@ class DistillationModule(L.LightningModule):
         p = F.log_softmax(teacher, dim=1)
         kl = (p.exp() * (p - F.log_softmax(logits.float(), dim=1))).sum(1).mean()
         self.log(f"{split}/teacher_kl", kl, on_epoch=True, sync_dist=True)
+
+    def _log_bits_per_byte(self, split: str, loss: torch.Tensor, tokens: int,
+                           index: torch.Tensor) -> None:
+        """``{split}/bits_per_byte``: the batch's summed nats over ``ln 2`` times the bytes of
+        text its targets cover, logged with those bytes as its weight, so the epoch's value is
+        the split's total nats over ``ln 2`` times its total bytes (exact for any tokenizer;
+        equal to bits per token for bytes)."""
+        counts = self.target_bytes.get(split) if self.target_bytes else None
+        if counts is None:
+            return
+        n_bytes = int(counts[index.cpu()].sum())
+        if n_bytes > 0:
+            self.log(f"{split}/bits_per_byte", loss * tokens / (math.log(2) * n_bytes),
+                     on_epoch=True, sync_dist=True, batch_size=n_bytes)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)
@@ -614,6 +650,18 @@ class DistillationModule(L.LightningModule):
         self._scheduler_interval = interval
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
                                                          "interval": interval}}
+
+
+def check_vocabularies(strategy: Strategy, student: int, teacher: int) -> None:
+    """Refuse a teacher and a student of different output widths (vocabularies of language
+    models) unless ``strategy`` compares distributions of any widths (ULD)."""
+    if student != teacher and not strategy.any_vocabulary:
+        names = getattr(strategy, "names", None) or [type(strategy).__name__]
+        raise KdlabError(
+            f"the teacher predicts {teacher} classes (its vocabulary) and the student "
+            f"{student}: distill={'+'.join(names)} compares the two distributions class by "
+            "class, so both need one vocabulary; use distill=uld, built for different "
+            "vocabularies, or models of one vocabulary")
 
 
 def backward_function(module: L.LightningModule) -> Callable[[torch.Tensor], None]:

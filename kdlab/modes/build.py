@@ -31,7 +31,7 @@ from kdlab.engine.spec import (
 from kdlab.strategies.base import Strategy
 from kdlab.strategies.composite import Composite, qualify
 from kdlab.util.errors import KdlabError
-from kdlab.util.inputs import example_inputs
+from kdlab.util.inputs import TokenShape, example_inputs
 from kdlab.util.tracking import RunLabels, is_wandb, stage_prefix, start_run, wandb_kwargs
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,21 @@ def build_model(model_cfg: DictConfig, data: InMemoryDataModule, key: str) -> nn
 
 
 def check_num_classes(outputs: int, data: InMemoryDataModule, key: str) -> None:
-    """Fail with one line if a model's number of outputs disagrees with the data's classes."""
+    """Fail with one line if a model's number of outputs disagrees with the data's classes.
+
+    A language model (token inputs) may predict more tokens than the data's tokenizer has — a
+    padded embedding table, or a teacher of another vocabulary for ``distill=uld`` (the engine
+    refuses a teacher and a student of different vocabularies for any other strategy) — but
+    not fewer: it must read and predict every token id of the data."""
+    if isinstance(data.input_shape, TokenShape):
+        if outputs < data.num_classes:
+            tokenizer = getattr(getattr(data, "tokenizer", None), "name", "?")
+            raise KdlabError(
+                f"{key} predicts {outputs} tokens but data={data.name}'s tokenizer "
+                f"(data.tokenizer={tokenizer}) has {data.num_classes}: the model cannot read "
+                f"or predict every token id; use the model's own tokenizer (data.tokenizer="
+                "hf:<name>) or a model of that vocabulary")
+        return
     if outputs != data.num_classes:
         raise KdlabError(
             f"{key} outputs {outputs} classes but data={data.name} has {data.num_classes}: "

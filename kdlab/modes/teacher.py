@@ -26,6 +26,7 @@ from torch import nn
 from kdlab.data.memory import InMemoryDataModule
 from kdlab.engine.module import freeze
 from kdlab.engine.teachers import TeacherStore, load_into, load_weights
+from kdlab.models.zoo import source_digest
 from kdlab.modes.build import build_datamodule, build_model
 from kdlab.modes.runner import train_stage
 from kdlab.util.errors import KdlabError
@@ -72,13 +73,18 @@ def trainer_identity(cfg: DictConfig) -> dict[str, Any]:
 
 def training_identity(cfg: DictConfig, data: InMemoryDataModule, model: DictConfig,
                       recipe: dict[str, Any], seed: int, **extra: Any) -> dict[str, Any]:
-    """Everything that defines a network trained by kdlab, as plain containers: its model,
-    the data (:meth:`~kdlab.data.memory.InMemoryDataModule.identity`: content digest, split,
-    classes) and its augmentation, the recipe, the seed, the Trainer settings that matter, and
+    """Everything that defines a network trained by kdlab, as plain containers: its model
+    (and the content of the local files it is read from, for ``hf:<folder>``), the data
+    (:meth:`~kdlab.data.memory.InMemoryDataModule.identity`: content digest, split, classes)
+    and its augmentation, the recipe, the seed, the Trainer settings that matter, and
     ``extra`` (an assistant's teacher and strategies)."""
-    return {"format": STORE_FORMAT, "model": plain(model), "data": data.identity(),
-            "augmentation": data.augmentation(), "recipe": recipe, "seed": int(seed),
-            "trainer": trainer_identity(cfg), **extra}
+    identity = {"format": STORE_FORMAT, "model": plain(model), "data": data.identity(),
+                "augmentation": data.augmentation(), "recipe": recipe, "seed": int(seed),
+                "trainer": trainer_identity(cfg), **extra}
+    files = source_digest(model.get("name"))
+    if files is not None:  # a model read from local files (hf:<folder>): their content
+        identity["model_files"] = files
+    return identity
 
 
 def identity_key(identity: dict[str, Any], label: str) -> str:

@@ -99,6 +99,9 @@ class Strategy(nn.Module):
     views: int = 1
     #: the augmentation of the second view (``views = 2``)
     strong_augment: StrongAugment | None = None
+    #: True when the loss compares teacher and student outputs of different widths (ULD, for
+    #: language models of different vocabularies); otherwise the engine refuses such a pair
+    any_vocabulary: bool = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -52,7 +52,8 @@ class Composite(Strategy):
     such member's :attr:`strong_augment`): every member receives the outputs with their
     ``strong`` view, which one-view members ignore. At most one member may replace the
     student's head (:attr:`Strategy.replaces_head`): its deployed network and its logits are
-    the composite's, so the other members read those logits.
+    the composite's, so the other members read those logits. A teacher and a student of
+    different vocabularies are allowed when every member allows them (:attr:`any_vocabulary`).
     """
 
     def __init__(self, **members: Strategy) -> None:
@@ -64,6 +65,7 @@ class Composite(Strategy):
         self.needs_teacher = any(m.needs_teacher for m in members.values())
         self.init_epochs = max(m.init_epochs for m in members.values())
         self.views = max(m.views for m in members.values())
+        self.any_vocabulary = all(m.any_vocabulary for m in members.values())
         self.strong_augment = next((m.strong_augment for m in members.values()
                                     if m.views > 1), None)
         heads = [name for name, m in members.items() if m.replaces_head]

@@ -214,6 +214,7 @@ class ULD(_Divergence):
     """
 
     term = "uld"
+    any_vocabulary = True
 
     def __init__(self, weight: float = 1.0, temperature: float = 1.0,
                  ce_weight: float = 1.0) -> None:

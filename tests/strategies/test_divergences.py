@@ -158,6 +158,18 @@ def test_same_vocabulary_divergences_refuse_different_ones():
     ULD().setup(student, teacher, 10)  # ULD takes any two
 
 
+def test_the_engine_allows_different_vocabularies_only_to_strategies_built_for_them():
+    from kdlab.engine.module import check_vocabularies
+    from kdlab.strategies import KD
+    from kdlab.strategies.composite import Composite
+
+    check_vocabularies(Composite(uld=ULD()), 256, 300)
+    check_vocabularies(Composite(kd=KD()), 256, 256)
+    with pytest.raises(KdlabError, match="the teacher predicts 300 classes .* and the student "
+                                         r"256: distill=uld\+kd .* use distill=uld"):
+        check_vocabularies(Composite(uld=ULD(), kd=KD()), 256, 300)
+
+
 @pytest.mark.parametrize(("cls", "kwargs", "key"), [
     (GKD, {"beta": 1.5}, "distill.beta"),
     (GKD, {"beta": -0.1}, "distill.beta"),
