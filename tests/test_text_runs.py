@@ -93,3 +93,15 @@ def test_the_teacher_kl_is_the_mean_per_token_kl_divergence():
     assert logged["test/teacher_kl"] == pytest.approx(want, rel=1e-4)
     module._log_teacher_kl(x, as_rows(teacher(x)), "test")
     assert logged["test/teacher_kl"] == pytest.approx(0, abs=1e-6)
+
+
+def test_the_readme_command_for_another_divergence_on_the_text_job_builds_it(tmp_path):
+    """``experiment=text_kd`` sets ``distill.kd.*``: with ``distill=gkd`` those settings must be
+    dropped (``'~distill.kd'``), as the README shows; without, the error names the fix."""
+    from kdlab.modes.build import strategy_configs
+    from kdlab.util.errors import KdlabError
+
+    cfg = make_cfg(tmp_path, ["experiment=text_kd", "distill=gkd", "~distill.kd"])
+    assert list(strategy_configs(cfg)) == ["gkd"]
+    with pytest.raises(KdlabError, match="'~distill.kd'"):
+        strategy_configs(make_cfg(tmp_path, ["experiment=text_kd", "distill=gkd"]))

@@ -130,7 +130,8 @@ def strategy_configs(cfg: DictConfig) -> dict[str, DictConfig]:
         if not isinstance(member, DictConfig) or member.get("_target_") is None:
             raise KdlabError(f"distill.{name} has no _target_, so it is not a strategy: a "
                              "misspelt strategy name, or settings for a strategy that is not "
-                             "selected (select them with distill=[...])")
+                             "selected (select them with distill=[...]; an experiment's "
+                             f"settings for it are dropped by the override '~distill.{name}')")
         members[str(name)] = member
     return members
 
