@@ -57,7 +57,8 @@ def test_init_is_gpt2s():
 def test_taps_name_every_block_and_the_final_state():
     model = _tiny()
     taps = model.taps()
-    assert taps["blocks"] == ["blocks.0", "blocks.1"] == taps["stages"]
+    assert taps["blocks"] == ["blocks.0", "blocks.1"]
+    assert taps["stages"] == ["stage_maps.0", "stage_maps.1"]  # the same as maps
     assert taps["embedding"] == ["ln_f"]
     modules = dict(model.named_modules())
     assert all(path in modules for paths in taps.values() for path in paths)
@@ -91,3 +92,34 @@ def test_a_tiny_gpt_learns_a_repeating_sequence():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.1 * math.log(50)  # from log(50) = 3.9 nats at chance
+
+
+def test_stage_maps_are_each_blocks_hidden_states_as_one_column_maps():
+    """Hint strategies read ``stages``: block k's ``[N, T, D]`` as ``[N, D, T, 1]``."""
+    from kdlab.engine.taps import Taps
+
+    torch.manual_seed(0)
+    model = GPT((8,), 20, dim=16, depth=2, heads=2)
+    aliases = model.taps()
+    assert aliases["stages"] == aliases["preact"] == ["stage_maps.0", "stage_maps.1"]
+    taps = Taps(model, [*aliases["stages"], *aliases["blocks"]])
+    model(torch.randint(0, 20, (3, 8)))
+    out = taps.pop()
+    for k in range(2):
+        hidden, fmap = out[f"blocks.{k}"], out[f"stage_maps.{k}"]
+        assert hidden.shape == (3, 8, 16) and fmap.shape == (3, 16, 8, 1)
+        torch.testing.assert_close(fmap[..., 0].transpose(1, 2), hidden)
+
+
+@pytest.mark.parametrize("distill", ["fitnets", "at"])
+def test_hint_strategies_match_gpt_hidden_states_end_to_end(distill, tmp_path):
+    from kdlab.train import run
+    from tests.conftest import make_cfg
+
+    results = run(make_cfg(tmp_path, [
+        "experiment=text_kd", f"distill={distill}", "~distill.kd", "trainer.fast_dev_run=true",
+        "data.max_bytes=300000", "logger=none", "trainer.enable_progress_bar=false",
+        "latency.repeats=1", "latency.batch_size=2", "baseline=false",
+        "teacher.model.name=gpt_nano"]))
+    assert results["strategy"] == distill
+    assert 0 < results["student"]["metrics"]["test/bits_per_token"] < 9

@@ -82,16 +82,20 @@ def test_logits_are_the_wrapped_models_and_taps_read_each_layer(hf):
     model = create(f"hf:{hf['gpt2']}", input_shape=[32], num_classes=256).eval()
     assert isinstance(model, HFCausalLM) and model.vocab == 256
     taps = model.taps()
-    assert taps["blocks"] == taps["stages"] == ["blocks.0", "blocks.1"]
+    assert taps["blocks"] == ["blocks.0", "blocks.1"]
+    assert taps["stages"] == taps["preact"] == ["blocks.0.as_map", "blocks.1.as_map"]
     assert taps["embedding"] == ["final"]
     x = torch.randint(0, 256, (3, 32))
-    hooks = Taps(model, ["blocks.0", "blocks.1", "final"])
+    hooks = Taps(model, ["blocks.0", "blocks.1", "final", "blocks.0.as_map"])
     logits = model(x)
     features = hooks.pop()
     reference = model.net(input_ids=x, output_hidden_states=True)
     assert logits.shape == (3, 32, 256) and torch.equal(logits, reference.logits)
     # hidden_states: the embeddings, then each layer's output (GPT-2 normalises the last one)
     torch.testing.assert_close(features["blocks.0"], reference.hidden_states[1])
+    # the same hidden states as one-column maps [N, D, T, 1], for hint strategies
+    torch.testing.assert_close(features["blocks.0.as_map"][..., 0].transpose(1, 2),
+                               reference.hidden_states[1])
     torch.testing.assert_close(features["final"], reference.hidden_states[2])
     assert features["blocks.1"].shape == (3, 32, 32)
     assert not torch.allclose(features["blocks.1"], features["final"])

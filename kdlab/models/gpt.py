@@ -8,8 +8,15 @@ output projection tied to the token embedding (weight tying, Press & Wolf 2017).
 (0, 0.02), residual projections scaled by ``1/√(2·depth)`` as GPT-2.
 
 Inputs are token ids ``[N, T]`` (``T ≤ context``); the output is ``[N, T, vocab]`` next-token
-logits. Each block's output is a tap (``blocks.<k>``, alias ``blocks``) for hidden-state
-matching; ``embedding`` is the final normalised hidden state.
+logits. Each block's output is a tap (``blocks.<k>``, alias ``blocks``: ``[N, T, D]``);
+``embedding`` is the final normalised hidden state.
+
+**Hidden-state matching.** kdlab's feature strategies (FitNets, AT, …) read ``[N, C, H, W]``
+maps. ``stages`` (and ``preact``) therefore tap ``stage_maps.<k>``: a :class:`SequenceMap` view
+of block ``k``'s hidden states as a map of one column, ``[N, D, T, 1]`` — channels are the hidden
+dimension, positions run down the height. A 1×1 convolution on it is a per-token linear map, so
+FitNets on GPTs is the per-token hidden-state regression of TinyBERT (Jiao et al. 2020):
+``MSE(H_S W, H_T)``, and teacher and student of the same context line up position by position.
 
 **Incremental decoding.** :meth:`GPT.decode` feeds new tokens through a :class:`KVCache` (each
 block's keys and values of the positions decoded so far, preallocated for the whole context)
@@ -80,6 +87,15 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(n, t, d))
 
 
+class SequenceMap(nn.Module):
+    """Hidden states ``[N, T, D]`` as a map ``[N, D, T, 1]`` (a view, no copy): what hint
+    strategies tap (module docstring). The model calls it only so that a forward hook sees
+    the map; its output is not used."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.transpose(1, 2).unsqueeze(-1)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
 
@@ -128,6 +144,7 @@ class GPT(nn.Module):
         self.position = nn.Embedding(self.context, dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.Sequential(*(Block(dim, heads, dropout) for _ in range(depth)))
+        self.stage_maps = nn.ModuleList(SequenceMap() for _ in range(depth))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, self.vocab, bias=False)
         self.apply(self._init)
@@ -145,10 +162,12 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def taps(self) -> dict[str, list[str]]:
-        """Aliases for feature strategies: each block's output and the final hidden state."""
+        """Aliases for feature strategies: each block's hidden states ``[N, T, D]``
+        (``blocks``), the same as one-column maps ``[N, D, T, 1]`` (``stages``, ``preact``:
+        what hint strategies read) and the final hidden state (``embedding``)."""
+        maps = [f"stage_maps.{k}" for k in range(len(self.stage_maps))]
         return {"blocks": [f"blocks.{k}" for k in range(len(self.blocks))],
-                "stages": [f"blocks.{k}" for k in range(len(self.blocks))],
-                "embedding": ["ln_f"]}
+                "stages": maps, "preact": list(maps), "embedding": ["ln_f"]}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() != 2 or tokens.shape[1] > self.context:
@@ -156,7 +175,10 @@ class GPT(nn.Module):
                              f"(model.context), got shape {list(tokens.shape)}")
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.drop(self.token(tokens) + self.position(positions))
-        return self.head(self.ln_f(self.blocks(x)))
+        for block, as_map in zip(self.blocks, self.stage_maps):
+            x = block(x)
+            as_map(x)  # a view, for the hooks of feature strategies only
+        return self.head(self.ln_f(x))
 
     def new_cache(self, batch: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``context`` tokens, on

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdlab.models.gpt import SequenceMap
 from kdlab.util.errors import KdlabError
 
 #: what a missing optional dependency asks for
@@ -113,7 +114,15 @@ class LayerOutput(nn.Module):
     this module (kdlab's taps hook module outputs) reads that hidden state. The hooks are bound
     methods, so a deep copy of the model calls the copy's own ``LayerOutput``."""
 
+    def __init__(self, as_map: bool = False) -> None:
+        super().__init__()
+        #: the hidden states as one-column maps ``[N, D, T, 1]``, what hint strategies read
+        #: (:class:`kdlab.models.gpt.SequenceMap`)
+        self.as_map = SequenceMap() if as_map else None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.as_map is not None:
+            self.as_map(hidden)
         return hidden
 
     def after(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -191,7 +200,7 @@ class HFCausalLM(nn.Module):
                              f"reads (max_position_embeddings={limit}): use a shorter context")
 
         layers = decoder_layers(self.net, int(getattr(settings, "num_hidden_layers", -1)))
-        self.blocks = nn.ModuleList(LayerOutput() for _ in (layers or []))
+        self.blocks = nn.ModuleList(LayerOutput(as_map=True) for _ in (layers or []))
         for layer, tap in zip(layers or [], self.blocks, strict=True):
             layer.register_forward_hook(tap.after)
         self.final = LayerOutput()
@@ -238,11 +247,14 @@ class HFCausalLM(nn.Module):
 
     def taps(self) -> dict[str, list[str]]:
         """Aliases for feature strategies: each decoder layer's output hidden state
-        (``blocks``, ``stages``) and the hidden state the output head reads (``embedding``)."""
+        ``[N, T, D]`` (``blocks``), the same as one-column maps ``[N, D, T, 1]`` (``stages``,
+        ``preact``: what hint strategies read, as for kdlab's GPT) and the hidden state the
+        output head reads (``embedding``)."""
         blocks = [f"blocks.{k}" for k in range(len(self.blocks))]
         out = {"embedding": ["final"]}
         if blocks:
-            out.update(blocks=blocks, stages=list(blocks))
+            maps = [f"{b}.as_map" for b in blocks]
+            out.update(blocks=blocks, stages=maps, preact=list(maps))
         return out
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
