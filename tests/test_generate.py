@@ -108,3 +108,24 @@ def test_top_k_draws_only_among_the_k_largest():
 def test_bad_options_fail_naming_them(kwargs, message):
     with pytest.raises(KdlabError, match=message):
         sample(_gpt(), torch.zeros(1, 2, dtype=torch.long), 3, **kwargs)
+
+
+def test_text_samples_continue_test_prompts_to_the_context_and_skip_images():
+    from types import SimpleNamespace
+
+    from kdlab.data.text import ByteTokenizer
+    from kdlab.modes.samples import text_samples
+    from kdlab.util.inputs import TokenShape
+
+    torch.manual_seed(0)
+    model = GPT((16,), 256, dim=16, depth=1, heads=2)
+    x_test = torch.tensor(list(b"def f(x):\n    return x + 1\n" * 4)[:80]).view(5, 16)
+    data = SimpleNamespace(input_shape=TokenShape((16,), 256), tokenizer=ByteTokenizer(),
+                           x_test=x_test, setup=lambda: None)
+    samples = text_samples(model, data, seed=0, n=3, prompt=6)
+    assert [s["prompt"] for s in samples] == [bytes(x_test[i, :6].tolist()).decode()
+                                              for i in (0, 2, 4)]
+    assert all(len(s["continuation"].encode("utf-8", "surrogatepass")) >= 1 for s in samples)
+    assert samples == text_samples(model, data, seed=0, n=3, prompt=6)  # seeded
+    images = SimpleNamespace(input_shape=(1, 28, 28))
+    assert text_samples(model, images, seed=0) == []

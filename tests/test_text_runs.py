@@ -69,6 +69,13 @@ def test_the_main_text_job_composes_and_runs_in_fast_dev_run(tmp_path):
     # held-out KL(teacher || student) per token: logged where a teacher is present
     assert results["student"]["metrics"]["test/teacher_kl"] > 0
     assert "test/teacher_kl" not in results["baseline"]["metrics"]
+    # a few continuations of test prompts, by the teacher and the student
+    for role in ("teacher", "student"):
+        samples = results[role]["samples"]
+        assert len(samples) == 3 and all(len(s["prompt"].encode()) <= 24 for s in samples)
+        assert samples[0]["continuation"]
+    assert results["teacher"]["samples"][0]["prompt"] == \
+        results["student"]["samples"][0]["prompt"]
     speed = results["student"]
     assert speed["train_tokens_per_s"]["median"] == pytest.approx(
         speed["train_samples_per_s"]["median"] * 64)  # windows of the job's 64 tokens

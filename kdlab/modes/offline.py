@@ -39,6 +39,7 @@ from kdlab.modes.generation import (
     train_on_teacher_windows,
 )
 from kdlab.modes.runner import evaluated_entry, latency_args, model_name, stage_entry, train_stage
+from kdlab.modes.samples import text_samples
 from kdlab.modes.teacher import get_teacher
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,10 @@ def run(cfg: DictConfig, run_dir: Path, teachers: TeacherSource = single_teacher
     results["student"] = stage_entry("student", model_name(cfg.student.model),
                                      deployed_network(strategy, student), stage, latency)
     results["stages"].append(results["student"])
+    if samples := text_samples(deployed_network(strategy, student), data, int(cfg.seed)):
+        results["student"]["samples"] = samples  # a few continuations, for text
+        if teacher is not None:
+            results["teacher"]["samples"] = text_samples(teacher, data, int(cfg.seed))
     compress.run(results, run_dir, student, data, teacher, latency)
 
     if (strategy is not None or sequence is not None) and cfg.baseline:
