@@ -144,6 +144,60 @@ def topk_part(workdir: Path, windows: int) -> str:
     return "\n".join(lines)
 
 
+# -- chunked soft-target KL: memory --------------------------------------------------------------
+CHUNK_CHILD = """
+import resource, sys, time, torch
+from kdlab.strategies.logits import soft_target_kl
+rows, vocab, chunked = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+torch.manual_seed(0)
+s = torch.randn(rows, vocab, requires_grad=True)
+t = torch.log_softmax(torch.randn(rows, vocab), 1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+loss = soft_target_kl(s, t, 1.0, chunk_rows=(4 << 20) // vocab if chunked else None)
+loss.backward()
+seconds = time.perf_counter() - start
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(f"{(after - before) / 1024:.0f} {seconds:.3f} {loss.item():.6f}")
+"""
+
+
+def chunk_part(rows: int, vocabs: list[int]) -> str:
+    """Peak memory added by one KD loss + backward on ``rows`` tokens, fused vs chunked, each
+    in a fresh process (ru_maxrss)."""
+    lines = [
+        "## Chunked token losses: memory",
+        "",
+        f"Command: `python scripts/bench_text.py --parts chunk` ({time.strftime('%Y-%m-%d')}, "
+        f"torch {torch.__version__}). One soft-target KL (KD's term) and its backward pass on "
+        f"{rows:,} tokens (a batch of 64 windows of 64) for several vocabulary sizes, in a "
+        "fresh process each; the peak resident memory it adds beyond the student's logits "
+        "and the teacher's log-probabilities (allocated before), and its time. The fused form "
+        "keeps `log p_s` and `p_t` for the backward pass; the chunked form "
+        "(`kdlab/strategies/logits.py`, used automatically above 2^24 logits) keeps neither and "
+        "works through 4M-element chunks. Losses agree to float rounding.",
+        "",
+        "| vocabulary | logits (float32) | fused: added peak | chunked: added peak | fused s "
+        "| chunked s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for vocab in vocabs:
+        out = {}
+        for chunked in (False, True):
+            proc = subprocess.run([sys.executable, "-c", CHUNK_CHILD, str(rows), str(vocab),
+                                   "1" if chunked else "0"], capture_output=True, text=True,
+                                  cwd=ROOT)
+            if proc.returncode != 0:
+                sys.exit(proc.stderr[-2000:])
+            out[chunked] = proc.stdout.split()
+        if abs(float(out[False][2]) - float(out[True][2])) > 1e-3 * abs(float(out[False][2])):
+            sys.exit(f"chunked and fused losses differ at vocabulary {vocab}: {out}")
+        size = rows * vocab * 4 / 2**20
+        lines.append(f"| {vocab:,} | {size:,.0f} MB | {out[False][0]} MB | {out[True][0]} MB | "
+                     f"{out[False][1]} | {out[True][1]} |")
+    return "\n".join(lines)
+
+
 # -- the gain over seeds -----------------------------------------------------------------------
 def gain_part(workdir: Path, seeds: list[int], extra: list[str]) -> str:
     folder = workdir / "gain"
@@ -343,8 +397,8 @@ def speed_part(workdir: Path, epochs: int, batches: int, threads: int, topk: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="*", default=["topk", "gain", "speed"],
-                        choices=["topk", "gain", "speed"])
+    parser.add_argument("--parts", nargs="*", default=["topk", "gain", "speed", "chunk"],
+                        choices=["topk", "gain", "speed", "chunk"])
     parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench_text")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--windows", type=int, default=2000,
@@ -360,6 +414,8 @@ def main() -> None:
     for part in args.parts:
         if part == "topk":
             body = topk_part(args.workdir, args.windows)
+        elif part == "chunk":
+            body = chunk_part(4096, [256, 8192, 32000, 50257])
         elif part == "gain":
             body = gain_part(args.workdir, args.seeds, args.override)
         else:

@@ -71,3 +71,39 @@ def test_fused_soft_target_gradient_equals_autograd_and_teacher_side_falls_back(
     t_var = log_pt.clone().requires_grad_(True)
     soft_target_kl(s, t_var, 3.0, 2.5).backward()
     assert t_var.grad is not None and t_var.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64])
+def test_the_chunked_soft_target_kl_equals_the_fused_one_in_value_and_gradient(chunk_rows):
+    """A language model's tokens × vocabulary go through chunks of rows: same loss, same
+    gradient, whatever the chunk."""
+    from kdlab.strategies.logits import soft_target_kl
+
+    torch.manual_seed(0)
+    s = torch.randn(40, 300, requires_grad=True)
+    t = torch.log_softmax(torch.randn(40, 300) / 2.0, 1)
+    fused = soft_target_kl(s, t, 2.0, 4.0)
+    (g_fused,) = torch.autograd.grad(fused * 3.0, s)
+    chunked = soft_target_kl(s, t, 2.0, 4.0, chunk_rows=chunk_rows)
+    (g_chunked,) = torch.autograd.grad(chunked * 3.0, s)
+    torch.testing.assert_close(chunked, fused)
+    torch.testing.assert_close(g_chunked, g_fused)
+    # and the formula itself
+    want = 4.0 * (t.exp() * (t - torch.log_softmax(s / 2.0, 1))).sum(1).mean()
+    torch.testing.assert_close(chunked, want)
+
+
+def test_logits_larger_than_the_threshold_are_chunked(monkeypatch):
+    from kdlab.strategies import logits
+
+    calls = []
+    original = logits._ChunkedSoftTargetKL.apply
+    monkeypatch.setattr(logits._ChunkedSoftTargetKL, "apply",
+                        lambda *a: calls.append(a[-1]) or original(*a))
+    monkeypatch.setattr(logits, "CHUNKED_ABOVE", 1000)
+    monkeypatch.setattr(logits, "CHUNK_ELEMENTS", 600)
+    s = torch.randn(20, 100, requires_grad=True)
+    logits.soft_target_kl(s, torch.log_softmax(torch.randn(20, 100), 1), 1.0)
+    assert calls == [6]  # 600 elements per chunk / 100 classes
+    logits.soft_target_kl(s[:5], torch.log_softmax(torch.randn(5, 100), 1), 1.0)
+    assert calls == [6]  # 500 elements: the fused form

@@ -84,3 +84,21 @@ def test_a_cached_text_run_ends_where_a_live_run_does(tmp_path, caplog):
     b = torch.load(cached["student"]["last_ckpt"], weights_only=True)["state_dict"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_resumed_text_stage_with_a_top_k_cache_ends_with_the_uninterrupted_weights(tmp_path):
+    """Text KD read from a top-k cache, interrupted after one epoch and resumed from
+    last.ckpt: the same student as an uninterrupted run, bit for bit."""
+    from kdlab.engine.spec import OnPolicyOptions
+    from tests.test_on_policy import StopAfter, _text_stage
+
+    off = OnPolicyOptions(fraction=0.0)
+    two = ("distill=kd", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+           "teacher_cache.enabled=true", "teacher_cache.topk=8", "teacher_cache.disk=false")
+    _, straight = _text_stage(tmp_path, off, "straight", *two)
+    _text_stage(tmp_path, off, "cut", *two, callbacks=[StopAfter(1)])
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    _, again = _text_stage(tmp_path, off, "cut", *two, ckpt_path=str(last))
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k

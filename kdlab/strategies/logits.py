@@ -35,15 +35,60 @@ class _SoftTargetKL(torch.autograd.Function):
         return (log_ps.exp() - p_t) * (grad * ctx.factor), None, None, None
 
 
+class _ChunkedSoftTargetKL(torch.autograd.Function):
+    """:class:`_SoftTargetKL` computed ``rows`` rows at a time, for a language model's
+    ``tokens × vocabulary`` logits: it saves only its two inputs (tensors that exist anyway),
+    and both passes hold one chunk's softmax at a time, so no full ``[rows, V]`` softmax sits
+    beside the logits (the fused form keeps two: ``log p_s`` and ``p_t``). The same sums,
+    chunk by chunk (equal to float rounding)."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_log_probs, temperature, scale, rows):  # noqa: ANN001
+        batch = student_logits.shape[0]
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        for start in range(0, batch, rows):
+            s, lt = student_logits[start : start + rows], teacher_log_probs[start : start + rows]
+            total += torch.sum(lt.exp() * (lt - torch.log_softmax(s / temperature, dim=1)))
+        ctx.save_for_backward(student_logits, teacher_log_probs)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.factor = scale / (temperature * batch)
+        return total * (scale / batch)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        student_logits, teacher_log_probs = ctx.saved_tensors
+        out = torch.empty_like(student_logits)
+        factor, rows = grad * ctx.factor, ctx.rows
+        for start in range(0, len(out), rows):
+            s, lt = student_logits[start : start + rows], teacher_log_probs[start : start + rows]
+            out[start : start + rows] = (torch.softmax(s / ctx.temperature, dim=1) - lt.exp()) \
+                * factor
+        return out, None, None, None, None
+
+
+#: logits of more elements than this (rows × classes: a language model's tokens × vocabulary)
+#: go through :class:`_ChunkedSoftTargetKL`, in chunks of about :data:`CHUNK_ELEMENTS`
+CHUNKED_ABOVE = 2**24  # 64 MB of float32
+CHUNK_ELEMENTS = 2**22
+
+
 def soft_target_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor,
-                   temperature: float, scale: float = 1.0) -> torch.Tensor:
+                   temperature: float, scale: float = 1.0,
+                   chunk_rows: int | None = None) -> torch.Tensor:
     """``scale · KL(p_teacher ‖ softmax(student_logits / T))``, batch mean, where
     ``teacher_log_probs = log_softmax(teacher_logits / T)``. Uses the fused closed-form
-    gradient unless the teacher side needs a gradient too (then plain autograd)."""
+    gradient unless the teacher side needs a gradient too (then plain autograd); logits of more
+    than :data:`CHUNKED_ABOVE` elements (or any, with ``chunk_rows``) are processed in chunks
+    of rows (:class:`_ChunkedSoftTargetKL`)."""
     if teacher_log_probs.requires_grad and torch.is_grad_enabled():
         log_ps = F.log_softmax(student_logits / temperature, dim=1)
         kl = F.kl_div(log_ps, teacher_log_probs, reduction="batchmean", log_target=True)
         return kl * scale
+    if chunk_rows is None and student_logits.numel() > CHUNKED_ABOVE:
+        chunk_rows = max(1, CHUNK_ELEMENTS // student_logits.shape[1])
+    if chunk_rows is not None:
+        return _ChunkedSoftTargetKL.apply(student_logits, teacher_log_probs, float(temperature),
+                                          float(scale), int(chunk_rows))
     return _SoftTargetKL.apply(student_logits, teacher_log_probs, float(temperature),
                                float(scale))
 
