@@ -66,8 +66,9 @@ def compose(workdir: Path, overrides: list[str]) -> Any:
         return hydra_compose(config_name="train", overrides=[*base, *overrides])
 
 
-def teacher_and_data(workdir: Path) -> tuple[torch.nn.Module, Any]:
-    """The job's stored teacher (trained into the store when missing) and its datamodule."""
+def teacher_and_data(workdir: Path) -> tuple[torch.nn.Module, Any, str | None]:
+    """The job's stored teacher (trained into the store when missing), its datamodule and the
+    path of its stored weights."""
     from kdlab.modes.build import build_datamodule
     from kdlab.modes.teacher import get_teacher
 
@@ -76,7 +77,7 @@ def teacher_and_data(workdir: Path) -> tuple[torch.nn.Module, Any]:
     print(f"teacher: {source.get('source')} {source.get('key', '')}", flush=True)
     data = build_datamodule(cfg, transfer=True)
     data.setup()
-    return teacher, data
+    return teacher, data, source.get("path")
 
 
 # -- the top-k table ---------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def topk_part(workdir: Path, windows: int) -> str:
     from kdlab.engine.cache import compute_outputs
     from kdlab.engine.topk import compress, expand
 
-    teacher, data = teacher_and_data(workdir)
+    teacher, data, _ = teacher_and_data(workdir)
     x = data.x_train[torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))
                      [:windows]]
     logits, _ = compute_outputs(teacher, None, x)
@@ -229,6 +230,9 @@ def gain_part(workdir: Path, seeds: list[int], extra: list[str]) -> str:
         return [x.get("test/bits_per_byte", x["test/bits_per_token"]) for x in m]
 
     teacher = results[0]["teacher"]
+    sources = {(r["teacher"].get("source") or {}).get("source") for r in results}
+    stored = ("the teacher read from the store, where an earlier part trained it"
+              if sources == {"store"} else "the first run trains the teacher into the store")
     teacher_bpb = teacher["metrics"].get("test/bits_per_byte",
                                          teacher["metrics"]["test/bits_per_token"])
     kd, base = bpb("student"), bpb("baseline")
@@ -242,7 +246,7 @@ def gain_part(workdir: Path, seeds: list[int], extra: list[str]) -> str:
         "",
         f"Command: `python scripts/bench_text.py --parts gain` = `kdlab-train -m "
         f"experiment=text_kd seed={','.join(map(str, seeds))}` ({time.strftime('%Y-%m-%d')}, "
-        f"2 CPU cores, {wall} s wall for the sweep, the teacher trained once into the store). "
+        f"2 CPU cores, {wall} s wall for the sweep; {stored}). "
         "Test split, best-validation checkpoint of each run; ± is the sample std over the "
         f"seeds ({seeds_text}).",
         "",
@@ -271,6 +275,8 @@ def gain_part(workdir: Path, seeds: list[int], extra: list[str]) -> str:
 # -- tokens/s against raw PyTorch --------------------------------------------------------------
 #: per epoch of the kdlab run: (kdlab tokens/s, raw KD tokens/s, raw student-only tokens/s)
 PAIRED: list[tuple[float, float, float]] = []
+#: the stored teacher, for the raw KD loop
+TEACHER: list[torch.nn.Module] = []
 
 
 class RawLoop:
@@ -318,10 +324,11 @@ def paired_raw(lr: float, alpha: float, temperature: float) -> Any:
 
     class PairedRaw(L.Callback):
         def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
-            data = trainer.datamodule
+            data = getattr(trainer.datamodule, "data", trainer.datamodule)  # kdlab's chunking
             x, y = data.x_train.cpu(), data.y_train.cpu()
             batch = data.batch_size
-            teacher = copy.deepcopy(module.teacher).eval()
+            teacher = copy.deepcopy(TEACHER[0]).eval()  # kdlab's module holds no teacher
+            # when it reads the cache
             self.kd = RawLoop(x, y, copy.deepcopy(module.student), teacher, batch, lr, alpha,
                               temperature)
             self.alone = RawLoop(x, y, copy.deepcopy(module.student), None, batch, lr, alpha,
@@ -355,8 +362,11 @@ def speed_part(workdir: Path, epochs: int, batches: int, threads: int, topk: int
     from kdlab.train import run
 
     torch.set_num_threads(threads)
-    teacher_and_data(workdir)  # the stored teacher, trained first when missing
+    # the stored teacher (trained first if missing), where Hydra's callback will read it
+    teacher, _, path = teacher_and_data(workdir)
+    bench_text.TEACHER[:] = [teacher]
     cfg = compose(workdir, [
+        f"teacher.ckpt={path}",  # that teacher, whatever the trainer limits below
         "baseline=false", f"trainer.max_epochs={epochs}",
         f"trainer.limit_train_batches={batches}", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2", "latency.repeats=1", "teacher_cache.enabled=true",
@@ -406,7 +416,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="speed: epochs (first a warm-up)")
     parser.add_argument("--batches", type=int, default=60, help="speed: batches per epoch")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--topk", type=int, default=16, help="speed: the cache's k")
+    parser.add_argument("--topk", type=int, default=64, help="speed: the cache's k (the job's)")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("override", nargs="*", help="extra overrides for the gain sweep")
     args = parser.parse_args()
