@@ -150,12 +150,14 @@ CHUNK_CHILD = """
 import sys, time, torch
 from kdlab.strategies import logits
 from kdlab.strategies.logits import soft_target_kl
-rows, vocab, chunked = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+from kdlab.strategies.divergences import chunked_mean, generalized_jsd
+rows, vocab, chunked, loss_name = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1",
+                                   sys.argv[4])
 if not chunked:
-    logits.CHUNKED_ABOVE = 1 << 62  # the fused form at every size
+    logits.CHUNKED_ABOVE = 1 << 62  # in one piece at every size
 torch.manual_seed(0)
 s = torch.randn(rows, vocab, requires_grad=True)
-t = torch.log_softmax(torch.randn(rows, vocab), 1)
+t = torch.log_softmax(torch.randn(rows, vocab), 1)  # log-probabilities are logits too
 inputs = {s.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()}
 kept = []
 def pack(x):
@@ -164,7 +166,10 @@ def pack(x):
     return x
 start = time.perf_counter()
 with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-    loss = soft_target_kl(s, t, 1.0, chunk_rows=(4 << 20) // vocab if chunked else None)
+    if loss_name == "kd":
+        loss = soft_target_kl(s, t, 1.0, chunk_rows=(4 << 20) // vocab if chunked else None)
+    else:  # GKD's generalised JSD, beta 0.5, through autograd (checkpointed chunks)
+        loss = chunked_mean(lambda a, b: generalized_jsd(a, b, 0.5), s, t)
 loss.backward()
 seconds = time.perf_counter() - start
 print(f"{sum(kept) / 2**20:.0f} {seconds:.3f} {loss.item():.6f}")
@@ -185,26 +190,30 @@ def chunk_part(rows: int, vocabs: list[int]) -> str:
         "of forward + backward. The fused form keeps `log p_s` and `p_t`, two more "
         "`[tokens, vocabulary]` tensors, until the backward pass; the chunked form "
         "(`kdlab/strategies/logits.py`, used automatically above 2^24 logits) keeps none and "
-        "holds one 4M-element chunk's softmax at a time. Losses agree to float rounding.",
+        "holds one 4M-element chunk's softmax at a time. The other divergences (`gkd` here; "
+        "`reverse_kl`, `skew_kl`, `uld` alike) run through autograd: in one piece it keeps "
+        "every `[tokens, vocabulary]` intermediate of the formula; chunked, each chunk runs "
+        "under activation checkpointing and only the inputs are kept. Losses agree to float "
+        "rounding.",
         "",
-        "| vocabulary | logits (float32) | fused: kept for backward | chunked: kept | fused s "
-        "| chunked s |",
-        "|---|---|---|---|---|---|",
+        "| loss | vocabulary | logits (float32) | one piece: kept for backward | chunked: kept "
+        "| one piece s | chunked s |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for vocab in vocabs:
+    for loss, vocab in [("kd", v) for v in vocabs] + [("gkd", vocabs[-1])]:
         out = {}
         for chunked in (False, True):
             proc = subprocess.run([sys.executable, "-c", CHUNK_CHILD, str(rows), str(vocab),
-                                   "1" if chunked else "0"], capture_output=True, text=True,
-                                  cwd=ROOT)
+                                   "1" if chunked else "0", loss], capture_output=True,
+                                  text=True, cwd=ROOT)
             if proc.returncode != 0:
                 sys.exit(proc.stderr[-2000:])
             out[chunked] = proc.stdout.split()
         if abs(float(out[False][2]) - float(out[True][2])) > 1e-3 * abs(float(out[False][2])):
             sys.exit(f"chunked and fused losses differ at vocabulary {vocab}: {out}")
         size = rows * vocab * 4 / 2**20
-        lines.append(f"| {vocab:,} | {size:,.0f} MB | {out[False][0]} MB | {out[True][0]} MB | "
-                     f"{out[False][1]} | {out[True][1]} |")
+        lines.append(f"| {loss} | {vocab:,} | {size:,.0f} MB | {out[False][0]} MB | "
+                     f"{out[True][0]} MB | {out[False][1]} | {out[True][1]} |")
     return "\n".join(lines)
 
 

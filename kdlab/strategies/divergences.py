@@ -11,11 +11,15 @@ a batch of token positions are reduced alike. Notation: ``p = softmax(z_t / T)``
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from kdlab.strategies import logits
 from kdlab.strategies.base import Batch, Outputs, Strategy, Terms
 from kdlab.strategies.checks import check_choice, check_number
 from kdlab.util.errors import KdlabError
@@ -101,6 +105,24 @@ def _check_same_vocabulary(student: Outputs, teacher: Outputs, name: str) -> Non
                          "vocabularies")
 
 
+def chunked_mean(divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``divergence(student, teacher)`` (a mean over rows) for a language model's ``tokens ×
+    vocabulary`` logits: above :data:`~kdlab.strategies.logits.CHUNKED_ABOVE` elements it is
+    computed over chunks of rows, each under activation checkpointing, so the backward pass
+    keeps only the inputs and recomputes one chunk's softmaxes at a time instead of holding
+    every ``[rows, V]`` intermediate of the whole batch (the same mean, to float rounding)."""
+    rows = student.shape[0]
+    if student.numel() <= logits.CHUNKED_ABOVE or rows < 2:
+        return divergence(student, teacher)
+    size = max(1, logits.CHUNK_ELEMENTS // student.shape[1])
+    total = student.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows, size):
+        s, t = student[start : start + size], teacher[start : start + size]
+        total = total + checkpoint(divergence, s, t, use_reentrant=False) * len(s)
+    return total / rows
+
+
 class _Divergence(Strategy):
     """A weighted divergence between teacher and student distributions plus the label CE."""
 
@@ -122,7 +144,7 @@ class _Divergence(Strategy):
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         t = self.temperature
         return {self.term: self.weight * t * t
-                * self.divergence(student.logits, teacher.logits.detach())}
+                * chunked_mean(self.divergence, student.logits, teacher.logits.detach())}
 
 
 class ReverseKL(_Divergence):
@@ -224,5 +246,6 @@ class ULD(_Divergence):
         """Any two vocabularies: nothing to check."""
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
-        return {self.term: self.weight * uld_distance(student.logits, teacher.logits.detach(),
-                                                      self.temperature)}
+        return {self.term: self.weight * chunked_mean(
+            functools.partial(uld_distance, temperature=self.temperature), student.logits,
+            teacher.logits.detach())}

@@ -193,3 +193,31 @@ def test_a_short_run_learns(distill, tmp_path):
 
     results = run_short(distill, tmp_path)
     assert_learned(results)
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "gkd", "skew_kl", "uld"])
+def test_large_token_batches_are_chunked_with_the_same_loss_and_gradient(name, monkeypatch):
+    """Above CHUNKED_ABOVE logits the divergence runs over checkpointed chunks of rows: the
+    same mean and the same gradient as in one piece."""
+    from kdlab.strategies import GKD, ULD, ReverseKL, SkewKL, divergences
+    from kdlab.strategies import logits as logit_module
+
+    strategy = {"reverse_kl": ReverseKL(temperature=2.0), "gkd": GKD(beta=0.3),
+                "skew_kl": SkewKL(), "uld": ULD()}[name]
+    torch.manual_seed(0)
+    s = torch.randn(30, 50, requires_grad=True)
+    t = Outputs(torch.randn(30, 50))
+    batch = Batch(torch.zeros(30), torch.zeros(30, dtype=torch.long), torch.arange(30))
+    whole = sum(strategy(Outputs(s), t, batch).values())
+    (g_whole,) = torch.autograd.grad(whole, s)
+    calls = []
+    original = divergences.checkpoint
+    monkeypatch.setattr(divergences, "checkpoint",
+                        lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    monkeypatch.setattr(logit_module, "CHUNKED_ABOVE", 1000)
+    monkeypatch.setattr(logit_module, "CHUNK_ELEMENTS", 400)
+    chunked = sum(strategy(Outputs(s), t, batch).values())
+    (g_chunked,) = torch.autograd.grad(chunked, s)
+    assert calls == [8, 8, 8, 6]  # 400 elements / 50 classes per chunk
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(g_chunked, g_whole)
