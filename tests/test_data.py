@@ -108,3 +108,11 @@ def test_a_batch_larger_than_the_data_is_one_full_batch_with_a_note(caplog):
         dm.setup()
     assert dm.batch_size == 55_000 and len(dm.train_dataloader()) == 1
     assert "data.batch_size=100000 is more than the 55000 training samples" in caplog.text
+
+
+def test_example_input_loads_the_splits_of_a_fresh_datamodule(transfer_dm):
+    # kdlab-eval probes a network's outputs before Lightning has called setup()
+    fresh = FashionMNISTDataModule(num_labels=1000, transfer=True, label_seed=3)
+    x = fresh.example_input(3)
+    assert x.shape == (3, 1, 28, 28)
+    assert torch.equal(x, transfer_dm.x_train[:3])

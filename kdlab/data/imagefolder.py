@@ -184,7 +184,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         return False
 
     def example_input(self, n: int = 2) -> torch.Tensor:
-        """``n`` training images with the evaluation transform (for probing feature shapes)."""
+        """``n`` training images with the evaluation transform (for probing feature shapes);
+        reads the folders if needed."""
+        self.setup()
         dataset = _Indexed(self.train_folder, self.train_indices[:n], self._transforms(False))
         return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
 

@@ -347,7 +347,8 @@ class InMemoryDataModule(L.LightningDataModule):
         return {"augment": True, "shift": self.shift, "flip": self.flip}
 
     def example_input(self, n: int = 2) -> torch.Tensor:
-        """``n`` training images (for probing feature shapes)."""
+        """``n`` training images (for probing feature shapes); loads the splits if needed."""
+        self.setup()
         return self.x_train[:n]
 
     @property
