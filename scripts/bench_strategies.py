@@ -65,6 +65,8 @@ GRIDS: dict[str, tuple[str, list[float]]] = {
     "ctkd": ("kd.alpha", [0.5, 0.9, 1.0]),
     "catkd": ("beta", [1.5, 15.0, 150.0]),
     "sdd": ("complementary", [1.0, 2.0, 4.0]),
+    "simkd": ("beta", [0.1, 1.0, 10.0]),
+    "mlkd": ("kd_weight", [0.5, 0.9, 1.0]),
     # DOT is an optimizer (over KD): its grid's delta=0 is plain SGD with momentum 0.9, the
     # control that separates DOT's split momenta from the change of optimizer; the published
     # 0.075 is the grid's top, as momentum + delta must stay below 1
@@ -164,6 +166,10 @@ def benchmark(args: argparse.Namespace) -> dict:
         result = json.loads(path.read_text())
         if "teacher" in result:
             report["teacher"] = accuracy({"student": result["teacher"]}, "test")
+            report["teacher_params"] = result["teacher"].get("params")
+    for runs in report["rows"]["none"].values():
+        for result in runs["runs"]:
+            report["student_params"] = result["student"].get("params")
     report["wall_s"] = sum(float(p.read_text()) for name in ("none", *args.strategies)
                            for p in args.workdir.glob(f"*/{name}/*/wall_s.txt"))
     return report
@@ -171,6 +177,10 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 def collect(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*/results.json"))]
+
+
+def _thousands(count: int | None) -> str:
+    return f"{round(count / 1000)}k" if count else "?"
 
 
 def write_doc(report: dict, args: argparse.Namespace) -> str:
@@ -181,9 +191,11 @@ def write_doc(report: dict, args: argparse.Namespace) -> str:
         f"### {args.title or f'Full protocol — {len(args.strategies)} strategies'}", "",
         f"Command: `python scripts/bench_strategies.py {' '.join(sys.argv[1:])}` "
         f"({time.strftime('%Y-%m-%d')}, 2 CPU cores, {report['wall_s'] / 3600:.1f} h of runs). "
-        f"Student: CNN, 27k parameters; teacher: CNN, 422k parameters, "
+        f"Student: CNN, {_thousands(report.get('student_params'))} parameters; teacher: CNN, "
+        f"{_thousands(report.get('teacher_params'))} parameters, "
         f"{report['teacher'] or float('nan'):.2f}% test accuracy, one stored teacher for all "
-        f"runs. Each student trains {args.epochs} epochs (the main job: 12).", "",
+        f"runs. Each student trains {args.epochs} epochs (the main job: 12)"
+        + (f"; every run adds `{' '.join(args.override)}`" if args.override else "") + ".", "",
         "Protocol: for each strategy, a 3-point grid of its main hyper-parameter (published "
         "default in the middle) runs in the `transfer` setting with seed "
         f"{args.seeds[0]}; the point with the best **validation** accuracy is kept and run with "
