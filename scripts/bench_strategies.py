@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -189,7 +190,7 @@ def write_doc(report: dict, args: argparse.Namespace) -> str:
             for s in args.settings}
     lines = [
         f"### {args.title or f'Full protocol — {len(args.strategies)} strategies'}", "",
-        f"Command: `python scripts/bench_strategies.py {' '.join(sys.argv[1:])}` "
+        f"Command: `python scripts/bench_strategies.py {shlex.join(sys.argv[1:])}` "
         f"({time.strftime('%Y-%m-%d')}, 2 CPU cores, {report['wall_s'] / 3600:.1f} h of runs). "
         f"Student: CNN, {_thousands(report.get('student_params'))} parameters; teacher: CNN, "
         f"{_thousands(report.get('teacher_params'))} parameters, "
