@@ -15,6 +15,7 @@ SMALL = ["trainer.enable_progress_bar=false", "latency.repeats=1", "latency.batc
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow  # 40 s: the cifar100 experiment end to end (zoo pair, 32x32 synthetic data)
 def test_cifar100_recipe_runs_kd_between_zoo_models(tmp_path):
     cfg = make_cfg(tmp_path, ["experiment=cifar100", "data=synthetic_cifar100", *SMALL,
                               "teacher.model.name=resnet14", "student.model.name=resnet8",

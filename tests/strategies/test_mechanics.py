@@ -155,6 +155,7 @@ def test_a_short_run_learns(distill, tmp_path):
     assert results["strategy"] == distill.strip("[]").replace(",", "+")
 
 
+@pytest.mark.slow  # 40 s: a three-job multirun; single strategy-list runs are in the default suite
 def test_a_multirun_over_strategy_lists_logs_every_member_term(tmp_path):
     import csv
     import json
