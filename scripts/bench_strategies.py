@@ -168,9 +168,9 @@ def benchmark(args: argparse.Namespace) -> dict:
         if "teacher" in result:
             report["teacher"] = accuracy({"student": result["teacher"]}, "test")
             report["teacher_params"] = result["teacher"].get("params")
-    for runs in report["rows"]["none"].values():
-        for result in runs["runs"]:
-            report["student_params"] = result["student"].get("params")
+    none_runs = [r for setting in report["rows"]["none"].values() for r in setting["runs"]]
+    if none_runs:  # every setting trains the same student network
+        report["student_params"] = none_runs[0]["student"].get("params")
     report["wall_s"] = sum(float(p.read_text()) for name in ("none", *args.strategies)
                            for p in args.workdir.glob(f"*/{name}/*/wall_s.txt"))
     return report
