@@ -4,6 +4,7 @@
     python scripts/bench_strategies.py --strategies kd at --epochs 2 --seeds 0 1
     python scripts/bench_strategies.py --report-only         # rewrite the doc from finished runs
     python scripts/bench_strategies.py --strategies nkd wttm --section newer --title "…"
+    python scripts/bench_strategies.py --epochs 12 --budget-h 1.5  # a slice; call again to go on
 
 Protocol, per strategy:
 
@@ -94,10 +95,17 @@ def config_value(result: dict, path: str) -> float:
     return value
 
 
+#: wall-clock time (time.monotonic) after which no new sweep starts (``--budget-h``)
+DEADLINE = float("inf")
+
+
 def run_sweep(folder: Path, overrides: list[str], expected: int) -> list[dict]:
-    """One Hydra multirun into `folder`, skipped when its `expected` results already exist."""
+    """One Hydra multirun into `folder`, skipped when its `expected` results already exist
+    or when ``--budget-h`` has run out (then only what has finished is returned)."""
     done = sorted(folder.glob("*/results.json"))
-    if len(done) < expected:
+    if len(done) < expected and time.monotonic() > DEADLINE:
+        print(f"budget spent: not starting {folder}", flush=True)
+    elif len(done) < expected:
         command = ["kdlab-train", "-m", *overrides, f"hydra.sweep.dir={folder}"]
         print("+", " ".join(command), flush=True)
         start = time.perf_counter()
@@ -141,7 +149,7 @@ def benchmark(args: argparse.Namespace) -> dict:
                      run_sweep(folder, [*extra, f"{path}={','.join(map(str, grid))}",
                                         f"seed={args.seeds[0]}", *SETTINGS["transfer"]],
                                len(grid)))
-        if not grid_runs:
+        if len(grid_runs) < len(grid):  # a choice from part of the grid would not be the protocol's
             continue
         best = max(grid_runs, key=lambda r: accuracy(r, "val"))
         value = config_value(best, path)
@@ -265,7 +273,13 @@ def main() -> None:
     parser.add_argument("--section", default="protocol",
                         help="the generated section of --out to rewrite (<!-- NAME:start -->)")
     parser.add_argument("--title", default=None, help="the section's heading")
+    parser.add_argument("--budget-h", type=float, default=None,
+                        help="start no new sweep after this many hours; the doc is written "
+                             "from what has finished and a later call resumes")
     args = parser.parse_args()
+    if args.budget_h is not None:
+        global DEADLINE
+        DEADLINE = time.monotonic() + 3600 * args.budget_h
     if "transfer" not in args.settings:
         parser.error("hyper-parameters are chosen in the `transfer` setting: include it")
     args.workdir = args.workdir.resolve() / f"e{args.epochs}"
