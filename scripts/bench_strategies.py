@@ -179,8 +179,11 @@ def benchmark(args: argparse.Namespace) -> dict:
     none_runs = [r for setting in report["rows"]["none"].values() for r in setting["runs"]]
     if none_runs:  # every setting trains the same student network
         report["student_params"] = none_runs[0]["student"].get("params")
-    report["wall_s"] = sum(float(p.read_text()) for name in ("none", *args.strategies)
-                           for p in args.workdir.glob(f"*/{name}/*/wall_s.txt"))
+    walls = [p for name in ("none", *args.strategies)
+             for p in args.workdir.glob(f"*/{name}/*/wall_s.txt")]
+    report["wall_s"] = sum(float(p.read_text()) for p in walls)
+    days = sorted({time.strftime("%Y-%m-%d", time.localtime(p.stat().st_mtime)) for p in walls})
+    report["dates"] = (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}") if days else "-"
     return report
 
 
@@ -194,12 +197,13 @@ def _thousands(count: int | None) -> str:
 
 def write_doc(report: dict, args: argparse.Namespace) -> str:
     rows = report["rows"]
+    command = [a for a in sys.argv[1:] if a != "--report-only"]
     none = {s: [accuracy(r, "test") for r in rows.get("none", {}).get(s, {}).get("runs", [])]
             for s in args.settings}
     lines = [
         f"### {args.title or f'Full protocol — {len(args.strategies)} strategies'}", "",
-        f"Command: `python scripts/bench_strategies.py {shlex.join(sys.argv[1:])}` "
-        f"({time.strftime('%Y-%m-%d')}, 2 CPU cores, {report['wall_s'] / 3600:.1f} h of runs). "
+        f"Command: `python scripts/bench_strategies.py {shlex.join(command)}` "
+        f"({report['dates']}, 2 CPU cores, {report['wall_s'] / 3600:.1f} h of runs). "
         f"Student: CNN, {_thousands(report.get('student_params'))} parameters; teacher: CNN, "
         f"{_thousands(report.get('teacher_params'))} parameters, "
         f"{report['teacher'] or float('nan'):.2f}% test accuracy, one stored teacher for all "
@@ -211,12 +215,14 @@ def write_doc(report: dict, args: argparse.Namespace) -> str:
         f"seeds {', '.join(map(str, args.seeds))} in both settings (the `full` setting reuses "
         "the value chosen in `transfer`). Test accuracy (%) is read once per run, on the "
         "checkpoint with the best validation accuracy; mean ± std over seeds (n in brackets). "
-        "Δ is against the CE-only student of the same setting. DKD's and ReviewKD's 20-epoch "
-        "warm-ups (8% of their 240-epoch recipe) are shortened to 1 epoch"
+        "Δ is against the CE-only student of the same setting."
+        + (" DKD's and ReviewKD's 20-epoch warm-ups (8% of their 240-epoch recipe) are "
+           "shortened to 1 epoch" if {"dkd", "reviewkd"} & set(args.strategies) else "")
         + (", and so is CTKD's 10-epoch curriculum" if "ctkd" in args.strategies else "")
         + (". `dot` is `distill=kd optimizer=dot`: its grid's delta=0 is plain SGD with "
            "momentum, the control for the change of optimizer (the others train with AdamW)"
-           if "dot" in args.strategies else "") + ".", "",
+           if "dot" in args.strategies else "")
+        + ("." if {"dkd", "reviewkd", "ctkd", "dot"} & set(args.strategies) else ""), "",
         "- `transfer`: 1,000 labelled training images (100 per class) + 54,000 unlabelled ones "
         "the teacher labels softly — the main job's data.",
         "- `full`: all 55,000 training labels.", "",
