@@ -12,7 +12,9 @@ every run), with the student replaced by the zoo's ``vit_nano`` (DeiT-style, pat
   ``baseline`` run of each KD job);
 * **kd**: Hinton KD (``distill=kd``, T=4, alpha=0.9) on all 55,000 images;
 * **deit**: ``vit_nano_distilled`` with ``distill=deit`` (hard distillation through the
-  distillation token, alpha=0.5), tested as the paper does, on the average of its two heads.
+  distillation token, alpha=0.5), tested as the paper does, on the average of its two heads;
+* **deit_soft**: the same with ``distill.deit.kind=soft`` (the paper's soft variant: KL to the
+  teacher's softmax at T=1 on the distillation head).
 
 Each configuration is one Hydra multirun over the seeds, in its own folder under ``--workdir``;
 a multirun whose runs all have ``results.json`` is not run again (resumable). Test accuracy is
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -40,10 +43,13 @@ CONFIGS = {
            "student"),
     "deit": (["distill=deit", "student=zoo", "student.model.name=vit_nano_distilled",
               "baseline=false"], "student"),
+    "deit_soft": (["distill=deit", "distill.deit.kind=soft", "student=zoo",
+                   "student.model.name=vit_nano_distilled", "baseline=false"], "student"),
 }
 LABELS = {"alone": "ViT alone (1,000 labels; `baseline` of the KD runs)",
           "kd": "ViT + KD (`distill=kd`)",
-          "deit": "ViT + DeiT token (`distill=deit`, hard, `vit_nano_distilled`)"}
+          "deit": "ViT + DeiT token (`distill=deit`, hard, `vit_nano_distilled`)",
+          "deit_soft": "ViT + DeiT token, soft (`distill.deit.kind=soft`)"}
 
 
 def run_sweep(folder: Path, overrides: list[str], expected: int) -> tuple[list[dict], float]:
@@ -70,23 +76,26 @@ def mean_std(values: list[float]) -> str:
 
 
 def report(rows: dict[str, list[float]], teacher: float | None, params: dict[str, int],
-           command: str, wall_s: float) -> str:
+           command: str, walls: dict[str, tuple[float, str]]) -> str:
+    """The doc section: one row per configuration, with its sweep's wall time and date."""
     alone = statistics.mean(rows["alone"]) if rows.get("alone") else None
     lines = [
         "### ViT students (issue 20, item 4)", "",
-        f"Command: `{command}`; {wall_s / 60:.0f} min wall on 2 CPU cores shared with other "
-        "work (the first sweep also trains the teacher into the store), "
-        f"{time.strftime('%Y-%m-%d')}. The main job's data and CNN teacher "
+        f"Command: `{command}` (resumable: a sweep whose runs have finished is read, not run "
+        "again; each row's sweep gives its wall time on 2 CPU cores and its date, the KD "
+        "sweep's time includes its `baseline` runs). The main job's data and CNN teacher "
         f"({teacher:.2f}% test), the student replaced by the zoo's `vit_nano` "
         f"({params.get('kd', 0):,} parameters; `vit_nano_distilled`: "
-        f"{params.get('deit', 0):,}). Test accuracy (%) on the best-validation checkpoint, "
-        "mean ± std over seeds; Δ against the ViT alone.", "",
-        "| student | test acc | Δ |", "|---|---|---|"]
-    for name in ("alone", "kd", "deit"):
+        f"{params.get('deit', params.get('deit_soft', 0)):,}). Test accuracy (%) on the "
+        "best-validation checkpoint, mean ± std over seeds; Δ against the ViT alone.", "",
+        "| student | test acc | Δ | sweep wall, date |", "|---|---|---|---|"]
+    for name in ("alone", *CONFIGS):
         if not rows.get(name):
             continue
         delta = statistics.mean(rows[name]) - alone if alone is not None else 0.0
-        lines.append(f"| {LABELS[name]} | {mean_std(rows[name])} | {delta:+.2f} |")
+        wall, day = walls.get(name, (0.0, ""))
+        when = f"{wall / 60:.0f} min, {day}" if wall else "(in the KD sweep)"
+        lines.append(f"| {LABELS[name]} | {mean_std(rows[name])} | {delta:+.2f} | {when} |")
     return "\n".join(lines)
 
 
@@ -108,7 +117,7 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     params: dict[str, int] = {}
     teacher = None
-    wall_s = 0.0
+    walls: dict[str, tuple[float, str]] = {}
     for name, (overrides, _) in CONFIGS.items():
         folder = workdir / name
         if args.report_only:
@@ -117,7 +126,10 @@ def main() -> None:
                 folder / "wall_s.txt").exists() else 0.0
         else:
             results, wall = run_sweep(folder, [*overrides, *base], len(args.seeds))
-        wall_s += wall
+        wall_file = folder / "wall_s.txt"
+        day = (time.strftime("%Y-%m-%d", time.localtime(wall_file.stat().st_mtime))
+               if wall_file.exists() else "")
+        walls[name] = (wall, day)
         for result in results:
             rows.setdefault(name, []).append(100 * result["student"]["metrics"]["test/acc"])
             params[name] = result["student"]["params"]
@@ -127,10 +139,9 @@ def main() -> None:
                     100 * result["baseline"]["metrics"]["test/acc"])
     if not rows:
         sys.exit("no finished runs under " + str(workdir))
-    extra = f" {' '.join(args.override)}" if args.override else ""
-    command = (f"python scripts/bench_vit.py --seeds {' '.join(map(str, args.seeds))} "
-               f"--epochs {args.epochs}{extra}")
-    text = report(rows, teacher, params, command, wall_s)
+    command = "python scripts/bench_vit.py " + shlex.join(
+        a for a in sys.argv[1:] if a != "--report-only")
+    text = report(rows, teacher, params, command, walls)
     replace_section(args.doc, "vit", text)
     print(text)
 
