@@ -14,7 +14,9 @@ every run), with the student replaced by the zoo's ``vit_nano`` (DeiT-style, pat
 * **deit**: ``vit_nano_distilled`` with ``distill=deit`` (hard distillation through the
   distillation token, alpha=0.5), tested as the paper does, on the average of its two heads;
 * **deit_soft**: the same with ``distill.deit.kind=soft`` (the paper's soft variant: KL to the
-  teacher's softmax at T=1 on the distillation head).
+  teacher's softmax at T=1 on the distillation head), with the authors' reduction (KL summed over
+  classes and divided by N x classes) and with the per-sample KL (``kl_reduction=batchmean``,
+  10x larger with 10 classes).
 
 Each configuration is one Hydra multirun over the seeds, in its own folder under ``--workdir``;
 a multirun whose runs all have ``results.json`` is not run again (resumable). Test accuracy is
@@ -45,11 +47,15 @@ CONFIGS = {
               "baseline=false"], "student"),
     "deit_soft": (["distill=deit", "distill.deit.kind=soft", "student=zoo",
                    "student.model.name=vit_nano_distilled", "baseline=false"], "student"),
+    "deit_soft_sample": (["distill=deit", "distill.deit.kind=soft",
+                          "distill.deit.kl_reduction=batchmean", "student=zoo",
+                          "student.model.name=vit_nano_distilled", "baseline=false"], "student"),
 }
 LABELS = {"alone": "ViT alone (1,000 labels; `baseline` of the KD runs)",
           "kd": "ViT + KD (`distill=kd`)",
           "deit": "ViT + DeiT token (`distill=deit`, hard, `vit_nano_distilled`)",
-          "deit_soft": "ViT + DeiT token, soft (`distill.deit.kind=soft`)"}
+          "deit_soft": "ViT + DeiT token, soft (`distill.deit.kind=soft`)",
+          "deit_soft_sample": "ViT + DeiT token, soft, per-sample KL (`kl_reduction=batchmean`)"}
 
 
 def run_sweep(folder: Path, overrides: list[str], expected: int) -> tuple[list[dict], float]:
