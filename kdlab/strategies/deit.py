@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,6 +85,7 @@ class DeiT(Strategy):
         self.kl_reduction = kl_reduction
         self.ce_weight = 1.0 - alpha
         self.student_layers = DISTILLATION
+        self._warned = False  # the transfer-set warning of forward(), once per strategy
 
     def resolve(self, student: nn.Module, teacher: nn.Module) -> tuple[list[str], list[str]]:
         aliases = student.taps() if hasattr(student, "taps") else {}
@@ -111,4 +114,13 @@ class DeiT(Strategy):
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         (dist,) = self.student_features(student)
+        if (self.kind == "soft" and self.kl_reduction == "mean" and not self._warned
+                and bool((~batch.labelled).any())):
+            self._warned = True
+            warnings.warn(
+                "distill=deit kind=soft with kl_reduction=mean (the authors' sum / (N x classes)) "
+                "on a transfer set: the soft term is 1/classes of the per-sample KL while the "
+                "cross-entropy averages over the few labelled samples of each batch, so it can "
+                "drown the teacher's signal (docs/RESULTS.md, vit section: 28.95 % vs 71.91 % "
+                "with distill.deit.kl_reduction=batchmean)", stacklevel=2)
         return {"deit": self.alpha * self.distillation_loss(dist, teacher)}

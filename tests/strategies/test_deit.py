@@ -4,6 +4,7 @@ hand-made tensors, the two heads read through the student's taps, the errors, a 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -77,6 +78,29 @@ def test_soft_loss_matches_the_formula(per: str, t: float) -> None:
     terms = _terms(strategy, torch.tensor(DIST, dtype=torch.float64),
                    torch.tensor(TEACHER, dtype=torch.float64))
     assert terms["deit"].item() == pytest.approx(0.7 * _soft(DIST, TEACHER, t, per), rel=1e-10)
+
+
+def test_soft_mean_warns_once_on_a_transfer_set_only() -> None:
+    """The authors' sum/(N·K) with unlabelled samples in the batch: one warning naming the fix;
+    none with every sample labelled, with batchmean or with hard targets."""
+    dist, teacher = torch.tensor(DIST), torch.tensor(TEACHER)
+    n = dist.shape[0]
+    student = Outputs(torch.zeros_like(dist), {"head_dist": dist})
+    labelled = Batch(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), torch.arange(n))
+    transfer = Batch(torch.zeros(n, 1), torch.full((n,), -1), torch.arange(n))
+    for strategy, batch in ((DeiT(kind="soft"), labelled),
+                            (DeiT(kind="soft", kl_reduction="batchmean"), transfer),
+                            (DeiT(kind="hard"), transfer)):
+        strategy.student_paths = ["head_dist"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            strategy(student, Outputs(teacher), batch)
+    strategy = DeiT(kind="soft")
+    strategy.student_paths = ["head_dist"]
+    with pytest.warns(UserWarning, match="kl_reduction=batchmean") as caught:
+        strategy(student, Outputs(teacher), transfer)
+        strategy(student, Outputs(teacher), transfer)
+    assert len(caught) == 1
 
 
 def test_soft_gradient_reaches_the_distillation_logits_only() -> None:
