@@ -85,7 +85,8 @@ class DeiT(Strategy):
         self.kl_reduction = kl_reduction
         self.ce_weight = 1.0 - alpha
         self.student_layers = DISTILLATION
-        self._warned = False  # the transfer-set warning of forward(), once per strategy
+        # the transfer-set check of forward() reads the first batch only: no sync per step
+        self._checked = kind != "soft" or kl_reduction != "mean"
 
     def resolve(self, student: nn.Module, teacher: nn.Module) -> tuple[list[str], list[str]]:
         aliases = student.taps() if hasattr(student, "taps") else {}
@@ -114,13 +115,14 @@ class DeiT(Strategy):
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> Terms:
         (dist,) = self.student_features(student)
-        if (self.kind == "soft" and self.kl_reduction == "mean" and not self._warned
-                and bool((~batch.labelled).any())):
-            self._warned = True
-            warnings.warn(
-                "distill=deit kind=soft with kl_reduction=mean (the authors' sum / (N x classes)) "
-                "on a transfer set: the soft term is 1/classes of the per-sample KL while the "
-                "cross-entropy averages over the few labelled samples of each batch, so it can "
-                "drown the teacher's signal (docs/RESULTS.md, vit section: 28.95 % vs 71.91 % "
-                "with distill.deit.kl_reduction=batchmean)", stacklevel=2)
+        if not self._checked:
+            self._checked = True
+            if bool((~batch.labelled).any()):
+                warnings.warn(
+                    "distill=deit kind=soft with kl_reduction=mean (the authors' sum / "
+                    "(N x classes)) on a transfer set: the soft term is 1/classes of the "
+                    "per-sample KL while the "
+                    "cross-entropy averages over the few labelled samples of each batch, so it can "
+                    "drown the teacher's signal (docs/RESULTS.md, vit section: 28.95 % vs 71.91 % "
+                    "with distill.deit.kl_reduction=batchmean)", stacklevel=2)
         return {"deit": self.alpha * self.distillation_loss(dist, teacher)}
