@@ -18,9 +18,12 @@ Protocol, per strategy:
    stored teacher. Test accuracy is read once per run, on the checkpoint with the best
    validation accuracy.
 
-Every Hydra multirun writes into its own folder under `--workdir`; a multirun whose runs all
-have a `results.json` is not run again, so an interrupted benchmark resumes where it stopped,
-and the doc can be regenerated from whatever has finished.
+Every Hydra multirun writes into its own folder under `--workdir`; once all its runs have a
+`results.json` it is added to the record (`docs/results/<section>.json`, kept in the repository
+with a copy of the teacher's store entry: :mod:`bench_record`) and is not run again, keyed by its
+exact overrides. So an interrupted benchmark resumes where it stopped, a later session on another
+machine goes on with the same teacher, and the doc can be regenerated from the record alone
+(`--report-only`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_record import Record, compact  # noqa: E402
 from doc_section import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,15 +105,27 @@ def config_value(result: dict, path: str) -> float:
 
 #: wall-clock time (time.monotonic) after which no new sweep starts (``--budget-h``)
 DEADLINE = float("inf")
+#: the record of finished sweeps (``--record``), the work folder and the teacher store (main)
+RECORD: Record
+WORKDIR: Path
+TEACHER_STORE: Path
 
 
-def run_sweep(folder: Path, overrides: list[str], expected: int) -> list[dict]:
-    """One Hydra multirun into `folder`, skipped when its `expected` results already exist
-    or when ``--budget-h`` has run out (then only what has finished is returned)."""
+def run_sweep(folder: Path, overrides: list[str], expected: int, keep: list[str] = ()
+              ) -> list[dict]:
+    """One Hydra multirun into `folder`, skipped when the record holds it (same overrides) or
+    when ``--budget-h`` has run out (then only what has finished is returned). Returns each
+    run's compact result (:func:`bench_record.compact`, with the config values at `keep`)."""
+    name = folder.relative_to(WORKDIR).as_posix()
+    recorded = RECORD.recorded(name, overrides, expected)
+    if recorded is not None:
+        return recorded
     done = sorted(folder.glob("*/results.json"))
     if len(done) < expected and time.monotonic() > DEADLINE:
         print(f"budget spent: not starting {folder}", flush=True)
-    elif len(done) < expected:
+        return [compact(json.loads(p.read_text()), list(keep)) for p in done]
+    wall = None
+    if len(done) < expected:
         command = ["kdlab-train", "-m", *overrides, f"hydra.sweep.dir={folder}"]
         print("+", " ".join(command), flush=True)
         start = time.perf_counter()
@@ -117,9 +133,15 @@ def run_sweep(folder: Path, overrides: list[str], expected: int) -> list[dict]:
                               stdout=subprocess.DEVNULL)
         if proc.returncode != 0:
             sys.exit(f"failed: {' '.join(command)}")
-        (folder / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+        wall = time.perf_counter() - start
+        (folder / "wall_s.txt").write_text(f"{wall:.1f}\n")
         done = sorted(folder.glob("*/results.json"))
-    return [json.loads(p.read_text()) for p in done]
+    elif (folder / "wall_s.txt").exists():
+        wall = float((folder / "wall_s.txt").read_text())
+    runs = [json.loads(p.read_text()) for p in done]
+    if wall is None or len(runs) < expected:  # not a whole sweep of this benchmark: not recorded
+        return [compact(r, list(keep)) for r in runs]
+    return RECORD.add(name, overrides, runs, wall, list(keep), TEACHER_STORE)
 
 
 def accuracy(result: dict, split: str) -> float:
@@ -132,27 +154,32 @@ def mean_std(values: list[float]) -> str:
 
 
 def benchmark(args: argparse.Namespace) -> dict:
-    """Run (or collect) every sweep; returns the numbers the doc is written from."""
+    """Run (or read from the record) every sweep; returns the numbers the doc is written from."""
     base = [f"trainer.max_epochs={args.epochs}", "baseline=false",
             f"paths.teacher_store={args.teacher_store}", *args.override]
     seeds = ",".join(map(str, args.seeds))
     rest = ",".join(map(str, args.seeds[1:]))
     report: dict = {"teacher": None, "rows": {}, "wall_s": 0.0}
+    used: list[str] = []
+
+    def sweep(folder: Path, overrides: list[str], expected: int, keep: list[str] = ()
+              ) -> list[dict]:
+        used.append(folder.relative_to(WORKDIR).as_posix())
+        return run_sweep(folder, overrides, expected, keep)
+
     for setting in args.settings:
         folder = args.workdir / setting / "none" / "seeds"
-        runs = (collect(folder) if args.report_only else
-                run_sweep(folder, ["distill=none", f"seed={seeds}", *SETTINGS[setting], *base],
-                          len(args.seeds)))
+        runs = sweep(folder, ["distill=none", f"seed={seeds}", *SETTINGS[setting], *base],
+                     len(args.seeds))
         report["rows"].setdefault("none", {})[setting] = {"runs": runs}
     for name in args.strategies:
         key, grid = GRIDS[name]
         path = key_path(name, key)
         extra = [*VARIANTS.get(name, [f"distill={name}"]), *SHORT_RUN.get(name, []), *base]
         folder = args.workdir / "transfer" / name / "grid"
-        grid_runs = (collect(folder) if args.report_only else
-                     run_sweep(folder, [*extra, f"{path}={','.join(map(str, grid))}",
-                                        f"seed={args.seeds[0]}", *SETTINGS["transfer"]],
-                               len(grid)))
+        grid_runs = sweep(folder, [*extra, f"{path}={','.join(map(str, grid))}",
+                                   f"seed={args.seeds[0]}", *SETTINGS["transfer"]],
+                          len(grid), [path])
         if len(grid_runs) < len(grid):  # a choice from part of the grid would not be the protocol's
             continue
         best = max(grid_runs, key=lambda r: accuracy(r, "val"))
@@ -164,35 +191,33 @@ def benchmark(args: argparse.Namespace) -> dict:
             chosen = [f"{path}={value}", *SETTINGS[setting]]
             folder = args.workdir / setting / name / "seeds"
             if setting == "transfer":
-                if len(args.seeds) > 1:
-                    more = (collect(folder) if args.report_only else
-                            run_sweep(folder, [*extra, *chosen, f"seed={rest}"],
-                                      len(args.seeds) - 1))
-                else:
-                    more = []
+                more = (sweep(folder, [*extra, *chosen, f"seed={rest}"], len(args.seeds) - 1,
+                              [path]) if len(args.seeds) > 1 else [])
                 runs = [best, *more]
             else:
-                runs = (collect(folder) if args.report_only else
-                        run_sweep(folder, [*extra, *chosen, f"seed={seeds}"], len(args.seeds)))
+                runs = sweep(folder, [*extra, *chosen, f"seed={seeds}"], len(args.seeds), [path])
             row[setting] = {"runs": runs}
-    for path in args.workdir.glob("*/*/*/*/results.json"):
-        result = json.loads(path.read_text())
-        if "teacher" in result:
-            report["teacher"] = accuracy({"student": result["teacher"]}, "test")
-            report["teacher_params"] = result["teacher"].get("params")
+        if any(len(row[s]["runs"]) < len(args.seeds) for s in args.settings):
+            del report["rows"][name]  # half a row (the budget ran out): the next call ends it
+    teacher = RECORD.data.get("teacher")
+    if teacher:
+        report["teacher"] = 100 * teacher["test_acc"]
+        report["teacher_params"] = teacher["params"]
     none_runs = [r for setting in report["rows"]["none"].values() for r in setting["runs"]]
     if none_runs:  # every setting trains the same student network
         report["student_params"] = none_runs[0]["student"].get("params")
-    walls = [p for name in ("none", *args.strategies)
-             for p in args.workdir.glob(f"*/{name}/*/wall_s.txt")]
-    report["wall_s"] = sum(float(p.read_text()) for p in walls)
-    days = sorted({time.strftime("%Y-%m-%d", time.localtime(p.stat().st_mtime)) for p in walls})
+    entries = RECORD.sweeps(used)
+    report["wall_s"] = sum(e["wall_s"] for e in entries)
+    days = sorted({e["date"] for e in entries})
     report["dates"] = (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}") if days else "-"
+    report["commits"] = sorted({e["commit"] for e in entries})
+    report["cpus"] = sorted({e["cpu"] for e in entries})
     return report
 
 
-def collect(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*/results.json"))]
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
 
 
 def _thousands(count: int | None) -> str:
@@ -208,7 +233,10 @@ def write_doc(report: dict, args: argparse.Namespace) -> str:
     lines = [
         f"### {args.title or default_title}", "",
         f"Command: `python scripts/bench_strategies.py {shlex.join(command)}` "
-        f"({report['dates']}, 2 CPU cores, {report['wall_s'] / 3600:.1f} h of runs). "
+        f"({report['dates']}, 2 CPU cores ({', '.join(report['cpus']) or '?'}), "
+        f"{report['wall_s'] / 3600:.1f} h of runs, commit{'s' * (len(report['commits']) > 1)} "
+        f"{', '.join(report['commits']) or '-'}; every run is in "
+        f"`{shown(RECORD.path)}`). "
         f"Student: CNN, {_thousands(report.get('student_params'))} parameters; teacher: CNN, "
         f"{_thousands(report.get('teacher_params'))} parameters, "
         f"{report['teacher'] or float('nan'):.2f}% test accuracy, one stored teacher for all "
@@ -286,20 +314,30 @@ def main() -> None:
                         help="the generated section of --out to rewrite (<!-- NAME:start -->); "
                              "default: protocol (3 epochs) or protocol-e<EPOCHS>")
     parser.add_argument("--title", default=None, help="the section's heading")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="the record of finished sweeps, kept in the repository (default: "
+                             "docs/results/<section>.json, its teacher beside it); recorded "
+                             "sweeps are not run again")
     parser.add_argument("--budget-h", type=float, default=None,
                         help="start no new sweep after this many hours; the doc is written "
                              "from what has finished and a later call resumes")
     args = parser.parse_args()
+    global DEADLINE, RECORD, WORKDIR, TEACHER_STORE
     if args.budget_h is not None:
-        global DEADLINE
         DEADLINE = time.monotonic() + 3600 * args.budget_h
+    if args.report_only:
+        DEADLINE = float("-inf")
     if "transfer" not in args.settings:
         parser.error("hyper-parameters are chosen in the `transfer` setting: include it")
     if args.section is None:
         args.section = "protocol" if args.epochs == 3 else f"protocol-e{args.epochs}"
-    args.workdir = args.workdir.resolve() / f"e{args.epochs}"
-    args.teacher_store = args.teacher_store.resolve()
+    args.workdir = WORKDIR = args.workdir.resolve() / f"e{args.epochs}"
+    args.teacher_store = TEACHER_STORE = args.teacher_store.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    RECORD = Record((args.record or ROOT / "docs" / "results" / f"{args.section}.json").resolve(),
+                    ROOT)
+    if not args.report_only:
+        RECORD.seed_store(args.teacher_store)
     doc = write_doc(benchmark(args), args)
     replace_section(args.out, args.section, doc)
     print(doc)
