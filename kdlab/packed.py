@@ -25,6 +25,7 @@ from kdlab.modes import pack as packing
 from kdlab.modes.build import to_container
 from kdlab.modes.checks import check_values
 from kdlab.modes.resume import hold_run_folder, prepare_run
+from kdlab.modes.speed import CHOICE, resolve_precision, set_precision
 from kdlab.train import check_latency, report, writable_folder
 from kdlab.util.errors import KdlabError
 from kdlab.util.files import write_json
@@ -52,6 +53,7 @@ def execute_pack(cfgs: Sequence[DictConfig], folder: Path, stack: bool | str = "
     apply_speed_settings(bool(cfgs[0].get("tune_allocator", True)))
     with ExitStack() as held:
         live, resuming = [], []
+        choice = None
         for i, cfg in enumerate(cfgs):
             if outcome[i] is None:
                 try:
@@ -60,6 +62,18 @@ def execute_pack(cfgs: Sequence[DictConfig], folder: Path, stack: bool | str = "
                     live.append(i)
                 except KdlabError as e:
                     outcome[i] = e
+        if live:
+            try:  # trainer.precision=auto: one choice for the pack (members share its Trainer)
+                choice = resolve_precision(cfgs[live[0]], dirs[live[0]],
+                                           bool(resuming) and resuming[0])
+                if choice is not None:
+                    for i in live[1:]:
+                        set_precision(cfgs[i], choice["choice"])
+                        write_json(dirs[i] / CHOICE, choice)
+            except KdlabError as e:
+                for i in live:
+                    outcome[i] = e
+                live = []
         if live:
             try:
                 results = packing.run([cfgs[i] for i in live], [dirs[i] for i in live], folder,
@@ -74,6 +88,8 @@ def execute_pack(cfgs: Sequence[DictConfig], folder: Path, stack: bool | str = "
                     continue
                 result["wall_time_s"] = time.perf_counter() - start
                 result["config"] = to_container(cfgs[i])
+                if choice is not None:
+                    result["precision"] = choice
                 outcome[i] = report(cfgs[i], result, dirs[i])
     return [o if o is not None else KdlabError("not run") for o in outcome]
 

@@ -36,6 +36,7 @@ from kdlab.modes.resume import (
     select_last_run,
     set_resuming,
 )
+from kdlab.modes.speed import resolve_precision
 from kdlab.util.config import CONF_DIR
 from kdlab.util.distributed import ddp_ranks_for_multirun_job, is_rank_zero
 from kdlab.util.errors import KdlabError
@@ -67,10 +68,14 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     with ExitStack() as held:
         if is_rank_zero():
             held.enter_context(hold_run_folder(run_dir))  # one run per folder
-            prepare_run(cfg, run_dir)  # resume the run in this folder if it has the same config
+            resuming = prepare_run(cfg, run_dir)  # resume the run in this folder: same config
+            precision = resolve_precision(cfg, run_dir, resuming)  # trainer.precision=auto
         else:
             set_resuming(resume_marker_matches(cfg, run_dir))
+            precision = None
         results = run_mode(cfg, run_dir)
+        if precision is not None:
+            results["precision"] = precision
         results["wall_time_s"] = time.perf_counter() - start
         results["config"] = to_container(cfg)
         if is_rank_zero():  # DDP: the other ranks ran every stage in step; rank 0 reports

@@ -10,19 +10,22 @@ nothing), KD with T = 4, SGD (momentum 0.9). Rows, for each batch size:
 - raw PyTorch: the loop a user writes (teacher under ``inference_mode``, student forward,
   KD + CE, backward, step) in fp32 eager, under bf16 autocast, ``torch.compile``d, and compiled
   with ``mode="reduce-overhead"`` (CUDA graphs);
-- kdlab: ``kdlab.train.run`` with ``trainer=gpu`` and ``trainer.precision=32-true``, its
-  default ``bf16-mixed``, ``compile.*=true``, ``compile.mode=reduce-overhead``, and the
-  exact-view teacher cache (``teacher_cache.views=8``; every other kdlab row runs the teacher
-  live, ``teacher_cache.views=0``).
+- kdlab: ``kdlab.train.run`` with ``trainer=gpu``: its default (``trainer.precision=auto``:
+  float32 or bf16, measured when the run starts; ``compile: auto``: CUDA graphs where shapes are
+  static; the row names what was chosen), fp32 and bf16 eager, compiled in mode default, CUDA
+  graphs in fp32 and in bf16, and the default with the exact-view teacher cache
+  (``teacher_cache.views=8``; every other kdlab row runs the teacher live,
+  ``teacher_cache.views=0``).
 
 Every kdlab row is followed by the raw fp32 eager loop, and its ratio is against that paired
 run (the device's clocks and the host drift between rows). A kdlab row's samples/s is the median
 of its epochs after the first (Lightning's loop, fetch and hooks included; validation and the
 cache's build excluded). Results are written after every row (``--json``), so a run cut short
 keeps what it measured. Then a packed cohort of 8 KD members (``hydra/launcher=packed``, one
-teacher pass per batch): its students as one ``torch.func.vmap`` pass (``stack=auto`` on a GPU)
-and one after another (``stack=false``), in member-samples/s against the kdlab default run of
-the same batch size; every kdlab row also reports the device's peak allocated memory.
+teacher pass per batch): its students as one ``torch.func.vmap`` pass (``stack=auto`` on a GPU,
+eager students) and one after another (``stack=false``, compiled as by default), in
+member-samples/s against the kdlab default run of the same batch size; every kdlab row also
+reports the device's peak allocated memory.
 
 ``--tiny`` (with ``--device cpu``): resnet14 → resnet8, 128 images, a few steps, a pack of 2
 (vmap), compile rows skipped (a CPU compile takes minutes); it checks that every other row
@@ -127,12 +130,14 @@ def median_speed(results: dict) -> float:
     return statistics.median(speeds[1:] or speeds)
 
 
-def kdlab_run(args: argparse.Namespace, store: Path, batch: int, overrides: list[str]) -> float:
-    """Median samples/s over a kdlab run's epochs after the first."""
+def kdlab_run(args: argparse.Namespace, store: Path, batch: int, overrides: list[str]
+              ) -> tuple[float, dict]:
+    """Median samples/s over a kdlab run's epochs after the first, and its results."""
     from kdlab.train import run
 
     folder = Path(tempfile.mkdtemp(dir=store.parent))
-    return median_speed(run(kdlab_cfg(args, store, folder, batch, overrides)))
+    result = run(kdlab_cfg(args, store, folder, batch, overrides))
+    return median_speed(result), result
 
 
 def kdlab_pack(args: argparse.Namespace, store: Path, batch: int, members: int,
@@ -142,8 +147,9 @@ def kdlab_pack(args: argparse.Namespace, store: Path, batch: int, members: int,
     from kdlab.packed import execute_pack
 
     root = Path(tempfile.mkdtemp(dir=store.parent))
+    eager = ["compile.student=false", "compile.teacher=false"] if stack is not False else []
     cfgs = [kdlab_cfg(args, store, root / str(k), batch,
-                      ["distill=kd", f"distill.kd.temperature={k + 1}"])
+                      ["distill=kd", f"distill.kd.temperature={k + 1}", *eager])
             for k in range(members)]
     outcome = execute_pack(cfgs, root / "pack", stack)
     for result in outcome:
@@ -205,29 +211,39 @@ def main() -> None:
             for label, options in raw:
                 record({"batch": batch, "loop": label,
                         "samples_per_s": raw_loop(args, batch, **options)})
-            kd = [("kdlab fp32", ["trainer.precision=32-true"]),
+            eager = ["compile.student=false", "compile.teacher=false"]
+            kd = [("kdlab fp32 eager", ["trainer.precision=32-true", *eager]),
                   ("kdlab default (trainer=gpu)" if device.type == "cuda" else "kdlab default",
                    []),
                   ("kdlab exact-view cache (K=8)", ["teacher_cache.views=8"])]
             if compiled:
-                kd += [("kdlab compile", ["compile.student=true", "compile.teacher=true"]),
-                       ("kdlab CUDA graphs (compile.mode=reduce-overhead)",
-                        ["compile.student=true", "compile.teacher=true",
-                         "compile.mode=reduce-overhead"])]
+                kd += [("kdlab bf16 eager", ["trainer.precision=bf16-mixed", *eager]),
+                       ("kdlab compile (mode default), fp32",
+                        ["compile.student=true", "compile.teacher=true", "compile.mode=default",
+                         "trainer.precision=32-true"]),
+                       ("kdlab CUDA graphs, fp32", ["compile.student=true",
+                        "compile.teacher=true", "compile.mode=reduce-overhead",
+                        "trainer.precision=32-true"]),
+                       ("kdlab CUDA graphs, bf16", ["compile.student=true",
+                        "compile.teacher=true", "compile.mode=reduce-overhead",
+                        "trainer.precision=bf16-mixed"])]
             single = None
             for label, overrides in kd:
                 peak_memory_mb(device)
-                speed = kdlab_run(args, store, batch, ["distill=kd", *overrides])
+                speed, result = kdlab_run(args, store, batch, ["distill=kd", *overrides])
                 memory = peak_memory_mb(device)
                 if not overrides:  # the default run: what a pack is compared with
                     single = speed
+                    label += f" ({result['config']['trainer']['precision']})"
                 paired = raw_loop(args, batch)
                 record({"batch": batch, "loop": label, "samples_per_s": speed,
                         "paired_raw_fp32": paired, "ratio": speed / paired,
-                        "peak_gpu_mb": memory})
-            # a packed cohort: member-samples/s against one kdlab default run (row above)
+                        "peak_gpu_mb": memory, "precision": result.get("precision")})
+            # a packed cohort: member-samples/s against one kdlab default run (row above); the
+            # vmap pass needs eager students (a compiled student runs its own graph)
             for stack in ([True] if args.tiny else ["auto", False]):
-                how = {"auto": "vmap on a GPU", True: "vmap", False: "one after another"}[stack]
+                how = {"auto": "vmap, eager students", True: "vmap",
+                       False: "one after another, the default compile"}[stack]
                 peak_memory_mb(device)
                 speed = kdlab_pack(args, store, batch, args.members, stack)
                 memory = peak_memory_mb(device)

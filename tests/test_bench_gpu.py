@@ -19,7 +19,8 @@ def test_the_gpu_benchmark_runs_every_row_in_its_tiny_cpu_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     loops = [r["loop"] for r in result["rows"]]
-    assert loops == ["raw fp32 eager", "raw bf16 autocast", "kdlab fp32", "kdlab default",
+    assert loops == ["raw fp32 eager", "raw bf16 autocast", "kdlab fp32 eager",
+                     "kdlab default (32-true)",
                      "kdlab exact-view cache (K=8)",
                      "kdlab packed cohort of 2 (students vmap)"]
     assert all(r["samples_per_s"] > 0 for r in result["rows"])

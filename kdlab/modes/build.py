@@ -28,6 +28,7 @@ from kdlab.engine.spec import (
     LoopOptions,
     Recipe,
 )
+from kdlab.engine.speed import auto_compile, device_type
 from kdlab.strategies.base import Strategy
 from kdlab.strategies.composite import Composite, qualify
 from kdlab.util.errors import KdlabError
@@ -320,7 +321,8 @@ def trainer_args(cfg: DictConfig) -> dict[str, Any]:
     return args
 
 
-def _distributed(trainer: DictConfig) -> bool:
+def is_distributed(trainer: DictConfig) -> bool:
+    """Whether ``trainer`` runs several processes (DDP and the like, devices or nodes > 1)."""
     return str(trainer.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed")) \
         or trainer.get("devices", 1) not in (1, "1") or int(trainer.get("num_nodes", 1)) > 1
 
@@ -336,7 +338,7 @@ def loop_options(cfg: DictConfig, in_memory: bool = True) -> LoopOptions:
     batches at once)."""
     trainer = cfg.trainer
     value = cfg.get("steps_per_call", 1)
-    distributed = _distributed(trainer)
+    distributed = is_distributed(trainer)
     quick = bool(trainer.get("fast_dev_run"))
     if value == "auto":
         steps = 1 if distributed or not in_memory or quick else AUTO_STEPS_PER_CALL
@@ -398,13 +400,35 @@ def cache_options(cfg: DictConfig) -> CacheOptions:
                         progress=progress, topk=topk)
 
 
-def compile_options(cfg: DictConfig) -> CompileOptions:
-    """``cfg.compile``: which networks ``torch.compile`` compiles, and its mode."""
+#: the ``compile: auto`` lines already logged in this process (one line per choice, not per stage)
+_LOGGED: set[str] = set()
+
+
+def compile_options(cfg: DictConfig, data: Any = None) -> CompileOptions:
+    """``cfg.compile``: which networks ``torch.compile`` compiles, and its mode, with ``auto``
+    resolved for the trainer's device (:func:`kdlab.engine.speed.auto_compile`): CUDA graphs on
+    one GPU when every training batch of ``data`` has one shape, nothing compiled off a GPU."""
     options = cfg.get("compile") or {}
     mode = options.get("mode", "default")
-    return CompileOptions(student=bool(options.get("student")),
-                          teacher=bool(options.get("teacher")),
-                          mode=None if mode in (None, "default") else str(mode))
+    student, teacher = options.get("student", False), options.get("teacher", False)
+    dynamic = None
+    if data is not None and not getattr(data, "in_memory", False):
+        dynamic = (f"data {type(data).__name__} is read batch by batch, so its batch shapes "
+                   "are not known to be fixed")
+    fraction = float((cfg.get("on_policy") or {}).get("fraction", 0.0) or 0.0)
+    if fraction > 0:
+        dynamic = "on_policy.fraction > 0 runs the student on sequences that grow"
+    trainer = cfg.get("trainer") or {}
+    resolved, lines = auto_compile(
+        student if student == "auto" else bool(student),
+        teacher if teacher == "auto" else bool(teacher),
+        None if mode in (None, "default") else str(mode),
+        device_type(str(trainer.get("accelerator", "auto"))), is_distributed(trainer), dynamic)
+    for line in lines:
+        if line not in _LOGGED:
+            _LOGGED.add(line)
+            log.info(line)
+    return resolved
 
 
 def has_target(node: DictConfig | None) -> bool:

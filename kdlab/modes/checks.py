@@ -41,6 +41,14 @@ RULES: tuple[Rule, ...] = (
     ("teacher.train.optimizer.lr", "number", lambda v: v > 0, "a number > 0", False),
 )
 
+#: keys that take one of a few values: (key, the values)
+CHOICES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("compile.student", (True, False, "auto")),
+    ("compile.teacher", (True, False, "auto")),
+    ("compile.mode", ("auto", "default", "reduce-overhead", "max-autotune",
+                      "max-autotune-no-cudagraphs", None)),
+)
+
 
 def _value(cfg: DictConfig, key: str) -> tuple[bool, Any]:
     """``(present, value)`` of a dotted key (interpolations resolved)."""
@@ -66,3 +74,10 @@ def check_values(cfg: DictConfig) -> None:
             ok = isinstance(value, (int, float)) and math.isfinite(float(value))
         if not ok or not condition(value):
             raise KdlabError(f"{key}={value!r} must be {what}")
+    for key, values in CHOICES:
+        present, value = _value(cfg, key)
+        if present and not any(value is v if isinstance(v, bool) or v is None else value == v
+                               for v in values):
+            shown = ", ".join("null" if v is None else str(v).lower() if isinstance(v, bool)
+                              else v for v in values)
+            raise KdlabError(f"{key}={value!r} must be one of {shown}")

@@ -33,6 +33,7 @@ from kdlab.engine.fit import StageResult
 from kdlab.modes.build import (
     build_datamodule,
     build_model,
+    compile_options,
     has_target,
     instantiate_node,
     loop_options,
@@ -124,10 +125,10 @@ def fit_cohort(cfg: DictConfig, stage_dir: Path, members: list[nn.Module],
     checkpoint, evaluated alone on the validation and test splits."""
     data.setup()
     loop = loop_options(cfg, in_memory=getattr(data, "in_memory", False))
-    if cfg.get("compile", {}).get("student"):
-        mode = cfg.compile.get("mode", "default")
+    options = compile_options(cfg, data)
+    if options.student:
         for member in members:
-            member.compile(mode=None if mode in (None, "default") else str(mode))
+            member.compile(mode=options.mode)
     module = CohortModule(
         members, num_classes=data.num_classes,
         temperature=float(cfg.mode.get("temperature", 1.0)),
