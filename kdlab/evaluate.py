@@ -60,9 +60,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = output_folder(checkpoint, cfg.get("out"), "eval", cfg.get("member"))
     log.info("kdlab-eval: %s (%s)", checkpoint.path, checkpoint.chosen)
     run_cfg = load_run_config(checkpoint.path)
+    trained_in = str(run_cfg.trainer.get("precision", "32-true"))
     for key in ("data", "trainer"):  # command-line overrides of the eval config win
         if cfg.get(key):
             run_cfg[key] = OmegaConf.merge(run_cfg[key], cfg[key])
+    if str(run_cfg.trainer.get("precision")) == "auto":  # e.g. trainer=gpu: the run's own
+        run_cfg.trainer.precision = trained_in if trained_in != "auto" else "32-true"
+        log.info("kdlab-eval: trainer.precision=auto evaluates in the precision the run "
+                 "trained in: %s", run_cfg.trainer.precision)
     run_cfg.channels_last = run_cfg.get("channels_last", False)
     data = build_datamodule(run_cfg, transfer=False)
     model, model_cfg = deployed_student(run_cfg, checkpoint.path, data, cfg.get("member"))

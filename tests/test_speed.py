@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from kdlab.engine.speed import auto_compile, probe_precision
+from kdlab.evaluate import evaluate
 from kdlab.modes.build import compile_options
 from kdlab.modes.checks import check_values
 from kdlab.train import run
 from kdlab.util.errors import KdlabError
+from tests.conftest import make_cfg
 
 
 def test_auto_compiles_with_cuda_graphs_on_one_gpu_when_shapes_are_static():
@@ -106,6 +108,14 @@ def test_precision_auto_is_measured_once_recorded_and_kept_on_resume(fast_cfg, t
     assert result["config"]["trainer"]["precision"] == probe["choice"]  # what the run used
     kept = tmp_path / "run" / "precision.json"
     assert json.loads(kept.read_text()) == probe
+    # kdlab-eval with trainer.precision=auto (as trainer=gpu gives) evaluates in the run's choice
+    def evaluated(precision: str) -> float:
+        out = evaluate(make_cfg(tmp_path, [f"ckpt_path={result['student']['best_ckpt']}",
+                                           "latency.repeats=1", f"+trainer.precision={precision}"],
+                                config_name="eval"))
+        return out["student"]["metrics"]["test/acc"]
+
+    assert evaluated("auto") == evaluated(probe["choice"])
     # the same command resumes the run and reads the choice back instead of measuring again
     other = "bf16-mixed" if probe["choice"] == "32-true" else "32-true"
     kept.write_text(json.dumps({**probe, "choice": other}))
