@@ -122,7 +122,7 @@ def run_sweep(folder: Path, overrides: list[str], expected: int, keep: list[str]
         return recorded
     done = sorted(folder.glob("*/results.json"))
     if len(done) < expected and time.monotonic() > DEADLINE:
-        print(f"budget spent: not starting {folder}", flush=True)
+        print(f"not starting {folder} (budget spent, or --report-only)", flush=True)
         return [compact(json.loads(p.read_text()), list(keep)) for p in done]
     wall = None
     if len(done) < expected:
