@@ -176,6 +176,7 @@ def test_throughput_is_reported_per_epoch(fast_cfg, tmp_path):
     assert speed["median"] == speed["per_epoch"][1]
 
 
+@pytest.mark.slow  # a CPU compile takes minutes; compile: auto compiles on a GPU only
 def test_compiled_student_and_teacher_train_and_keep_checkpoint_keys(fast_cfg, tmp_path):
     result = run(fast_cfg("distill=kd", "baseline=false", "trainer.max_epochs=1",
                           "compile.student=true", "compile.teacher=true",
