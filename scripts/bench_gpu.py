@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from doc_section import replace_section  # noqa: E402
 
 from kdlab.data.augment import random_shift_flip  # noqa: E402
+from kdlab.engine.speed import synchronize  # noqa: E402
 from kdlab.models import create  # noqa: E402
 
 SHAPE, CLASSES, T, ALPHA = (3, 32, 32), 100, 4.0, 0.9
@@ -90,17 +91,12 @@ def raw_loop(args: argparse.Namespace, batch: int, precision: str = "fp32",
     batches = [order[i:i + batch] for i in range(0, args.samples - batch + 1, batch)]
     for i in range(args.warmup):
         step(batches[i % len(batches)])
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for i in range(args.steps):
         step(batches[i % len(batches)])
-    _sync(device)
+    synchronize(device)
     return args.steps * batch / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def kdlab_cfg(args: argparse.Namespace, store: Path, folder: Path, batch: int,

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from kdlab.engine.callbacks import Throughput
@@ -36,6 +35,7 @@ from kdlab.engine.pack import (
     PackLogger,
 )
 from kdlab.engine.spec import StageSpec
+from kdlab.engine.speed import device_type
 from kdlab.engine.stacked import stackable
 from kdlab.util.errors import KdlabError
 
@@ -113,8 +113,7 @@ def use_stacked(members: Sequence[DistillationModule], stack: bool | str,
     if stack is True and why_not:
         raise KdlabError(f"hydra.launcher.stack=true but the students cannot run as one "
                          f"vectorised pass: {why_not}; use stack=auto or false")
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and
-                                             torch.cuda.is_available())
+    gpu = device_type(accelerator) == "cuda"
     use = stack is True or (stack == "auto" and why_not is None and gpu)
     if use:
         log.info("pack: the %d students run as one vectorised pass (torch.func.vmap)",
