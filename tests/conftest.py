@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from kdlab.util.config import CONF_DIR
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker per core (-n auto): each worker, and the runs it starts, use one thread, so
+    # the workers do not fight over the cores
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 #: overrides that make a whole run take seconds: a small MLP teacher, few batches per epoch
 FAST = [

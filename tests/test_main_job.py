@@ -1,6 +1,6 @@
 """The main job as a user runs it: `kdlab-train` with no overrides (slow: ~8 minutes).
 
-    python -m pytest -m slow
+    python -m pytest -m slow -n 0
 """
 
 import json

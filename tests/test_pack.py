@@ -175,7 +175,9 @@ def test_a_stopped_pack_continues_to_the_uninterrupted_result(tmp_path):
 def test_a_vectorised_pass_equals_each_student_alone():
     """One step of two CNN students (batch norm, channels_last) as one torch.func.vmap pass:
     logits, gradients and batch-norm statistics equal each student's own pass to float
-    tolerance (grouped convolutions sum in another order)."""
+    tolerance. The reference pass runs in float64: with one thread, torch's float32 batch-norm
+    backward sums 25k terms in one sequence and its conv gradients are ~1e-3 off (the stacked
+    pass is 3e-7 off), so two float32 passes can differ by more than the stacking does."""
     import copy
 
     import torch.nn.functional as F
@@ -186,17 +188,17 @@ def test_a_vectorised_pass_equals_each_student_alone():
     torch.manual_seed(0)
     students = [CNN((1, 28, 28), 10, channels=(8, 16), hidden=32, dropout=0.0)
                 .to(memory_format=torch.channels_last) for _ in range(2)]
-    alone = [copy.deepcopy(s) for s in students]
+    alone = [copy.deepcopy(s).double() for s in students]
     x = torch.randn(32, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (32,))
     logits = StackedStudents(students).forward(x, [0, 1])
     sum(F.cross_entropy(z, y) for z in logits).backward()
     for student, single, z in zip(students, alone, logits):
-        out = single(x)
+        out = single(x.double())
         F.cross_entropy(out, y).backward()
-        assert torch.allclose(z, out, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(z.double(), out, rtol=1e-4, atol=1e-5)
         for (name, p), (_, q) in zip(student.named_parameters(), single.named_parameters()):
-            assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6), name
+            assert torch.allclose(p.grad.double(), q.grad, rtol=1e-3, atol=1e-5), name
         for (name, b), (_, c) in zip(student.named_buffers(), single.named_buffers()):
             assert torch.allclose(b.float(), c.float(), rtol=1e-5, atol=1e-6), name
         assert int(dict(student.named_buffers())["stages.0.1.num_batches_tracked"]) == 1
