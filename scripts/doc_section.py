@@ -17,4 +17,6 @@ def replace_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + ("\n\n" if text.strip() else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    partial = path.with_name(f".{path.name}.partial")  # an interrupted write keeps the old doc
+    partial.write_text(text)
+    partial.replace(path)
