@@ -17,13 +17,14 @@ leaves a broken record.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from kdlab.util.files import write_atomic
 
 #: overrides that name places on this machine, not what a run computes
 PORTABLE_SKIP = ("paths.teacher_store=",)
@@ -165,7 +166,4 @@ class Record:
         return [self.data["sweeps"][n] for n in names if n in self.data["sweeps"]]
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, (json.dumps(self.data, indent=1) + "\n").encode())

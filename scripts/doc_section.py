@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdlab.util.files import write_atomic
+
 
 def replace_section(path: Path, name: str, body: str) -> None:
     """Put ``body`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``
@@ -16,7 +18,4 @@ def replace_section(path: Path, name: str, body: str) -> None:
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + ("\n\n" if text.strip() else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")  # an interrupted write keeps the old doc
-    partial.write_text(text)
-    partial.replace(path)
+    write_atomic(path, text.encode())  # an interrupted write keeps the old doc
