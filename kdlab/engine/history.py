@@ -35,11 +35,20 @@ def csv_metrics_files(loggers: list[Logger]) -> list[Path]:
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of ``path`` whose values match its header. A row with more values (written
+    under a wider header that never reached the file) or fewer (cut short) is torn: Lightning's
+    own writer leaves such rows when a stop lands while it widens the header. They are left
+    out, with a warning naming the file and how many."""
     try:
         with path.open(newline="") as handle:
-            return list(csv.DictReader(handle))
+            rows = list(csv.DictReader(handle))
     except (OSError, csv.Error):
         return []
+    whole = [r for r in rows if None not in r and None not in r.values()]
+    if len(whole) < len(rows):
+        log.warning("%s: left out %d torn row(s) whose values do not match its header "
+                    "(a stop during a write); kept %d", path, len(rows) - len(whole), len(whole))
+    return whole
 
 
 def _number(text: str) -> int | float:

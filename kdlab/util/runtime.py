@@ -135,6 +135,9 @@ def stop_on_signals() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: Any) -> None:
+        if _deferring:
+            _pending.append(signum)
+            return
         raise RunStopped(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -143,6 +146,32 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+_deferring = 0  # depth of signals_deferred blocks in the main thread
+_pending: list[int] = []  # signals that came during them
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A block that a stop (:func:`stop_on_signals`) does not cut in two: a signal that comes
+    while it runs is raised as :class:`RunStopped` when it ends. For writes that must not be
+    left half done, such as a ``metrics.csv`` rewritten with a wider header. Elsewhere than
+    in the main thread, or outside :func:`stop_on_signals`, it changes nothing."""
+    global _deferring
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        came = list(_pending) if not _deferring else []
+        if not _deferring:
+            _pending.clear()
+    if came:  # an error of the block itself goes on instead (the run fails either way)
+        raise RunStopped(came[0])
 
 
 def capture_rng() -> dict[str, Any]:
