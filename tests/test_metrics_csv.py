@@ -95,3 +95,10 @@ def test_a_resume_keeps_the_whole_rows_of_a_torn_file_and_says_it_left_some_out(
     backup = tmp_path / "metrics.csv.before-resume"
     assert _rows(backup) == (["epoch", "step", "train/loss"],
                              [["0", "0", "1.0"], ["0", "1", "0.9"]])
+
+
+def test_the_default_logger_is_the_one_that_cannot_tear(fast_cfg):
+    from hydra.utils import instantiate
+
+    cfg = fast_cfg()
+    assert isinstance(instantiate(cfg.logger.csv), CSVLogger)
