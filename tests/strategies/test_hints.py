@@ -9,7 +9,18 @@ from torch import nn
 
 from kdlab.models import CNN
 from kdlab.strategies.base import Batch, Outputs
-from kdlab.strategies.hints import AB, OFD, VID, FitNets, as_map, resize_to
+from kdlab.strategies.hints import (
+    AB,
+    OFD,
+    VID,
+    FitNets,
+    ab_elementwise,
+    ab_residual,
+    as_map,
+    ofd_residual,
+    piecewise_square_sum,
+    resize_to,
+)
 from kdlab.util.errors import KdlabError
 
 BATCH = Batch(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), torch.arange(2))
@@ -269,6 +280,51 @@ def test_ab_gradients_reach_student_and_connectors_not_teacher():
     assert s[0].grad is None and s[1].grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ab.connectors.parameters())
     assert t[0].grad is None
+
+
+# -- the fused square sum of AB and OFD ------------------------------------------------------------
+def _with_boundaries(shape, values, seed):
+    """Random float64 entries, every fourth set to one of ``values`` (the kinks)."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    flat = x.view(-1)
+    flat[::4] = torch.tensor(values, dtype=torch.float64).repeat(len(flat[::4]))[: len(flat[::4])]
+    return x
+
+
+def test_ab_fused_sum_and_gradient_equal_autograd_of_the_papers_formula():
+    m = 0.7
+    s = _with_boundaries((3, 4, 5, 5), [m, -m, 0.0], seed=1).requires_grad_()
+    t = _with_boundaries((3, 4, 5, 5), [0.0], seed=2)
+    reference = ab_elementwise(s, t, m).sum()
+    (expected,) = torch.autograd.grad(reference, s)
+    fused = piecewise_square_sum(s, ab_residual, t, m)
+    (got,) = torch.autograd.grad(3.0 * fused, s)
+    assert fused.dtype == torch.float64
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-12)
+    torch.testing.assert_close(got, 3.0 * expected, rtol=1e-12, atol=0)
+
+
+def test_ofd_fused_sum_and_gradient_equal_autograd_of_the_partial_l2():
+    s = _with_boundaries((3, 4, 5, 5), [0.0, -0.5], seed=3).requires_grad_()
+    target = torch.maximum(_with_boundaries((3, 4, 5, 5), [0.0, -0.5], seed=4),
+                           torch.tensor(-0.5, dtype=torch.float64))
+    keep = (s > target) | (target > 0)
+    reference = ((s - target).pow(2) * keep).sum()
+    (expected,) = torch.autograd.grad(reference, s)
+    fused = piecewise_square_sum(s, ofd_residual, target)
+    (got,) = torch.autograd.grad(fused, s)
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def test_fused_square_sum_of_bfloat16_sums_in_float32_and_returns_a_bfloat16_gradient():
+    s = torch.randn(2, 3, 4, 4).bfloat16().requires_grad_()
+    t = torch.randn(2, 3, 4, 4).bfloat16()
+    loss = piecewise_square_sum(s, ab_residual, t, 1.0)
+    loss.backward()
+    assert loss.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
+    expected = ab_elementwise(s.detach().float(), t.float(), 1.0).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-2)
 
 
 # -- VID -------------------------------------------------------------------------------------------

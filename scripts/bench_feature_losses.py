@@ -1,0 +1,185 @@
+"""AB's and OFD's losses, fused by hand, against the same formulas through autograd.
+
+    python scripts/bench_feature_losses.py                          # prints the table
+    python scripts/bench_feature_losses.py --doc docs/BENCHMARKS.md
+
+AB and OFD compare pre-ReLU maps at full resolution, so on a small pair their loss, not the
+networks, dominates a training step. kdlab computes both as ``Σ d²`` of a residual ``d`` with
+a hand-written gradient ``2 d`` (:func:`kdlab.strategies.hints.piecewise_square_sum`); the
+reference is the element formula differentiated by autograd, the code kdlab used before
+(:func:`kdlab.strategies.hints.ab_elementwise`; OFD's ``(s − t)² · keep``).
+
+The main job's pair and batch: the 27k-parameter CNN student (channels 8, 16) and the 422k
+CNN teacher (32, 64) on 28×28 inputs, batch 128; each strategy reads both pre-ReLU maps of
+each network (``preact``: 128×8×28×28 → connector → 128×32×28×28, and 128×16×14×14 →
+128×64×14×14). Two parts are timed, each in one process with the two versions interleaved
+iteration by iteration (this machine's speed drifts within seconds, so only paired ratios
+mean anything):
+
+- ``loss``: the strategy's forward from the networks' maps (connectors included, in training
+  mode; OFD's margin update included) and its backward, the maps held fixed;
+- ``step``: a whole training step: the teacher's forward (no gradient), the student's forward
+  with its taps, the loss, the backward and an AdamW step.
+
+A ratio is the median over iterations of reference time / fused time of the same iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_record import _cpu  # noqa: E402
+from doc_section import replace_section  # noqa: E402
+
+from kdlab.engine.taps import Taps  # noqa: E402
+from kdlab.models import CNN  # noqa: E402
+from kdlab.strategies.base import Batch, Outputs  # noqa: E402
+from kdlab.strategies.hints import AB, OFD, ab_elementwise  # noqa: E402
+
+BATCH_SIZE = 128
+
+
+def reference_ab(ab: AB, student: Outputs, teacher: Outputs) -> torch.Tensor:
+    """AB's ``mean`` loss, the element formula through autograd (kdlab's code before)."""
+    total = 0.0
+    for connector, (s, t) in zip(ab.connectors, ab.paired_maps(student, teacher)):
+        total = total + ab_elementwise(connector(s), t, ab.margin).mean()
+    return ab.beta * total
+
+
+def reference_ofd(ofd: OFD, student: Outputs, teacher: Outputs) -> torch.Tensor:
+    """OFD's loss, the partial L2 through autograd (kdlab's code before)."""
+    pairs = ofd.paired_maps(student, teacher)
+    if ofd.training:
+        ofd.update_margins([t for _, t in pairs])
+    total = 0.0
+    for i, (connector, margin, (s, t)) in enumerate(zip(ofd.connectors, ofd.margins(), pairs)):
+        s = connector(s)
+        target = torch.maximum(t, margin.to(t.dtype).view(1, -1, 1, 1))
+        keep = (s > target) | (target > 0)
+        total = total + ((s - target).pow(2) * keep).sum() / s.shape[0] / 2 ** (len(pairs) - 1 - i)
+    return ofd.beta * total
+
+
+def build(name: str) -> tuple[nn.Module, nn.Module, nn.Module, Taps, Taps, Callable, Callable]:
+    """The main job's student and teacher, the strategy set up on a probe batch, the taps,
+    and its two loss versions ``(student outputs, teacher outputs) -> loss``."""
+    torch.manual_seed(0)
+    student = CNN((1, 28, 28), 10, channels=(8, 16), hidden=32, dropout=0.0)
+    teacher = CNN((1, 28, 28), 10, channels=(32, 64), hidden=128, dropout=0.25).eval()
+    strategy = AB() if name == "ab" else OFD()
+    s_paths, t_paths = strategy.resolve(student, teacher)
+    s_taps, t_taps = Taps(student, s_paths), Taps(teacher, t_paths)
+    x = torch.randn(BATCH_SIZE, 1, 28, 28)
+    s_out, t_out = forward(student, s_taps, x), forward(teacher, t_taps, x, grad=False)
+    strategy.setup(s_out, t_out, 55_000)
+    batch = Batch(x, torch.zeros(BATCH_SIZE, dtype=torch.long), torch.arange(BATCH_SIZE))
+    key = "ab" if name == "ab" else "ofd"
+
+    def fused(s: Outputs, t: Outputs) -> torch.Tensor:
+        return strategy(s, t, batch)[key]
+
+    def reference(s: Outputs, t: Outputs) -> torch.Tensor:
+        return (reference_ab if name == "ab" else reference_ofd)(strategy, s, t)
+
+    return student, teacher, strategy, s_taps, t_taps, fused, reference
+
+
+def forward(model: nn.Module, taps: Taps, x: torch.Tensor, grad: bool = True) -> Outputs:
+    with torch.set_grad_enabled(grad):
+        logits = model(x)
+    return Outputs(logits, taps.pop())
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(name: str, iters: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per iteration of each part and version, interleaved."""
+    student, teacher, strategy, s_taps, t_taps, fused, reference = build(name)
+    params = list(student.parameters()) + list(strategy.parameters())
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    x = torch.randn(BATCH_SIZE, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    s_fixed, t_fixed = forward(student, s_taps, x), forward(teacher, t_taps, x, grad=False)
+    s_fixed = Outputs(s_fixed.logits.detach(),
+                      {k: v.detach().requires_grad_() for k, v in s_fixed.features.items()})
+    versions = {"reference": reference, "fused": fused}
+    out = {part: {v: [] for v in versions} for part in ("loss", "step")}
+    strategy.eval()  # the two versions agree (OFD's margins held) before anything is timed
+    with torch.no_grad():
+        a, b = reference(s_fixed, t_fixed).item(), fused(s_fixed, t_fixed).item()
+    if abs(a - b) > 1e-4 * abs(a):
+        raise SystemExit(f"{name}: the versions disagree ({a} vs {b})")
+    strategy.train()  # as in training: the connectors' BatchNorm on batch statistics
+
+    def loss_part(loss_fn: Callable) -> None:
+        loss_fn(s_fixed, t_fixed).backward()
+
+    def step_part(loss_fn: Callable) -> None:
+        t_out = forward(teacher, t_taps, x, grad=False)
+        s_out = forward(student, s_taps, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(s_out, t_out).backward()
+        optimizer.step()
+
+    for i in range(iters + 2):  # the first two are a warm-up
+        for version, loss_fn in versions.items():
+            for part, fn in (("loss", loss_part), ("step", step_part)):
+                seconds = timed(lambda fn=fn, loss_fn=loss_fn: fn(loss_fn))
+                if i >= 2:
+                    out[part][version].append(seconds)
+    return out
+
+
+def table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    rows = ["| strategy | part | autograd of the formula (ms, median) | fused (ms, median) | "
+            "speed-up (median of paired ratios) |", "|---|---|---|---|---|"]
+    for name, parts in results.items():
+        for part, versions in parts.items():
+            ref, fus = versions["reference"], versions["fused"]
+            ratio = statistics.median(r / f for r, f in zip(ref, fus))
+            what = {"loss": "loss forward + backward",
+                    "step": "whole training step"}[part]
+            rows.append(f"| {name.upper()} | {what} | {1e3 * statistics.median(ref):.1f} | "
+                        f"{1e3 * statistics.median(fus):.1f} | {ratio:.2f}× |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=int, default=30, help="timed iterations per version")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--doc", type=Path, help="rewrite this doc's `feature-losses` section")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {name: measure(name, args.iters) for name in ("ab", "ofd")}
+    command = "python scripts/bench_feature_losses.py" + (
+        f" --iters {args.iters}" if args.iters != 30 else "") + (
+        f" --threads {args.threads}" if args.threads != 2 else "")
+    body = (f"`{command}` on {dt.date.today().isoformat()}: CPU ({_cpu()}), "
+            f"{args.threads} threads, torch "
+            f"{torch.__version__}; {args.iters} timed iterations per version after 2 of "
+            f"warm-up, batch {BATCH_SIZE}, fp32.\n\n{table(results)}")
+    print(body)
+    if args.doc:
+        replace_section(args.doc, "feature-losses", body)
+
+
+if __name__ == "__main__":
+    main()
