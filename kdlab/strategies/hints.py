@@ -354,7 +354,8 @@ AB_REDUCTIONS = ("mean", "authors")
 
 def ab_elementwise(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Tensor:
     """``(s + m)² · 1{s > −m} · 1{t ≤ 0} + (s − m)² · 1{s ≤ m} · 1{t > 0}`` per element (the
-    paper's formula; :class:`AB` sums its square root, :func:`ab_residual`, fused)."""
+    paper's formula; :class:`AB` sums the squares of :func:`ab_residual`, the same values,
+    with a hand-written gradient)."""
     off = (s + margin).pow(2) * ((s > -margin) & (t <= 0))
     on = (s - margin).pow(2) * ((s <= margin) & (t > 0))
     return off + on
