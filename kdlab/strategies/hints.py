@@ -344,7 +344,7 @@ def ofd_residual(s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """OFD's partial-L2 residual: ``s − target`` except where ``s ≤ target ≤ 0`` (0 there);
     its square is ``d_p(target, s)``."""
     keep = (s > target) | (target > 0)
-    return torch.where(keep, s - target, torch.zeros((), dtype=s.dtype, device=s.device))
+    return torch.where(keep, s - target, s.new_zeros(()))
 
 
 # -- AB --------------------------------------------------------------------------------------------
