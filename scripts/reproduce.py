@@ -36,9 +36,9 @@ from doc_section import replace_section  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CRD = "CRD (Tian, Krishnan & Isola, ICLR 2020), Tables 1-2"
 DKD = "DKD (Zhao et al., CVPR 2022), as listed in the mdistiller README"
-PAPERS = ("each method's own paper (DIST NeurIPS 2022, LSKD CVPR 2024, NKD ICCV 2023, WTTM "
-          "ICLR 2024, CTKD AAAI 2023 and DOT ICCV 2023 on KD, CAT-KD CVPR 2023, MLKD CVPR 2023, "
-          "SimKD CVPR 2022)")
+PAPERS = ("each method's own paper (DIST NeurIPS 2022, LSKD CVPR 2024 (KD+LS, Table 2), NKD "
+          "ICCV 2023, WTTM ICLR 2024, CTKD AAAI 2023 and DOT ICCV 2023 on KD, CAT-KD CVPR 2023, "
+          "SDD CVPR 2024 (SD-KD with M = {1, 2}, Tables 6-7), MLKD CVPR 2023, SimKD CVPR 2022)")
 
 
 @dataclass
@@ -57,7 +57,7 @@ TABLES: dict[str, dict] = {
         "title": "CIFAR-100, teacher and student of the same family",
         "experiment": "cifar100",
         "sources": {"teacher": CRD, "vanilla": CRD, "kd": DKD, "dkd": DKD, "crd": CRD,
-                    "dist, lskd, nkd, wttm, ctkd, dot, catkd, mlkd, simkd": PAPERS},
+                    "dist, lskd, nkd, wttm, ctkd, dot, catkd, sdd, mlkd, simkd": PAPERS},
         "rows": [
             Row("wrn_40_2", "wrn_16_2", {"teacher": 75.61, "vanilla": 73.26, "kd": 74.92,
                                          "dkd": 76.23, "crd": 75.48}),
@@ -71,7 +71,7 @@ TABLES: dict[str, dict] = {
                                             "dkd": 76.32, "crd": 75.51, "dist": 76.31,
                                             "nkd": 76.35, "wttm": 76.06, "ctkd": 73.39,
                                             "dot": 75.12, "catkd": 76.91, "mlkd": 77.08,
-                                            "simkd": 78.08}),
+                                            "simkd": 78.08, "lskd": 76.62, "sdd": 76.63}),
             Row("vgg13", "vgg8", {"teacher": 74.64, "vanilla": 70.36, "kd": 72.98,
                                   "dkd": 74.68, "crd": 73.94}),
         ],

@@ -329,7 +329,8 @@ class LSKD(Strategy):
     covers every sample, labelled or not. Unlike KD, the cross-entropy weight is its own option
     and not ``1 - alpha``: the paper's weights (``λ_KD = 9``, ``λ_CE = 0.1``, Table 4) do not
     sum to 1. ``alpha = 0.9, ce_weight = 0.1`` gives KD's weighting. Returns the term
-    ``lskd``.
+    ``lskd``. Published: 76.62 % top-1 on CIFAR-100 resnet32x4 → resnet8x4 with these defaults
+    (the paper's Table 2, "KD+Ours"; KD 73.33).
 
     Config (``conf/distill/lskd.yaml``; the paper's CIFAR-100 KD+LS setting)::
 
