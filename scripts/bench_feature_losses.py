@@ -1,4 +1,5 @@
-"""AB's and OFD's losses, fused by hand, against the same formulas through autograd.
+"""AB's, OFD's and VID's losses, fused or reduced by hand, against the same formulas through
+autograd.
 
     python scripts/bench_feature_losses.py                          # prints the table
     python scripts/bench_feature_losses.py --doc docs/BENCHMARKS.md
@@ -7,14 +8,18 @@ AB and OFD compare pre-ReLU maps at full resolution, so on a small pair their lo
 networks, dominates a training step. kdlab computes both as ``Σ d²`` of a residual ``d`` with
 a hand-written gradient ``2 d`` (:func:`kdlab.strategies.hints.piecewise_square_sum`); the
 reference is the element formula differentiated by autograd, the code kdlab used before
-(:func:`kdlab.strategies.hints.ab_elementwise`; OFD's ``(s − t)² · keep``).
+(:func:`kdlab.strategies.hints.ab_elementwise`; OFD's ``(s − t)² · keep``). VID's Gaussian
+NLL ``½ (log σ_c² + (t − μ(s))² / σ_c²)`` is averaged per channel first (square and reduce the
+map once, then divide C numbers by their variances); its reference divides and adds at every
+element, kdlab's code before.
 
 The main job's pair and batch: the 27k-parameter CNN student (channels 8, 16) and the 422k
-CNN teacher (32, 64) on 28×28 inputs, batch 128; each strategy reads both pre-ReLU maps of
+CNN teacher (32, 64) on 28×28 inputs, batch 128; AB and OFD read both pre-ReLU maps of
 each network (``preact``: 128×8×28×28 → connector → 128×32×28×28, and 128×16×14×14 →
-128×64×14×14). Two parts are timed, each in one process with the two versions interleaved
-iteration by iteration (this machine's speed drifts within seconds, so only paired ratios
-mean anything):
+128×64×14×14), VID both stage outputs (``stages``: the maps after ReLU and pooling, regressed
+to the teacher's channels by three 1×1 convolutions). Two parts are timed, each in one
+process with the two versions interleaved iteration by iteration (this machine's speed drifts
+within seconds, so only paired ratios mean anything):
 
 - ``loss``: the strategy's forward from the networks' maps (connectors included, in training
   mode; OFD's margin update included) and its backward, the maps held fixed;
@@ -47,7 +52,7 @@ from doc_section import replace_section  # noqa: E402
 from kdlab.engine.taps import Taps  # noqa: E402
 from kdlab.models import CNN  # noqa: E402
 from kdlab.strategies.base import Batch, Outputs  # noqa: E402
-from kdlab.strategies.hints import AB, OFD, ab_elementwise  # noqa: E402
+from kdlab.strategies.hints import AB, OFD, VID, ab_elementwise  # noqa: E402
 
 BATCH_SIZE = 128
 
@@ -74,26 +79,38 @@ def reference_ofd(ofd: OFD, student: Outputs, teacher: Outputs) -> torch.Tensor:
     return ofd.beta * total
 
 
+def reference_vid(vid: VID, student: Outputs, teacher: Outputs) -> torch.Tensor:
+    """VID's loss, the Gaussian NLL at every element through autograd (kdlab's code before)."""
+    total = 0.0
+    for mu, var, (s, t) in zip(vid.regressors, vid.variances(), vid.paired_maps(student, teacher)):
+        var = var.view(1, -1, 1, 1)
+        total = total + (0.5 * (torch.log(var) + (t - mu(s)).pow(2) / var)).mean()
+    return vid.beta * total
+
+
+STRATEGIES = {"ab": (AB, reference_ab), "ofd": (OFD, reference_ofd), "vid": (VID, reference_vid)}
+
+
 def build(name: str) -> tuple[nn.Module, nn.Module, nn.Module, Taps, Taps, Callable, Callable]:
     """The main job's student and teacher, the strategy set up on a probe batch, the taps,
     and its two loss versions ``(student outputs, teacher outputs) -> loss``."""
     torch.manual_seed(0)
     student = CNN((1, 28, 28), 10, channels=(8, 16), hidden=32, dropout=0.0)
     teacher = CNN((1, 28, 28), 10, channels=(32, 64), hidden=128, dropout=0.25).eval()
-    strategy = AB() if name == "ab" else OFD()
+    make, reference_fn = STRATEGIES[name]
+    strategy = make()
     s_paths, t_paths = strategy.resolve(student, teacher)
     s_taps, t_taps = Taps(student, s_paths), Taps(teacher, t_paths)
     x = torch.randn(BATCH_SIZE, 1, 28, 28)
     s_out, t_out = forward(student, s_taps, x), forward(teacher, t_taps, x, grad=False)
     strategy.setup(s_out, t_out, 55_000)
     batch = Batch(x, torch.zeros(BATCH_SIZE, dtype=torch.long), torch.arange(BATCH_SIZE))
-    key = "ab" if name == "ab" else "ofd"
 
     def fused(s: Outputs, t: Outputs) -> torch.Tensor:
-        return strategy(s, t, batch)[key]
+        return strategy(s, t, batch)[name]
 
     def reference(s: Outputs, t: Outputs) -> torch.Tensor:
-        return (reference_ab if name == "ab" else reference_ofd)(strategy, s, t)
+        return reference_fn(strategy, s, t)
 
     return student, teacher, strategy, s_taps, t_taps, fused, reference
 
@@ -148,7 +165,7 @@ def measure(name: str, iters: int) -> dict[str, dict[str, list[float]]]:
 
 
 def table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    rows = ["| strategy | part | autograd of the formula (ms, median) | fused (ms, median) | "
+    rows = ["| strategy | part | autograd of the formula (ms, median) | kdlab (ms, median) | "
             "speed-up (median of paired ratios) |", "|---|---|---|---|---|"]
     for name, parts in results.items():
         for part, versions in parts.items():
@@ -168,7 +185,7 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, help="rewrite this doc's `feature-losses` section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = {name: measure(name, args.iters) for name in ("ab", "ofd")}
+    results = {name: measure(name, args.iters) for name in STRATEGIES}
     command = "python scripts/bench_feature_losses.py" + (
         f" --iters {args.iters}" if args.iters != 30 else "") + (
         f" --threads {args.threads}" if args.threads != 2 else "")

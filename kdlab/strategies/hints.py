@@ -79,7 +79,7 @@ def piecewise_square_sum(x: torch.Tensor, residual: Callable[..., torch.Tensor],
     through masks, shifts, powers and products. On the main job's pre-ReLU maps (2 CPU
     threads) AB's loss runs 1.7× and a plain training step 1.4× faster, OFD's 1.07× and 1.05×
     (``scripts/bench_feature_losses.py``); an epoch of ``kdlab-train distill=ab`` 2.4× faster
-    (docs/BENCHMARKS.md, "AB and OFD")."""
+    (docs/BENCHMARKS.md, "AB, OFD and VID")."""
     with torch.no_grad():
         d = residual(x.detach(), *args)
     return _PiecewiseSquareSum.apply(x, d)
@@ -536,7 +536,11 @@ class VID(_PairedFeatures):
         total = 0.0
         pairs = self.paired_maps(student, teacher)
         for mu, var, (s, t) in zip(self.regressors, self.variances(), pairs):
-            var = var.view(1, -1, 1, 1)
-            nll = 0.5 * (torch.log(var) + (t - mu(s)).pow(2) / var)
-            total = total + nll.mean()
+            # every channel holds N·H·W entries, so the mean over (n, c, h, w) is the mean over
+            # c of the per-channel terms: square and reduce the map once, divide C numbers
+            residual = t - mu(s)
+            square = residual.square().mean(dim=(0, 2, 3),
+                                            dtype=torch.promote_types(residual.dtype,
+                                                                      torch.float32))
+            total = total + (0.5 * (torch.log(var) + square / var)).mean()
         return {"vid": self.beta * total}

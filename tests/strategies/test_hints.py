@@ -347,6 +347,34 @@ def test_vid_starts_at_the_initial_variance_and_is_the_gaussian_nll():
     assert vid(student, teacher, BATCH)["vid"].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_vid_per_channel_reduction_equals_the_elementwise_nll_and_its_gradients():
+    """VID reduces each channel's squared residual before dividing by its variance; loss and
+    gradients (student map, μ's weights, α) equal autograd of the element-wise formula."""
+    torch.manual_seed(3)
+    s_maps = [torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, 5, 2, 2, dtype=torch.float64, requires_grad=True)]
+    t_maps = [torch.randn(3, 3, 4, 4, dtype=torch.float64),
+              torch.randn(3, 4, 2, 2, dtype=torch.float64)]
+    vid = VID(beta=0.7)
+    student, teacher = _build(vid, s_maps, t_maps)
+    vid.double()
+    with torch.no_grad():
+        for a in vid.alphas:
+            a.copy_(torch.randn_like(a))
+    params = [*vid.regressors.parameters(), *vid.alphas, *s_maps]
+    loss = vid(student, teacher, BATCH)["vid"]
+    grads = torch.autograd.grad(loss, params)
+    reference = 0.0
+    for mu, a, s, t in zip(vid.regressors, vid.alphas, s_maps, t_maps):
+        var = (nn.functional.softplus(a) + vid.eps).view(1, -1, 1, 1)
+        reference = reference + (0.5 * (torch.log(var) + (t - mu(s)).pow(2) / var)).mean()
+    reference = 0.7 * reference
+    expected = torch.autograd.grad(reference, params)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_vid_gradients_reach_student_regressor_and_variance_not_teacher():
     torch.manual_seed(0)
     s = torch.randn(4, 3, 3, 3, requires_grad=True)
