@@ -77,9 +77,9 @@ def piecewise_square_sum(x: torch.Tensor, residual: Callable[..., torch.Tensor],
     Fused by hand: the residual is computed once without autograd, the forward pass keeps
     only it and the backward pass is one multiplication (``2 d``), instead of autograd's graph
     through masks, shifts, powers and products. On the main job's pre-ReLU maps (2 CPU
-    threads) AB's loss runs 1.7× and a plain training step 1.4× faster, OFD's 1.07× and 1.05×
-    (``scripts/bench_feature_losses.py``); an epoch of ``kdlab-train distill=ab`` 2.4× faster
-    (docs/BENCHMARKS.md, "AB, OFD and VID")."""
+    threads) AB's loss runs 1.7–1.8× and a plain training step 1.4× faster, OFD's 1.1–1.2×
+    and 1.05–1.1× (two runs of ``scripts/bench_feature_losses.py``); an epoch of
+    ``kdlab-train distill=ab`` 2.4× faster (docs/BENCHMARKS.md, "AB, OFD and VID")."""
     with torch.no_grad():
         d = residual(x.detach(), *args)
     return _PiecewiseSquareSum.apply(x, d)
