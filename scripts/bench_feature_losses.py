@@ -1,5 +1,5 @@
-"""AB's, OFD's and VID's losses, fused or reduced by hand, against the same formulas through
-autograd.
+"""AB's, OFD's and VID's losses, fused or reduced by hand, and KD-SVD's decomposition, against
+the code kdlab used before.
 
     python scripts/bench_feature_losses.py                          # prints the table
     python scripts/bench_feature_losses.py --doc docs/BENCHMARKS.md
@@ -11,15 +11,19 @@ reference is the element formula differentiated by autograd, the code kdlab used
 (:func:`kdlab.strategies.hints.ab_elementwise`; OFD's ``(s − t)² · keep``). VID's Gaussian
 NLL ``½ (log σ_c² + (t − μ(s))² / σ_c²)`` is averaged per channel first (square and reduce the
 map once, then divide C numbers by their variances); its reference divides and adds at every
-element, kdlab's code before.
+element, kdlab's code before. KD-SVD's top singular vectors come from the eigen-decomposition
+of each map's smaller Gram matrix in float64 (:func:`kdlab.strategies.flow.left_singular`); its
+reference is the same loss with ``torch.linalg.svd`` of the maps in float32, kdlab's code before
+(the same backward, :class:`kdlab.strategies.flow._TopSingular`).
 
 The main job's pair and batch: the 27k-parameter CNN student (channels 8, 16) and the 422k
 CNN teacher (32, 64) on 28×28 inputs, batch 128; AB and OFD read both pre-ReLU maps of
 each network (``preact``: 128×8×28×28 → connector → 128×32×28×28, and 128×16×14×14 →
 128×64×14×14), VID both stage outputs (``stages``: the maps after ReLU and pooling, regressed
-to the teacher's channels by three 1×1 convolutions). Two parts are timed, each in one
-process with the two versions interleaved iteration by iteration (this machine's speed drifts
-within seconds, so only paired ratios mean anything):
+to the teacher's channels by three 1×1 convolutions), KD-SVD the same stage outputs (the
+student's widened by 1×1 connectors: matrices 128×32×196 and 128×64×49). Two parts are
+timed, each in one process with the two versions interleaved iteration by iteration (this
+machine's speed drifts within seconds, so only paired ratios mean anything):
 
 - ``loss``: the strategy's forward from the networks' maps (connectors included, in training
   mode; OFD's margin update included) and its backward, the maps held fixed;
@@ -38,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -51,7 +56,9 @@ from doc_section import replace_section  # noqa: E402
 
 from kdlab.engine.taps import Taps  # noqa: E402
 from kdlab.models import CNN  # noqa: E402
+from kdlab.strategies import flow  # noqa: E402
 from kdlab.strategies.base import Batch, Outputs  # noqa: E402
+from kdlab.strategies.flow import KDSVD  # noqa: E402
 from kdlab.strategies.hints import AB, OFD, VID, ab_elementwise  # noqa: E402
 
 BATCH_SIZE = 128
@@ -88,7 +95,20 @@ def reference_vid(vid: VID, student: Outputs, teacher: Outputs) -> torch.Tensor:
     return vid.beta * total
 
 
-STRATEGIES = {"ab": (AB, reference_ab), "ofd": (OFD, reference_ofd), "vid": (VID, reference_vid)}
+def svd_left_singular(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin left singular vectors and values by ``torch.linalg.svd`` (kdlab's code before)."""
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    return u, s
+
+
+def reference_kdsvd(kdsvd: KDSVD, student: Outputs, teacher: Outputs) -> torch.Tensor:
+    """KD-SVD's loss with the decomposition by ``torch.linalg.svd``."""
+    with mock.patch.object(flow, "left_singular", svd_left_singular):
+        return kdsvd(student, teacher, None)["kdsvd"]
+
+
+STRATEGIES = {"ab": (AB, reference_ab), "ofd": (OFD, reference_ofd), "vid": (VID, reference_vid),
+              "kdsvd": (KDSVD, reference_kdsvd)}
 
 
 def build(name: str) -> tuple[nn.Module, nn.Module, nn.Module, Taps, Taps, Callable, Callable]:
@@ -165,15 +185,17 @@ def measure(name: str, iters: int) -> dict[str, dict[str, list[float]]]:
 
 
 def table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    rows = ["| strategy | part | autograd of the formula (ms, median) | kdlab (ms, median) | "
-            "speed-up (median of paired ratios) |", "|---|---|---|---|---|"]
+    rows = ["| strategy | part | before: autograd of the formula, or SVD (ms, median) | "
+            "kdlab now (ms, median) | speed-up (median of paired ratios) |",
+            "|---|---|---|---|---|"]
     for name, parts in results.items():
         for part, versions in parts.items():
             ref, fus = versions["reference"], versions["fused"]
             ratio = statistics.median(r / f for r, f in zip(ref, fus))
             what = {"loss": "loss forward + backward",
                     "step": "whole training step"}[part]
-            rows.append(f"| {name.upper()} | {what} | {1e3 * statistics.median(ref):.1f} | "
+            label = {"kdsvd": "KD-SVD"}.get(name, name.upper())
+            rows.append(f"| {label} | {what} | {1e3 * statistics.median(ref):.1f} | "
                         f"{1e3 * statistics.median(fus):.1f} | {ratio:.2f}× |")
     return "\n".join(rows)
 

@@ -174,9 +174,37 @@ class FSP(Strategy):
 
 
 # -- KDSVD ---------------------------------------------------------------------------------------
+def left_singular(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The thin left singular vectors ``[N, m, r]`` and singular values ``[N, r]`` (descending,
+    ``r = min(m, n)``) of a batch of matrices ``x`` (``[N, m, n]``), without gradient, from the
+    eigen-decomposition of the smaller Gram matrix in float64, returned in ``x``'s dtype.
+
+    For the small matrices KD-SVD decomposes (a batch of ``c × hw`` maps) this is 1.7 to 7
+    times faster on the CPU than ``torch.linalg.svd``, which took 86 % of a KD-SVD training step
+    (docs/BENCHMARKS.md); float64 keeps the top vectors more accurate than a float32 SVD
+    despite the squared condition number (about 3e-8 against 1e-5 to 6e-5 for random maps).
+    With ``m > n`` the left vectors are ``x v / σ``; those of (numerically) zero singular
+    values, which the SVD leaves arbitrary, are returned as zero columns. Signs, like the
+    SVD's, are arbitrary.
+    """
+    # float64 unless the device has none (MPS)
+    x64 = x.detach().to(torch.float32 if x.device.type == "mps" else torch.float64)
+    m, n = x.shape[-2:]
+    if m <= n:
+        lam, u = torch.linalg.eigh(x64 @ x64.transpose(-2, -1))
+        lam, u = lam.flip(-1), u.flip(-1)
+    else:
+        lam, v = torch.linalg.eigh(x64.transpose(-2, -1) @ x64)
+        lam, v = lam.flip(-1), v.flip(-1)
+        valid = lam > torch.finfo(lam.dtype).eps * m * lam[..., :1]
+        sigma = lam.clamp_min(0).sqrt()
+        u = (x64 @ v) / torch.where(valid, sigma, 1.0).unsqueeze(-2) * valid.unsqueeze(-2)
+    return u.to(x.dtype), lam.clamp_min(0).sqrt().to(x.dtype)
+
+
 class _TopSingular(torch.autograd.Function):
     """The top-``k`` left singular vectors and singular values of a batch of matrices
-    ``[N, m, n]``, via ``torch.linalg.svd``, with a backward through the vectors that involves
+    ``[N, m, n]``, via :func:`left_singular`, with a backward through the vectors that involves
     only the top ``k`` (the singular values get no gradient).
 
     ``torch.linalg.svd``'s own backward divides by ``σ_i² − σ_j²`` for *every* pair, so two
@@ -186,12 +214,15 @@ class _TopSingular(torch.autograd.Function):
     (``U`` thin), hence ``∂L/∂A = M = W U_kᵀ`` with
     ``w_i = Σ_{j≠i} u_j (u_jᵀ g_i) / (λ_i − λ_j) + (I − U Uᵀ) g_i / λ_i``, and
     ``∂L/∂X = (M + Mᵀ) X``. Pairs with (numerically) equal ``λ`` — a truly ambiguous top
-    vector — contribute nothing (the paper's authors crop such terms too).
+    vector — contribute nothing (the paper's authors crop such terms too). A zero column of
+    ``U`` (a zero singular value with ``m > n``, see :func:`left_singular`) adds nothing to the
+    sum and leaves its direction to ``(I − U Uᵀ)``, so the gradient is the one any orthonormal
+    completion would give.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        u, s, _ = torch.linalg.svd(x, full_matrices=False)
+        u, s = left_singular(x)
         ctx.save_for_backward(x, u, s)
         ctx.k = k
         s_k = s[..., :k].clone()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.strategies.flow import FSP, KDSVD, top_singular
+from kdlab.strategies.flow import FSP, KDSVD, left_singular, top_singular
 from kdlab.util.errors import KdlabError
 from tests.strategies.harness import connect as _connect
 
@@ -346,10 +346,45 @@ def test_kdsvd_gradients_reach_the_student_only():
 def test_top_singular_backward_equals_autograd_through_full_svd(shape, k):
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     probe = torch.randn(shape[0], shape[1], k, dtype=torch.float64)
-    (top_singular(x, k)[0] * probe).sum().backward()
+    u_ref = torch.linalg.svd(x, full_matrices=False)[0][..., :k]
+    u = top_singular(x, k)[0]
+    flip = torch.sign((u * u_ref).sum(dim=1, keepdim=True)).detach()  # signs are arbitrary
+    (u * flip * probe).sum().backward()
     ours, x.grad = x.grad, None
-    (torch.linalg.svd(x, full_matrices=False)[0][..., :k] * probe).sum().backward()
+    (u_ref * probe).sum().backward()
     assert torch.allclose(ours, x.grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 196), (4, 64, 49), (4, 8, 8)])
+def test_left_singular_equals_float64_svd_up_to_sign(shape):
+    x = torch.randn(*shape).relu()
+    u, s = left_singular(x)
+    u_ref, s_ref, _ = torch.linalg.svd(x.double(), full_matrices=False)
+    assert u.dtype == s.dtype == torch.float32 and u.shape == u_ref.shape
+    assert torch.allclose(s.double(), s_ref, rtol=1e-6, atol=1e-5)
+    top = 4  # well separated: the vectors are defined up to sign
+    flip = torch.sign((u[..., :top].double() * u_ref[..., :top]).sum(dim=1, keepdim=True))
+    assert torch.allclose(u[..., :top].double() * flip, u_ref[..., :top], atol=1e-5)
+    assert torch.allclose(u.transpose(1, 2) @ u, torch.eye(shape[-1] if shape[1] > shape[2]
+                                                           else shape[1]).expand(shape[0], -1, -1),
+                          atol=1e-5)
+
+
+def test_left_singular_of_a_rank_deficient_tall_matrix_gives_zero_columns():
+    x = torch.zeros(2, 12, 5, dtype=torch.float64)
+    x[..., :2] = torch.randn(2, 12, 2, dtype=torch.float64)  # rank 2 of 5
+    u, s = left_singular(x)
+    u_ref, s_ref, _ = torch.linalg.svd(x, full_matrices=False)
+    assert torch.allclose(s, s_ref, atol=1e-12)
+    assert torch.allclose(u[..., :2].abs(), u_ref[..., :2].abs(), atol=1e-10)
+    assert (u[..., 2:] == 0).all()  # the SVD's completion is arbitrary; ours is zero
+    probe = torch.randn(2, 12, 2, dtype=torch.float64)
+
+    def probed(x: torch.Tensor) -> torch.Tensor:  # signs fixed: a smooth function of x
+        u = top_singular(x, 2)[0]
+        return (u * torch.sign(u.sum(dim=1, keepdim=True)).detach() * probe).sum()
+
+    assert torch.autograd.gradcheck(probed, (x.requires_grad_(),), eps=1e-7, atol=1e-6)
 
 
 def test_top_singular_backward_stays_finite_with_repeated_discarded_singular_values():
