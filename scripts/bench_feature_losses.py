@@ -107,8 +107,9 @@ def reference_kdsvd(kdsvd: KDSVD, student: Outputs, teacher: Outputs) -> torch.T
         return kdsvd(student, teacher, None)["kdsvd"]
 
 
-STRATEGIES = {"ab": (AB, reference_ab), "ofd": (OFD, reference_ofd), "vid": (VID, reference_vid),
-              "kdsvd": (KDSVD, reference_kdsvd)}
+#: name (the strategy's loss key) -> (label in the table, class, reference loss)
+STRATEGIES = {"ab": ("AB", AB, reference_ab), "ofd": ("OFD", OFD, reference_ofd),
+              "vid": ("VID", VID, reference_vid), "kdsvd": ("KD-SVD", KDSVD, reference_kdsvd)}
 
 
 def build(name: str) -> tuple[nn.Module, nn.Module, nn.Module, Taps, Taps, Callable, Callable]:
@@ -117,7 +118,7 @@ def build(name: str) -> tuple[nn.Module, nn.Module, nn.Module, Taps, Taps, Calla
     torch.manual_seed(0)
     student = CNN((1, 28, 28), 10, channels=(8, 16), hidden=32, dropout=0.0)
     teacher = CNN((1, 28, 28), 10, channels=(32, 64), hidden=128, dropout=0.25).eval()
-    make, reference_fn = STRATEGIES[name]
+    _, make, reference_fn = STRATEGIES[name]
     strategy = make()
     s_paths, t_paths = strategy.resolve(student, teacher)
     s_taps, t_taps = Taps(student, s_paths), Taps(teacher, t_paths)
@@ -194,8 +195,7 @@ def table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
             ratio = statistics.median(r / f for r, f in zip(ref, fus))
             what = {"loss": "loss forward + backward",
                     "step": "whole training step"}[part]
-            label = {"kdsvd": "KD-SVD"}.get(name, name.upper())
-            rows.append(f"| {label} | {what} | {1e3 * statistics.median(ref):.1f} | "
+            rows.append(f"| {STRATEGIES[name][0]} | {what} | {1e3 * statistics.median(ref):.1f} | "
                         f"{1e3 * statistics.median(fus):.1f} | {ratio:.2f}× |")
     return "\n".join(rows)
 

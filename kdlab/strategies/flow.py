@@ -190,16 +190,16 @@ def left_singular(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # float64 unless the device has none (MPS)
     x64 = x.detach().to(torch.float32 if x.device.type == "mps" else torch.float64)
     m, n = x.shape[-2:]
-    if m <= n:
-        lam, u = torch.linalg.eigh(x64 @ x64.transpose(-2, -1))
-        lam, u = lam.flip(-1), u.flip(-1)
-    else:
-        lam, v = torch.linalg.eigh(x64.transpose(-2, -1) @ x64)
-        lam, v = lam.flip(-1), v.flip(-1)
+    tall = m > n
+    gram = x64.transpose(-2, -1) @ x64 if tall else x64 @ x64.transpose(-2, -1)
+    lam, vectors = torch.linalg.eigh(gram)
+    lam, vectors = lam.flip(-1), vectors.flip(-1)  # descending
+    sigma = lam.clamp_min(0).sqrt()
+    if tall:  # right vectors v: the left ones are x v / σ
         valid = lam > torch.finfo(lam.dtype).eps * m * lam[..., :1]
-        sigma = lam.clamp_min(0).sqrt()
-        u = (x64 @ v) / torch.where(valid, sigma, 1.0).unsqueeze(-2) * valid.unsqueeze(-2)
-    return u.to(x.dtype), lam.clamp_min(0).sqrt().to(x.dtype)
+        vectors = (x64 @ vectors) / torch.where(valid, sigma, 1.0).unsqueeze(-2)
+        vectors = vectors * valid.unsqueeze(-2)
+    return vectors.to(x.dtype), sigma.to(x.dtype)
 
 
 class _TopSingular(torch.autograd.Function):
