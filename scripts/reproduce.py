@@ -190,7 +190,9 @@ def read_cell(folder: Path) -> dict[str, list[float]]:
     return out
 
 
-def report(table: str, workdir: Path, methods: list[str], smoke: bool) -> str:
+def report(table: str, workdir: Path, methods: list[str], smoke: bool,
+           rows: list[str] | None = None) -> str:
+    """The table's section: every row (or only ``rows``, as teacher-student) × ``methods``."""
     spec = TABLES[table]
     lines = ["Columns: the published number; ours on the best-validation checkpoint; ours on "
              "the last epoch's weights — test top-1 %, mean ± std over the seeds run (n).", "",
@@ -198,6 +200,8 @@ def report(table: str, workdir: Path, methods: list[str], smoke: bool) -> str:
              "epoch) | n |", "|---|---|---|---|---|---|"]
     for row in spec["rows"]:
         pair = f"{row.teacher}-{row.student}"
+        if rows and pair not in rows:
+            continue
         teacher_acc: list[float] = []
         cells = []
         for method in methods:
@@ -270,12 +274,15 @@ def main() -> None:
                               args.seeds, store, args.smoke, args.data_dir,
                               spec.get("method_overrides", {}).get(method, []))
                 failed += not ok
-        text = report(table, workdir, methods, args.smoke)
+        text = report(table, workdir, methods, args.smoke, args.rows)
         mode = "smoke" if args.smoke else "full"
-        command = (f"`python scripts/reproduce.py --table {table} --methods "
+        rows = f" --rows {' '.join(args.rows)}" if args.rows else ""
+        command = (f"`python scripts/reproduce.py --table {table}{rows} --methods "
                    f"{' '.join(methods)} --seeds {' '.join(map(str, args.seeds))}"
                    f"{' --smoke' if args.smoke else ''}` ({time.strftime('%Y-%m-%d')})")
-        replace_section(args.doc, f"reproduce-{table}-{mode}", f"{command}\n\n{text}")
+        # a run of some rows writes its own section: it never replaces the whole table's
+        key = f"reproduce-{table}-{mode}" + ("-" + "-".join(args.rows) if args.rows else "")
+        replace_section(args.doc, key, f"{command}\n\n{text}")
         print(text, flush=True)
     if not args.report_only:
         print(f"{(time.perf_counter() - start) / 60:.1f} min", flush=True)
