@@ -109,6 +109,29 @@ def test_other_classes_negatives_avoid_the_anchors_known_label():
     assert (labels[same] == labels[index][:, None]).any()  # uniform: any other sample
 
 
+def test_other_classes_negatives_are_uniform_over_the_allowed_rows():
+    # the clash-only redraw keeps each entry's distribution: uniform over the rows of other
+    # classes (here 30 of 40), whatever the round an entry was settled in
+    torch.manual_seed(4)
+    crd = _crd(40, num_negatives=600)
+    labels = torch.arange(40) % 4
+    crd.labels.copy_(labels)
+    drawn = crd.sample_negatives(torch.zeros(20, dtype=torch.long), torch.zeros(20).long())
+    counts = torch.bincount(drawn.flatten(), minlength=40)
+    allowed = labels != 0
+    assert counts[~allowed].sum() == 0
+    expected = drawn.numel() / 30  # 400; a Binomial's std is about 20
+    assert counts[allowed].min() > expected - 100 and counts[allowed].max() < expected + 100
+
+
+def test_other_classes_sampling_stops_after_its_rounds_when_no_row_is_allowed():
+    # every other row shares the anchor's label: the redraws give up after REDRAW_ROUNDS
+    crd = _crd(6, num_negatives=5)
+    crd.labels.fill_(1)
+    drawn = crd.sample_negatives(torch.tensor([0, 3]), torch.tensor([1, 1]))
+    assert drawn.shape == (2, 5) and not (drawn == torch.tensor([[0], [3]])).any()
+
+
 def test_the_forward_pass_learns_the_labels_of_the_rows_it_sees():
     crd = _crd(6)
     outputs = Outputs(torch.zeros(3, 1), {"s": torch.randn(3, 3), "t": torch.randn(3, 3)})
