@@ -222,7 +222,9 @@ def report(table: str, workdir: Path, methods: list[str], smoke: bool,
               "class-patterned images of the real shapes): every row ran end to end, but these "
               "accuracies say nothing about the method — no row of this table is reproduced "
               "yet." if smoke else "**Real data**, the full recipe.")
-    return (f"### {spec['title']}\n\n{status} Published numbers: {sources}.\n\n"
+    title = spec["title"] + (": " + ", ".join(r.replace("-", " → ") for r in rows)
+                             if rows else "")
+    return (f"### {title}\n\n{status} Published numbers: {sources}.\n\n"
             + "\n".join(lines))
 
 

@@ -32,8 +32,10 @@ def test_report_gives_mean_and_std_over_seeds_next_to_the_published_number(tmp_p
                             rows=["resnet32x4-resnet8x4"])
     assert "| resnet32x4 → resnet8x4 | kd | 73.33 | 71.00 ± 1.41 | 70.00 ± 1.41 | 2 |" in text
     assert "| resnet32x4 → resnet8x4 | teacher | 79.42 | 79.00 ± 0.00 | — | 2 |" in text
-    # only the rows asked for: no empty lines for the table's other pairs
+    # only the rows asked for, named in the heading: no empty lines for the table's other pairs
     assert "wrn_40_2" not in text
+    assert text.startswith("### CIFAR-100, teacher and student of the same family: "
+                           "resnet32x4 → resnet8x4\n")
 
 
 def test_report_of_the_whole_table_marks_a_cell_without_runs(tmp_path):
