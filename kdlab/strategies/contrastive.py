@@ -206,8 +206,9 @@ class CRD(Strategy):
         Each round redraws only the clashing entries: with C balanced classes a round leaves
         about 1/C of the last one's, so the rounds cost about ``C/(C-1)`` of one draw of
         ``B·K`` rows (redrawing every entry each round, as kdlab did before, cost one draw a
-        round: 7 rounds on Fashion-MNIST). Each entry goes through the same process either
-        way, so the negatives have the same distribution; only the random stream differs."""
+        round: about 7 rounds on Fashion-MNIST with every row labelled). Each entry goes
+        through the same process either way, so the negatives have the same distribution;
+        only the random stream differs."""
         draws = self._uniform_others(index, self.negatives)
         if self.negative_sampling != "other_classes" or targets is None:
             return draws

@@ -78,8 +78,9 @@ def piecewise_square_sum(x: torch.Tensor, residual: Callable[..., torch.Tensor],
     only it and the backward pass is one multiplication (``2 d``), instead of autograd's graph
     through masks, shifts, powers and products. On the main job's pre-ReLU maps (2 CPU
     threads) AB's loss runs 1.7–2.1× and a plain training step 1.4–1.5× faster, OFD's
-    1.1–1.2× and 1.05–1.1× (three runs of ``scripts/bench_feature_losses.py``); an epoch of
-    ``kdlab-train distill=ab`` 2.4× faster (docs/BENCHMARKS.md, "AB, OFD, VID and KD-SVD")."""
+    1.1–1.2× and 1.05–1.1× (four runs of ``scripts/bench_feature_losses.py``); an epoch of
+    ``kdlab-train distill=ab`` 2.4× faster (docs/BENCHMARKS.md, "AB, OFD, VID,
+    KD-SVD and CRD")."""
     with torch.no_grad():
         d = residual(x.detach(), *args)
     return _PiecewiseSquareSum.apply(x, d)
