@@ -257,9 +257,17 @@ def main() -> None:
     workdir = (args.workdir or ROOT / "outputs" / ("reproduce_smoke" if args.smoke
                                                   else "reproduce")).resolve()
     store = workdir / "teachers"
+    pairs = {t: {f"{r.teacher}-{r.student}" for r in TABLES[t]["rows"]} for t in tables}
+    unknown = sorted(set(args.rows or []) - set().union(*pairs.values()))
+    if unknown:
+        parser.error(f"--rows {' '.join(unknown)}: no such row in --table "
+                     f"{' '.join(tables)} (rows are teacher-student, e.g. "
+                     f"resnet32x4-resnet8x4)")
     failed = 0
     start = time.perf_counter()
     for table in tables:
+        if args.rows and not pairs[table] & set(args.rows):
+            continue  # none of the rows asked for is in this table
         spec = TABLES[table]
         methods = args.methods or published_methods(spec)
         for row in spec["rows"]:

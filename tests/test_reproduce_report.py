@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,3 +44,11 @@ def test_report_of_the_whole_table_marks_a_cell_without_runs(tmp_path):
     assert "| wrn_40_2 → wrn_16_2 | vanilla | 73.26 | — | — | 0 |" in text
     assert "Smoke run on synthetic images" in text
     assert text.count("| vanilla |") == len(reproduce.TABLES["cifar100_same"]["rows"])
+
+
+def test_an_unknown_row_fails_naming_it():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--table",
+                           "cifar100_same", "--rows", "resnet32x4-resnet9x4", "--report-only"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--rows resnet32x4-resnet9x4: no such row" in proc.stderr
