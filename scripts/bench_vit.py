@@ -3,6 +3,7 @@
     python scripts/bench_vit.py                       # 3 seeds, 3 epochs (about an hour, 2 cores)
     python scripts/bench_vit.py --seeds 0 --epochs 1  # a quick look
     python scripts/bench_vit.py --report-only         # rewrite the doc from finished runs
+    python scripts/bench_vit.py --epochs 12           # the main job's length (section vit-e12)
 
 The main job's data and teacher (``conf/train.yaml``: 1,000 labelled Fashion-MNIST images plus
 54,000 the CNN teacher labels softly; the teacher is trained once into the store and shared by
@@ -18,10 +19,12 @@ every run), with the student replaced by the zoo's ``vit_nano`` (DeiT-style, pat
   classes and divided by N x classes) and with the per-sample KL (``kl_reduction=batchmean``,
   10x larger with 10 classes).
 
-Each configuration is one Hydra multirun over the seeds, in its own folder under ``--workdir``;
-a multirun whose runs all have ``results.json`` is not run again (resumable). Test accuracy is
-read on the checkpoint of best validation accuracy. The table goes into docs/RESULTS.md between
-``<!-- vit:start -->`` and ``<!-- vit:end -->``.
+Each configuration is one Hydra multirun over the seeds, in its own folder
+``<workdir>/e<EPOCHS>/<configuration>``; a multirun whose runs all have ``results.json`` is not
+run again (resumable), and a folder whose ``sweep.json`` names other overrides is refused rather
+than reused. Test accuracy is read on the checkpoint of best validation accuracy; a DeiT
+student's two heads are also given on their own. The table goes into docs/RESULTS.md between
+``<!-- vit:start -->`` and ``<!-- vit:end -->`` at 3 epochs, ``vit-e<EPOCHS>`` otherwise.
 """
 
 from __future__ import annotations
@@ -58,9 +61,24 @@ LABELS = {"alone": "ViT alone (1,000 labels; `baseline` of the KD runs)",
           "deit_soft_sample": "ViT + DeiT token, soft, per-sample KL (`kl_reduction=batchmean`)"}
 
 
+def check_sweep(folder: Path, overrides: list[str]) -> None:
+    """Refuse a ``folder`` whose runs were started with other overrides (``sweep.json``, written
+    before the first run): finished runs are reused only under the command that made them."""
+    record = folder / "sweep.json"
+    if record.exists():
+        earlier = json.loads(record.read_text())["overrides"]
+        if earlier != overrides:
+            sys.exit(f"{folder} holds runs of other overrides:\n  {shlex.join(earlier)}\nnot\n"
+                     f"  {shlex.join(overrides)}\nuse another --workdir (or remove the folder)")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"overrides": overrides}, indent=1) + "\n")
+
+
 def run_sweep(folder: Path, overrides: list[str], expected: int) -> tuple[list[dict], float]:
     """One Hydra multirun into ``folder`` (skipped when its results exist); its results and
     wall time in seconds."""
+    check_sweep(folder, overrides)
     done = sorted(folder.glob("*/results.json"))
     wall_file = folder / "wall_s.txt"
     if len(done) < expected:
@@ -82,26 +100,37 @@ def mean_std(values: list[float]) -> str:
 
 
 def report(rows: dict[str, list[float]], teacher: float | None, params: dict[str, int],
-           command: str, walls: dict[str, tuple[float, str]]) -> str:
-    """The doc section: one row per configuration, with its sweep's wall time and date."""
+           command: str, walls: dict[str, tuple[float, str]], epochs: int,
+           heads: dict[str, dict[str, list[float]]]) -> str:
+    """The doc section: one row per configuration, with each head's accuracy where the student
+    averages two (DeiT), its sweep's wall time and date."""
     alone = statistics.mean(rows["alone"]) if rows.get("alone") else None
     lines = [
-        "### ViT students (issue 20, item 4)", "",
+        f"### ViT students (issue 20, item 4): {epochs} epochs", "",
         f"Command: `{command}` (resumable: a sweep whose runs have finished is read, not run "
         "again; each row's sweep gives its wall time on 2 CPU cores and its date, the KD "
         "sweep's time includes its `baseline` runs). The main job's data and CNN teacher "
         f"({teacher:.2f}% test), the student replaced by the zoo's `vit_nano` "
         f"({params.get('kd', 0):,} parameters; `vit_nano_distilled`: "
         f"{params.get('deit', params.get('deit_soft', 0)):,}). Test accuracy (%) on the "
-        "best-validation checkpoint, mean ± std over seeds; Δ against the ViT alone.", "",
-        "| student | test acc | Δ | sweep wall, date |", "|---|---|---|---|"]
+        "best-validation checkpoint, mean ± std over seeds; Δ against the ViT alone. A DeiT "
+        "student answers with the average of its two heads; the cls and distillation heads' "
+        "own test accuracies (`test/acc_cls`, `test/acc_dist`, as DeiT's Table 5) are given "
+        "beside it.", "",
+        "| student | test acc | Δ | cls head / dist head | sweep wall, date |",
+        "|---|---|---|---|---|"]
     for name in ("alone", *CONFIGS):
         if not rows.get(name):
             continue
         delta = statistics.mean(rows[name]) - alone if alone is not None else 0.0
         wall, day = walls.get(name, (0.0, ""))
         when = f"{wall / 60:.0f} min, {day}" if wall else "(in the KD sweep)"
-        lines.append(f"| {LABELS[name]} | {mean_std(rows[name])} | {delta:+.2f} | {when} |")
+        split = heads.get(name, {})
+        each = (" / ".join(f"{statistics.mean(split[h]):.2f}" for h in ("cls", "dist"))
+                if all(len(split.get(h, [])) == len(rows[name]) for h in ("cls", "dist"))
+                else "—")
+        lines.append(f"| {LABELS[name]} | {mean_std(rows[name])} | {delta:+.2f} | {each} "
+                     f"| {when} |")
     return "\n".join(lines)
 
 
@@ -113,17 +142,23 @@ def main() -> None:
     parser.add_argument("--teacher-store", type=Path, default=None,
                         help="paths.teacher_store (default: the workdir's teachers/)")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    parser.add_argument("--section", default=None,
+                        help="the doc section to rewrite (default: vit at 3 epochs, else "
+                             "vit-e<EPOCHS>)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    workdir = args.workdir.resolve()
-    store = (args.teacher_store or workdir / "teachers").resolve()
+    root = args.workdir.resolve()
+    workdir = root / f"e{args.epochs}"  # runs of different lengths never share a folder
+    store = (args.teacher_store or root / "teachers").resolve()
+    section = args.section or ("vit" if args.epochs == 3 else f"vit-e{args.epochs}")
     base = [f"trainer.max_epochs={args.epochs}", f"seed={','.join(map(str, args.seeds))}",
             f"paths.teacher_store={store}", "trainer.enable_progress_bar=false", *args.override]
     rows: dict[str, list[float]] = {}
     params: dict[str, int] = {}
     teacher = None
     walls: dict[str, tuple[float, str]] = {}
+    heads: dict[str, dict[str, list[float]]] = {}
     for name, (overrides, _) in CONFIGS.items():
         folder = workdir / name
         if args.report_only:
@@ -137,7 +172,12 @@ def main() -> None:
                if wall_file.exists() else "")
         walls[name] = (wall, day)
         for result in results:
-            rows.setdefault(name, []).append(100 * result["student"]["metrics"]["test/acc"])
+            metrics = result["student"]["metrics"]
+            rows.setdefault(name, []).append(100 * metrics["test/acc"])
+            for head in ("cls", "dist"):
+                if f"test/acc_{head}" in metrics:
+                    heads.setdefault(name, {}).setdefault(head, []).append(
+                        100 * metrics[f"test/acc_{head}"])
             params[name] = result["student"]["params"]
             teacher = 100 * result["teacher"]["metrics"]["test/acc"]
             if "baseline" in result:
@@ -147,8 +187,8 @@ def main() -> None:
         sys.exit("no finished runs under " + str(workdir))
     command = "python scripts/bench_vit.py " + shlex.join(
         a for a in sys.argv[1:] if a != "--report-only")
-    text = report(rows, teacher, params, command, walls)
-    replace_section(args.doc, "vit", text)
+    text = report(rows, teacher, params, command, walls, args.epochs, heads)
+    replace_section(args.doc, section, text)
     print(text)
 
 

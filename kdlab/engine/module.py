@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.data.memory import UNLABELLED
+from kdlab.engine.heads import HeadAccuracy, averaged_heads
 from kdlab.engine.loop import ChunkedLoader
 from kdlab.engine.on_policy import generated_windows, on_policy_draw
 from kdlab.engine.spec import LoopOptions, OnPolicyOptions
@@ -84,7 +85,10 @@ class DistillationModule(L.LightningModule):
 
     Every loss term is logged by name as ``train/<name>`` (already weighted; ``train/loss`` is
     their sum). Validation and test log ``val/acc``, ``val/loss``, ``test/acc``, ``test/loss``
-    of :attr:`deployed`: the student, or the network a head-replacing strategy delivers.
+    of :attr:`deployed`: the student, or the network a head-replacing strategy delivers. A
+    student that answers with the average of several heads (a ViT with DeiT's distillation
+    token) also logs each head's own accuracy, ``{split}/acc_<head>``
+    (:mod:`kdlab.engine.heads`).
 
     Args:
         student: the network to train.
@@ -166,6 +170,9 @@ class DistillationModule(L.LightningModule):
         self.ce_weight = strategy.ce_weight if strategy is not None else 1.0
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        #: a student whose eval output averages heads (DeiT's): each head's own accuracy
+        heads = averaged_heads(student)
+        self.head_acc = HeadAccuracy(heads, num_classes) if heads else None
         self.save_hyperparameters(dict(hparams or {}))
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -568,8 +575,16 @@ class DistillationModule(L.LightningModule):
 
     def _evaluate(self, batch: tuple[torch.Tensor, ...], split: str, metric) -> None:
         x, y, index = batch
-        logits, y = as_rows(self(x)), as_rows(y)
+        if self.head_acc is None:
+            logits = self(x)
+        else:
+            with self.head_acc.recording(self.student) as heads:
+                logits = self(x)
+        logits, y = as_rows(logits), as_rows(y)
         metric.update(logits, y)
+        if self.head_acc is not None:
+            for name, head in self.head_acc.update(heads.pop(), y, split).items():
+                self.log(name, head, on_epoch=True)
         loss = F.cross_entropy(logits, y)
         self.log(f"{split}/loss", loss, on_epoch=True, sync_dist=True)
         self.log(f"{split}/acc", metric, on_epoch=True, prog_bar=True)

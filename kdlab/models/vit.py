@@ -141,6 +141,8 @@ class ViT(nn.Module):
     with any other strategy (and in a run's teacher-free baseline) it stays at its
     initialisation and is still averaged in at test time (its logits are near 0, so the argmax
     mostly follows the cls head, but the test loss does not) — use the token with ``deit`` only.
+    Evaluation also logs each head on its own (``val/acc_cls``, ``val/acc_dist``, and the same
+    for ``test``; :meth:`averaged_heads`), as DeiT's Table 5 reports them.
 
     Module paths for feature strategies (see :meth:`taps`): ``stage_maps.<k>`` (the patch-token
     maps ``[N, D, h, w]`` of the blocks in ``stage_blocks``, see :class:`TokenMap`), ``pool``
@@ -238,6 +240,12 @@ class ViT(nn.Module):
         if self.distill_token:
             taps["distillation"] = ["head_dist"]
         return taps
+
+    def averaged_heads(self) -> dict[str, str]:
+        """The heads whose average eval mode returns (name → module path): with a distillation
+        token ``cls`` (``classifier``) and ``dist`` (``head_dist``), which evaluation also
+        measures on their own (``val/acc_cls``, ``test/acc_dist``, ...); else none."""
+        return {"cls": "classifier", "dist": "head_dist"} if self.distill_token else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # [N, h·w, D]

@@ -160,6 +160,52 @@ def test_validation_and_test_run_the_student_in_eval_mode() -> None:
     assert modes == [False] * 4
 
 
+def test_each_head_is_also_tested_on_its_own() -> None:
+    """As DeiT's Table 5: ``acc_cls`` is the cls head's accuracy, ``acc_dist`` the distillation
+    head's, ``acc`` that of their average, each counted by hand here. The distillation head is
+    made to answer class 3 always, so the three differ."""
+    student = create("vit_nano_distilled", [1, 28, 28], 10)
+    with torch.no_grad():
+        student.head_dist.weight.zero_()
+        student.head_dist.bias.copy_(torch.nn.functional.one_hot(torch.tensor(3), 10) * 50.0)
+    module = _module(student)
+    hooks = len(student.classifier._forward_hooks), len(student.head_dist._forward_hooks)
+    torch.manual_seed(2)
+    x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    y[:8] = 3
+    with torch.no_grad():
+        cls = student.train()(x)  # training mode: the cls head alone
+        both = student.eval()(x)
+    data = DataLoader(TensorDataset(x, y, torch.arange(40)), batch_size=16)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    val = trainer.validate(module, data, verbose=False)[0]
+    test = trainer.test(module, data, verbose=False)[0]
+
+    def hits(logits: torch.Tensor) -> float:
+        return (logits.argmax(1) == y).float().mean().item()
+
+    for split, metrics in (("val", val), ("test", test)):
+        assert metrics[f"{split}/acc_cls"] == pytest.approx(hits(cls))
+        assert metrics[f"{split}/acc_dist"] == pytest.approx((y == 3).float().mean().item())
+        assert metrics[f"{split}/acc"] == pytest.approx(hits(both))
+    assert hits(cls) != pytest.approx((y == 3).float().mean().item())
+    # the hooks live only for the evaluation forward pass (the strategy's own tap stays)
+    assert (len(student.classifier._forward_hooks), len(student.head_dist._forward_hooks)) == hooks
+
+
+def test_a_one_head_student_logs_no_head_metrics() -> None:
+    """Only a student that averages heads gets ``acc_<head>`` metrics."""
+    student = create("vit_nano", [1, 28, 28], 10)
+    module = DistillationModule(student, 10, torch.optim.SGD)
+    assert module.head_acc is None
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)),
+                                    torch.arange(8)), batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    assert sorted(trainer.test(module, data, verbose=False)[0]) == ["test/acc", "test/loss"]
+
+
 @pytest.mark.parametrize("student", ["cnn", "vit_nano"])
 def test_a_student_without_the_token_fails_naming_the_fix(student: str) -> None:
     model = (CNN([1, 28, 28], 10, channels=(4,), hidden=0) if student == "cnn"

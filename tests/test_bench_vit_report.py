@@ -1,0 +1,62 @@
+"""scripts/bench_vit.py: finished runs are reused only under the overrides that made them, runs
+of another length write their own section, and a DeiT student's heads are reported on their
+own beside their average."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+_spec = importlib.util.spec_from_file_location("bench_vit", ROOT / "scripts" / "bench_vit.py")
+bench_vit = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_vit)
+
+
+def write_run(folder: Path, seed: int, acc: float, heads: tuple[float, float] | None = None,
+              baseline: float | None = None) -> None:
+    run = folder / str(seed)
+    run.mkdir(parents=True)
+    metrics = {"test/acc": acc}
+    if heads is not None:
+        metrics.update({"test/acc_cls": heads[0], "test/acc_dist": heads[1]})
+    result = {"student": {"metrics": metrics, "params": 1000},
+              "teacher": {"metrics": {"test/acc": 0.9}}}
+    if baseline is not None:
+        result["baseline"] = {"metrics": {"test/acc": baseline}}
+    (run / "results.json").write_text(json.dumps(result))
+
+
+def test_a_folder_of_other_overrides_is_refused_not_reused(tmp_path: Path) -> None:
+    folder = tmp_path / "kd"
+    bench_vit.check_sweep(folder, ["distill=kd", "trainer.max_epochs=3"])
+    bench_vit.check_sweep(folder, ["distill=kd", "trainer.max_epochs=3"])  # same: reused
+    with pytest.raises(SystemExit, match="trainer.max_epochs=3"):
+        bench_vit.check_sweep(folder, ["distill=kd", "trainer.max_epochs=12"])
+
+
+def test_report_gives_each_deit_head_and_a_section_per_length(tmp_path: Path) -> None:
+    work = tmp_path / "work" / "e12"
+    for seed, (acc, base) in enumerate([(0.84, 0.75), (0.86, 0.77)]):
+        write_run(work / "kd", seed, acc, baseline=base)
+    for seed, (acc, cls, dist) in enumerate([(0.80, 0.70, 0.82), (0.82, 0.72, 0.84)]):
+        write_run(work / "deit", seed, acc, heads=(cls, dist))
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("<!-- vit:start -->\nthe 3-epoch table\n<!-- vit:end -->\n")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_vit.py"), "--epochs", "12",
+                    "--report-only", "--workdir", str(tmp_path / "work"), "--doc", str(doc)],
+                   check=True, capture_output=True, text=True)
+    text = doc.read_text()
+    assert "the 3-epoch table" in text  # the 3-epoch section is left alone
+    section = text.split("<!-- vit-e12:start -->")[1].split("<!-- vit-e12:end -->")[0]
+    assert "ViT students (issue 20, item 4): 12 epochs" in section
+    deit = next(line for line in section.splitlines() if "`distill=deit`, hard" in line)
+    assert "| 81.00 ± 1.41 (n=2) | +5.00 | 71.00 / 83.00 |" in deit
+    kd = next(line for line in section.splitlines() if "`distill=kd`" in line)
+    assert "| 85.00 ± 1.41 (n=2) | +9.00 | — |" in kd
