@@ -72,7 +72,8 @@ def _merge(into: dict, other: dict) -> dict:
 
 def compact(result: dict, paths: list[str]) -> dict:
     """What a table reads of one run's ``results.json``: the config values at ``paths`` (and
-    the seed), the student's validation and test accuracy and size, the teacher's."""
+    the seed), the student's validation and test accuracy (and each head's, ``test/acc_<head>``,
+    for a student that averages heads) and size, the teacher's, the baseline's test accuracy."""
     config: dict = {"seed": result["config"].get("seed")}
     for path in paths:
         value: Any = result["config"]
@@ -80,9 +81,12 @@ def compact(result: dict, paths: list[str]) -> dict:
             value = value[part]
         _merge(config, _nested(path, value))
     student = result["student"]
-    out = {"config": config,
-           "student": {"metrics": {k: student["metrics"][k] for k in ("val/acc", "test/acc")},
-                       "params": student.get("params")}}
+    metrics = {k: student["metrics"][k] for k in ("val/acc", "test/acc")}
+    metrics.update({k: v for k, v in student["metrics"].items() if k.startswith("test/acc_")})
+    out = {"config": config, "student": {"metrics": metrics, "params": student.get("params")}}
+    baseline = result.get("baseline")
+    if baseline:
+        out["baseline"] = {"metrics": {"test/acc": baseline["metrics"]["test/acc"]}}
     teacher = result.get("teacher")
     if teacher:
         source = teacher.get("source") or {}

@@ -22,9 +22,12 @@ every run), with the student replaced by the zoo's ``vit_nano`` (DeiT-style, pat
 Each configuration is one Hydra multirun over the seeds, in its own folder
 ``<workdir>/e<EPOCHS>/<configuration>``; a multirun whose runs all have ``results.json`` is not
 run again (resumable), and a folder whose ``sweep.json`` names other overrides is refused rather
-than reused. Test accuracy is read on the checkpoint of best validation accuracy; a DeiT
-student's two heads are also given on their own. The table goes into docs/RESULTS.md between
-``<!-- vit:start -->`` and ``<!-- vit:end -->`` at 3 epochs, ``vit-e<EPOCHS>`` otherwise.
+than reused. Every whole sweep also goes into a record kept in the repository
+(``docs/results/<section>.json``, :mod:`bench_record`, with the teacher beside it), so a later
+session, whose ``outputs/`` are new, reuses it and trains against the same teacher. Test
+accuracy is read on the checkpoint of best validation accuracy; a DeiT student's two heads are
+also given on their own. The table goes into docs/RESULTS.md between ``<!-- vit:start -->`` and
+``<!-- vit:end -->`` at 3 epochs, ``vit-e<EPOCHS>`` otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_record import Record, compact  # noqa: E402
 from doc_section import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,9 +65,10 @@ LABELS = {"alone": "ViT alone (1,000 labels; `baseline` of the KD runs)",
           "deit_soft_sample": "ViT + DeiT token, soft, per-sample KL (`kl_reduction=batchmean`)"}
 
 
-def check_sweep(folder: Path, overrides: list[str]) -> None:
+def check_sweep(folder: Path, overrides: list[str], write: bool = True) -> None:
     """Refuse a ``folder`` whose runs were started with other overrides (``sweep.json``, written
-    before the first run): finished runs are reused only under the command that made them."""
+    before the first run unless ``write`` is false): finished runs are reused only under the
+    command that made them."""
     record = folder / "sweep.json"
     if record.exists():
         earlier = json.loads(record.read_text())["overrides"]
@@ -71,27 +76,43 @@ def check_sweep(folder: Path, overrides: list[str]) -> None:
             sys.exit(f"{folder} holds runs of other overrides:\n  {shlex.join(earlier)}\nnot\n"
                      f"  {shlex.join(overrides)}\nuse another --workdir (or remove the folder)")
         return
+    if not write:
+        return
     folder.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"overrides": overrides}, indent=1) + "\n")
 
 
-def run_sweep(folder: Path, overrides: list[str], expected: int) -> tuple[list[dict], float]:
-    """One Hydra multirun into ``folder`` (skipped when its results exist); its results and
-    wall time in seconds."""
-    check_sweep(folder, overrides)
+def run_sweep(record: Record, name: str, folder: Path, overrides: list[str], expected: int,
+              store: Path, start: bool) -> tuple[list[dict], float, str]:
+    """Sweep ``name``: from the record when it holds it under these overrides, else one Hydra
+    multirun into ``folder`` (not started when ``start`` is false; runs finished there are
+    read), recorded once whole. Returns its compact runs, wall time (s) and date."""
+    recorded = record.recorded(name, overrides, expected)
+    if recorded is not None:
+        entry = record.data["sweeps"][name]
+        return recorded, entry["wall_s"], entry["date"]
+    check_sweep(folder, overrides, write=start)
     done = sorted(folder.glob("*/results.json"))
     wall_file = folder / "wall_s.txt"
-    if len(done) < expected:
+    wall = None
+    if len(done) < expected and start:
         command = ["kdlab-train", "-m", *overrides, f"hydra.sweep.dir={folder}"]
         print("+", " ".join(command), flush=True)
-        start = time.perf_counter()
+        begin = time.perf_counter()
         proc = subprocess.run(command, cwd=ROOT, text=True, stdout=subprocess.DEVNULL)
         if proc.returncode != 0:
             sys.exit(f"failed: {' '.join(command)}")
-        wall_file.write_text(f"{time.perf_counter() - start:.1f}\n")
+        wall = time.perf_counter() - begin
+        wall_file.write_text(f"{wall:.1f}\n")
         done = sorted(folder.glob("*/results.json"))
-    wall = float(wall_file.read_text()) if wall_file.exists() else 0.0
-    return [json.loads(p.read_text()) for p in done], wall
+    elif wall_file.exists():
+        wall = float(wall_file.read_text())
+    runs = [json.loads(p.read_text()) for p in done]
+    day = (time.strftime("%Y-%m-%d", time.localtime(wall_file.stat().st_mtime))
+           if wall_file.exists() else "")
+    if wall is None or len(runs) < expected:  # not a whole sweep: shown, not recorded
+        return [compact(r, []) for r in runs], wall or 0.0, day
+    return record.add(name, overrides, runs, wall, [], store), wall, time.strftime("%Y-%m-%d")
 
 
 def mean_std(values: list[float]) -> str:
@@ -145,13 +166,22 @@ def main() -> None:
     parser.add_argument("--section", default=None,
                         help="the doc section to rewrite (default: vit at 3 epochs, else "
                              "vit-e<EPOCHS>)")
-    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="the record of finished sweeps kept in the repository (default: "
+                             "docs/results/<section>.json, its teacher beside it); recorded "
+                             "sweeps are not run again")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the doc from the record and finished runs, start none")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     root = args.workdir.resolve()
     workdir = root / f"e{args.epochs}"  # runs of different lengths never share a folder
     store = (args.teacher_store or root / "teachers").resolve()
     section = args.section or ("vit" if args.epochs == 3 else f"vit-e{args.epochs}")
+    record = Record((args.record or ROOT / "docs" / "results" / f"{section}.json").resolve(),
+                    ROOT)
+    if not args.report_only:
+        record.seed_store(store)
     base = [f"trainer.max_epochs={args.epochs}", f"seed={','.join(map(str, args.seeds))}",
             f"paths.teacher_store={store}", "trainer.enable_progress_bar=false", *args.override]
     rows: dict[str, list[float]] = {}
@@ -160,16 +190,8 @@ def main() -> None:
     walls: dict[str, tuple[float, str]] = {}
     heads: dict[str, dict[str, list[float]]] = {}
     for name, (overrides, _) in CONFIGS.items():
-        folder = workdir / name
-        if args.report_only:
-            results = [json.loads(p.read_text()) for p in sorted(folder.glob("*/results.json"))]
-            wall = float((folder / "wall_s.txt").read_text()) if (
-                folder / "wall_s.txt").exists() else 0.0
-        else:
-            results, wall = run_sweep(folder, [*overrides, *base], len(args.seeds))
-        wall_file = folder / "wall_s.txt"
-        day = (time.strftime("%Y-%m-%d", time.localtime(wall_file.stat().st_mtime))
-               if wall_file.exists() else "")
+        results, wall, day = run_sweep(record, name, workdir / name, [*overrides, *base],
+                                       len(args.seeds), store, start=not args.report_only)
         walls[name] = (wall, day)
         for result in results:
             metrics = result["student"]["metrics"]
