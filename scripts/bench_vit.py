@@ -3,7 +3,8 @@
     python scripts/bench_vit.py                       # 3 seeds, 3 epochs (about an hour, 2 cores)
     python scripts/bench_vit.py --seeds 0 --epochs 1  # a quick look
     python scripts/bench_vit.py --report-only         # rewrite the doc from finished runs
-    python scripts/bench_vit.py --epochs 12           # the main job's length (section vit-e12)
+    python scripts/bench_vit.py --epochs 12 --teacher-record docs/results/protocol-e12.json
+                                                      # the main job's length (section vit-e12)
 
 The main job's data and teacher (``conf/train.yaml``: 1,000 labelled Fashion-MNIST images plus
 54,000 the CNN teacher labels softly; the teacher is trained once into the store and shared by
@@ -170,6 +171,13 @@ def main() -> None:
                         help="the record of finished sweeps kept in the repository (default: "
                              "docs/results/<section>.json, its teacher beside it); recorded "
                              "sweeps are not run again")
+    parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="the configurations to run (the report shows every one recorded "
+                             "or finished)")
+    parser.add_argument("--teacher-record", type=Path, default=None,
+                        help="another benchmark's record (e.g. docs/results/protocol-e12.json) "
+                             "whose teacher is put into the store first, so these runs read "
+                             "that table's teacher")
     parser.add_argument("--report-only", action="store_true",
                         help="write the doc from the record and finished runs, start none")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for every run")
@@ -181,6 +189,8 @@ def main() -> None:
     record = Record((args.record or ROOT / "docs" / "results" / f"{section}.json").resolve(),
                     ROOT)
     if not args.report_only:
+        if args.teacher_record is not None:
+            Record(args.teacher_record.resolve(), ROOT).seed_store(store)
         record.seed_store(store)
     base = [f"trainer.max_epochs={args.epochs}", f"seed={','.join(map(str, args.seeds))}",
             f"paths.teacher_store={store}", "trainer.enable_progress_bar=false", *args.override]
@@ -190,8 +200,9 @@ def main() -> None:
     walls: dict[str, tuple[float, str]] = {}
     heads: dict[str, dict[str, list[float]]] = {}
     for name, (overrides, _) in CONFIGS.items():
+        start = not args.report_only and name in args.configs
         results, wall, day = run_sweep(record, name, workdir / name, [*overrides, *base],
-                                       len(args.seeds), store, start=not args.report_only)
+                                       len(args.seeds), store, start=start)
         walls[name] = (wall, day)
         for result in results:
             metrics = result["student"]["metrics"]
