@@ -144,14 +144,15 @@ def report(rows: dict[str, list[float]], teacher: float | None, params: dict[str
     for name in ("alone", *CONFIGS):
         if not rows.get(name):
             continue
-        delta = statistics.mean(rows[name]) - alone if alone is not None else 0.0
+        delta = (f"{statistics.mean(rows[name]) - alone:+.2f}" if alone is not None
+                 else "—")  # the ViT alone comes from the KD sweep's baselines
         wall, day = walls.get(name, (0.0, ""))
         when = f"{wall / 60:.0f} min, {day}" if wall else "(in the KD sweep)"
         split = heads.get(name, {})
         each = (" / ".join(f"{statistics.mean(split[h]):.2f}" for h in ("cls", "dist"))
                 if all(len(split.get(h, [])) == len(rows[name]) for h in ("cls", "dist"))
                 else "—")
-        lines.append(f"| {LABELS[name]} | {mean_std(rows[name])} | {delta:+.2f} | {each} "
+        lines.append(f"| {LABELS[name]} | {mean_std(rows[name])} | {delta} | {each} "
                      f"| {when} |")
     return "\n".join(lines)
 

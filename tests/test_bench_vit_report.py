@@ -65,6 +65,19 @@ def test_report_gives_each_deit_head_and_a_section_per_length(tmp_path: Path) ->
     assert "| 85.00 ± 1.41 (n=2) | +9.00 | — |" in kd
 
 
+def test_without_the_kd_sweep_no_delta_is_made_up(tmp_path: Path) -> None:
+    """The ViT alone is the KD sweep's baseline: before that sweep has run, Δ is a dash."""
+    for seed, (acc, cls, dist) in enumerate([(0.80, 0.70, 0.82), (0.82, 0.72, 0.84)]):
+        write_run(tmp_path / "work" / "e12" / "deit", seed, acc, heads=(cls, dist))
+    doc = tmp_path / "RESULTS.md"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_vit.py"), "--epochs", "12",
+                    "--report-only", "--workdir", str(tmp_path / "work"), "--doc", str(doc),
+                    "--record", str(tmp_path / "record.json")],
+                   check=True, capture_output=True, text=True)
+    deit = next(line for line in doc.read_text().splitlines() if "`distill=deit`, hard" in line)
+    assert "| 81.00 ± 1.41 (n=2) | — | 71.00 / 83.00 |" in deit
+
+
 def test_a_whole_sweep_is_recorded_and_read_back_in_a_later_session(tmp_path: Path) -> None:
     """A session's outputs/ do not survive it: a whole sweep goes into the record (with its
     teacher beside it), and a later session with an empty work folder reads it from there,
