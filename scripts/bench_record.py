@@ -171,3 +171,36 @@ class Record:
 
     def save(self) -> None:
         write_atomic(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
+
+
+def sweep(record: Record, name: str, folder: Path, overrides: list[str], expected: int,
+          store: Path, keep: list[str] = (), start: bool = True, cwd: Path | None = None
+          ) -> tuple[list[dict], float | None]:
+    """Sweep ``name`` of a benchmark: from ``record`` when it holds it under these overrides,
+    else one Hydra multirun into ``folder`` (started only when ``start``; runs finished there
+    are read either way), recorded once it is whole and timed. Returns its compact runs (with
+    the config values at ``keep``) and its wall time in seconds (None: not a whole sweep)."""
+    recorded = record.recorded(name, overrides, expected)
+    if recorded is not None:
+        return recorded, record.data["sweeps"][name]["wall_s"]
+    done = sorted(folder.glob("*/results.json"))
+    wall_file = folder / "wall_s.txt"
+    wall = None
+    if len(done) < expected and not start:
+        print(f"not starting {folder} ({len(done)} of {expected} runs finished)", flush=True)
+    elif len(done) < expected:
+        command = ["kdlab-train", "-m", *overrides, f"hydra.sweep.dir={folder}"]
+        print("+", " ".join(command), flush=True)
+        begin = time.perf_counter()
+        proc = subprocess.run(command, cwd=cwd, text=True, stdout=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(command)}")
+        wall = time.perf_counter() - begin
+        wall_file.write_text(f"{wall:.1f}\n")
+        done = sorted(folder.glob("*/results.json"))
+    elif wall_file.exists():
+        wall = float(wall_file.read_text())
+    runs = [json.loads(p.read_text()) for p in done]
+    if wall is None or len(runs) < expected:  # not a whole sweep of this benchmark: not recorded
+        return [compact(r, list(keep)) for r in runs], None
+    return record.add(name, overrides, runs, wall, list(keep), store), wall

@@ -29,16 +29,14 @@ machine goes on with the same teacher, and the doc can be regenerated from the r
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_record import Record, compact  # noqa: E402
+from bench_record import Record, sweep  # noqa: E402
 from doc_section import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,32 +114,10 @@ def run_sweep(folder: Path, overrides: list[str], expected: int, keep: list[str]
     """One Hydra multirun into `folder`, skipped when the record holds it (same overrides) or
     when ``--budget-h`` has run out (then only what has finished is returned). Returns each
     run's compact result (:func:`bench_record.compact`, with the config values at `keep`)."""
-    name = folder.relative_to(WORKDIR).as_posix()
-    recorded = RECORD.recorded(name, overrides, expected)
-    if recorded is not None:
-        return recorded
-    done = sorted(folder.glob("*/results.json"))
-    if len(done) < expected and time.monotonic() > DEADLINE:
-        print(f"not starting {folder} (budget spent, or --report-only)", flush=True)
-        return [compact(json.loads(p.read_text()), list(keep)) for p in done]
-    wall = None
-    if len(done) < expected:
-        command = ["kdlab-train", "-m", *overrides, f"hydra.sweep.dir={folder}"]
-        print("+", " ".join(command), flush=True)
-        start = time.perf_counter()
-        proc = subprocess.run(command, cwd=folder.parents[2], text=True,
-                              stdout=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            sys.exit(f"failed: {' '.join(command)}")
-        wall = time.perf_counter() - start
-        (folder / "wall_s.txt").write_text(f"{wall:.1f}\n")
-        done = sorted(folder.glob("*/results.json"))
-    elif (folder / "wall_s.txt").exists():
-        wall = float((folder / "wall_s.txt").read_text())
-    runs = [json.loads(p.read_text()) for p in done]
-    if wall is None or len(runs) < expected:  # not a whole sweep of this benchmark: not recorded
-        return [compact(r, list(keep)) for r in runs]
-    return RECORD.add(name, overrides, runs, wall, list(keep), TEACHER_STORE)
+    runs, _ = sweep(RECORD, folder.relative_to(WORKDIR).as_posix(), folder, overrides,
+                    expected, TEACHER_STORE, list(keep), start=time.monotonic() <= DEADLINE,
+                    cwd=folder.parents[2])
+    return runs
 
 
 def accuracy(result: dict, split: str) -> float:

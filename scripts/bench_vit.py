@@ -37,13 +37,11 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_record import Record, compact  # noqa: E402
+from bench_record import Record, sweep  # noqa: E402
 from doc_section import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,35 +83,12 @@ def check_sweep(folder: Path, overrides: list[str], write: bool = True) -> None:
 
 def run_sweep(record: Record, name: str, folder: Path, overrides: list[str], expected: int,
               store: Path, start: bool) -> tuple[list[dict], float, str]:
-    """Sweep ``name``: from the record when it holds it under these overrides, else one Hydra
-    multirun into ``folder`` (not started when ``start`` is false; runs finished there are
-    read), recorded once whole. Returns its compact runs, wall time (s) and date."""
-    recorded = record.recorded(name, overrides, expected)
-    if recorded is not None:
-        entry = record.data["sweeps"][name]
-        return recorded, entry["wall_s"], entry["date"]
+    """Sweep ``name`` (:func:`bench_record.sweep`), after checking that ``folder`` holds no runs
+    of other overrides. Returns its compact runs, wall time (s; 0 when not whole) and date."""
     check_sweep(folder, overrides, write=start)
-    done = sorted(folder.glob("*/results.json"))
-    wall_file = folder / "wall_s.txt"
-    wall = None
-    if len(done) < expected and start:
-        command = ["kdlab-train", "-m", *overrides, f"hydra.sweep.dir={folder}"]
-        print("+", " ".join(command), flush=True)
-        begin = time.perf_counter()
-        proc = subprocess.run(command, cwd=ROOT, text=True, stdout=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            sys.exit(f"failed: {' '.join(command)}")
-        wall = time.perf_counter() - begin
-        wall_file.write_text(f"{wall:.1f}\n")
-        done = sorted(folder.glob("*/results.json"))
-    elif wall_file.exists():
-        wall = float(wall_file.read_text())
-    runs = [json.loads(p.read_text()) for p in done]
-    day = (time.strftime("%Y-%m-%d", time.localtime(wall_file.stat().st_mtime))
-           if wall_file.exists() else "")
-    if wall is None or len(runs) < expected:  # not a whole sweep: shown, not recorded
-        return [compact(r, []) for r in runs], wall or 0.0, day
-    return record.add(name, overrides, runs, wall, [], store), wall, time.strftime("%Y-%m-%d")
+    runs, wall = sweep(record, name, folder, overrides, expected, store, start=start, cwd=ROOT)
+    entry = record.data["sweeps"].get(name)
+    return runs, wall or 0.0, entry["date"] if wall is not None and entry else ""
 
 
 def mean_std(values: list[float]) -> str:
@@ -147,7 +122,8 @@ def report(rows: dict[str, list[float]], teacher: float | None, params: dict[str
         delta = (f"{statistics.mean(rows[name]) - alone:+.2f}" if alone is not None
                  else "—")  # the ViT alone comes from the KD sweep's baselines
         wall, day = walls.get(name, (0.0, ""))
-        when = f"{wall / 60:.0f} min, {day}" if wall else "(in the KD sweep)"
+        when = (f"{wall / 60:.0f} min, {day}" if wall else
+                "(in the KD sweep)" if name == "alone" else "unfinished sweep")
         split = heads.get(name, {})
         each = (" / ".join(f"{statistics.mean(split[h]):.2f}" for h in ("cls", "dist"))
                 if all(len(split.get(h, [])) == len(rows[name]) for h in ("cls", "dist"))
