@@ -45,12 +45,9 @@ class HeadAccuracy(nn.Module):
             for split in SPLITS for name in self.heads})
 
     @contextmanager
-    def recording(self, model: nn.Module) -> Iterator[Taps | None]:
-        """Hooks on the heads of ``model`` for the forward passes inside the block (None when
-        there are no heads to measure); removed on leaving it."""
-        if not self.heads:
-            yield None
-            return
+    def recording(self, model: nn.Module) -> Iterator[Taps]:
+        """Hooks on the heads of ``model`` for the forward passes inside the block, removed on
+        leaving it."""
         taps = Taps(model, list(self.heads.values()))
         try:
             yield taps
